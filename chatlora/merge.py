@@ -1,0 +1,38 @@
+"""Merge a LoRA adapter into its base model and write a standalone safetensors model + tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .model import ModelError, load_model, load_tokenizer, resolve_model
+from .train import RUN_CARD, read_run_card
+
+__all__ = ["merge"]
+
+
+def merge(adapter: str | Path, output: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """``base + adapter`` -> one model dir that ``from_pretrained`` (and ``chatlora chat --model``) loads alone."""
+    from peft import PeftModel
+
+    adapter, output = Path(adapter), Path(output)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: no adapter_config.json here; is this a chatlora output dir?")
+    if output.resolve() == adapter.resolve():
+        raise ModelError("--output must differ from --adapter")
+    card = read_run_card(adapter)
+    spec = card.get("base_model", {}).get("spec")
+    if spec is None:
+        spec = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = load_model(resolve_model(spec), dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    output.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output, safe_serialization=True)
+    load_tokenizer(str(adapter)).save_pretrained(output)
+    if card:
+        card = {**card, "merged_from": {"adapter": str(adapter.resolve()), "base_model": card.get("base_model")}}
+        card["base_model"] = {"spec": str(output.resolve()), "resolved": str(output.resolve())}
+        (output / RUN_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return output

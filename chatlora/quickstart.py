@@ -1,0 +1,41 @@
+"""The main job: train on the embedded default, then show held-out prompts answered by base and tuned model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import TrainConfig
+from .infer import ChatModel, SamplingConfig
+from .train import TrainResult, train
+
+__all__ = ["Comparison", "compare_on_held_out", "quickstart"]
+
+
+@dataclass
+class Comparison:
+    prompt: str
+    reference: str
+    base: str
+    tuned: str
+    tuned_finish: str
+
+
+def compare_on_held_out(result: TrainResult, n: int = 4, max_new_tokens: int = 64) -> list[Comparison]:
+    """Greedy replies of the base model (adapter off) and the tuned model on the first ``n`` held-out records."""
+    records = result.split.val[:n] if result.split else []
+    if not records:
+        return []
+    chat = ChatModel(result.model, result.tokenizer, result.run_card["template"]["system_prompt"])
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.1)
+    convs = [r.messages[:-1] for r in records]
+    base = chat.generate_batch(convs, sampling, use_adapter=False)
+    tuned = chat.generate_batch(convs, sampling)
+    return [
+        Comparison(r.messages[-2]["content"], r.messages[-1]["content"], b.text, t.text, t.finish_reason)
+        for r, b, t in zip(records, base, tuned, strict=True)
+    ]
+
+
+def quickstart(cfg: TrainConfig, examples: int = 4) -> tuple[TrainResult, list[Comparison]]:
+    result = train(cfg)
+    return result, compare_on_held_out(result, examples)

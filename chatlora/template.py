@@ -1,0 +1,177 @@
+"""Chat template: messages -> ``(input_ids, labels)`` for training, and the generation prompt for inference.
+
+Both come from the same code path (:func:`_pieces`), so the prompt a tuned model sees at inference is a byte-exact
+(and token-exact) prefix of what it was trained on. Labels are ``-100`` everywhere except the assistant replies,
+which include their end-of-turn token (``<|im_end|>`` for ChatML) so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "IGNORE_INDEX",
+    "Encoded",
+    "TemplateError",
+    "encode_conversation",
+    "encode_prompt",
+    "end_of_turn",
+    "ensure_chat_template",
+    "render_text",
+    "with_system",
+]
+
+IGNORE_INDEX = -100
+
+# Yi-6B-Chat's ChatML, used when a tokenizer ships no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_PROBE = "\u2063chatlora-probe\u2063"
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be split into prompt and reply spans."""
+
+
+class Encoded(NamedTuple):
+    """One rendered conversation."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer without a chat template the built-in ChatML one (and ChatML special tokens)."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    tokenizer.chat_template = CHATML_TEMPLATE
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Prepend ``system_prompt`` unless the conversation already has a system message (data wins)."""
+    if not system_prompt or (messages and messages[0]["role"] == "system"):
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
+    """Render messages to text with the tokenizer's chat template (ChatML when it has none)."""
+    return tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE,
+    )
+
+
+_EOT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def end_of_turn(tokenizer) -> tuple[str, int]:
+    """The token that closes an assistant turn in this template, e.g. ``("<|im_end|>", 2)``.
+
+    Found by rendering a probe reply and taking the first special token after it; the tokenizer's EOS otherwise.
+    """
+    key = getattr(tokenizer, "chat_template", None)
+    cached = _EOT_CACHE.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    _EOT_CACHE[tokenizer] = (key, found := _find_end_of_turn(tokenizer))
+    return found
+
+
+def _find_end_of_turn(tokenizer) -> tuple[str, int]:
+    text = render_text([{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}], tokenizer)
+    after = text[text.rindex(_PROBE) + len(_PROBE) :]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)
+    }
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return tokenizer.convert_ids_to_tokens(token_id), token_id
+    if tokenizer.eos_token is None:
+        raise TemplateError("the chat template closes assistant turns with no special token and there is no EOS")
+    return tokenizer.eos_token, tokenizer.eos_token_id
+
+
+def _prefix_len(prefix: str, full: str, what: str) -> int:
+    if not full.startswith(prefix):
+        raise TemplateError(
+            f"the chat template renders {what} differently once later turns are added, so prompts and "
+            "training text would not match; use a template that only appends (ChatML-style)"
+        )
+    return len(prefix)
+
+
+def _pieces(messages: list[dict], tokenizer, add_generation_prompt: bool) -> list[tuple[str, bool]]:
+    """Split the rendering of ``messages`` into consecutive ``(text, trained)`` pieces.
+
+    A trained piece is one assistant reply through its end-of-turn token; whatever the template writes after that
+    token (ChatML's newline) belongs to the next, untrained piece.
+    """
+    full = render_text(messages, tokenizer, add_generation_prompt=add_generation_prompt)
+    eot, _ = end_of_turn(tokenizer)
+    pieces: list[tuple[str, bool]] = []
+    pos = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = _prefix_len(render_text(messages[:i], tokenizer, add_generation_prompt=True), full, f"turn {i}")
+        end = _prefix_len(render_text(messages[: i + 1], tokenizer), full, f"turn {i + 1}")
+        block = full[start:end]
+        cut = block.rfind(eot)
+        stop = start + cut + len(eot) if cut >= 0 else end
+        pieces.append((full[pos:start], False))
+        pieces.append((full[start:stop], True))
+        pos = stop
+    if pos < len(full):
+        pieces.append((full[pos:], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def _tokenize(text: str, tokenizer) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_conversation(messages: list[dict], tokenizer, max_length: int | None = None) -> Encoded:
+    """Messages -> ``input_ids`` and ``labels`` (``-100`` except assistant replies + their end-of-turn token).
+
+    Every assistant turn is trained. When the conversation is longer than ``max_length`` tokens, it is cut after
+    the last whole assistant turn that fits; only when not even the first reply fits is it cut mid-turn.
+    ``truncated`` says whether anything was cut.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    last_whole_turn = 0
+    for text, trained in _pieces(messages, tokenizer, add_generation_prompt=False):
+        ids = _tokenize(text, tokenizer)
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        if trained and (max_length is None or len(input_ids) <= max_length):
+            last_whole_turn = len(input_ids)
+    if max_length is None or len(input_ids) <= max_length:
+        return Encoded(input_ids, labels, False)
+    keep = last_whole_turn or max_length
+    return Encoded(input_ids[:keep], labels[:keep], True)
+
+
+def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
+    """Token ids of the generation prompt for ``messages`` (ending on a user turn), through the training path.
+
+    The result is a token-exact prefix of ``encode_conversation(messages + [reply])`` for any reply.
+    """
+    ids: list[int] = []
+    for text, _ in _pieces(messages, tokenizer, add_generation_prompt=True):
+        ids += _tokenize(text, tokenizer)
+    return ids

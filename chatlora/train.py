@@ -1,0 +1,382 @@
+"""LoRA training on the HF Trainer: data -> held-out split -> encoded examples -> Trainer -> adapter + run card."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import TrainConfig
+from .data import Record, load_records, parse_columns
+from .model import apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
+from .template import IGNORE_INDEX, encode_conversation, end_of_turn, with_system
+
+__all__ = [
+    "RUN_CARD",
+    "Split",
+    "TrainResult",
+    "collate",
+    "encode_records",
+    "plot_loss_curve",
+    "read_run_card",
+    "split_records",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+RUN_CARD = "chatlora.json"
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+
+
+@dataclass
+class Split:
+    train: list[Record]
+    val: list[Record]
+    dropped_duplicates: int = 0
+
+
+def split_records(records: list[Record], val_size: float, seed: int) -> Split:
+    """Seeded held-out split. Train copies of a held-out conversation are dropped so nothing evaluated is trained."""
+    n_val = int(round(val_size * len(records))) if val_size < 1 else int(val_size)
+    n_val = min(n_val, max(len(records) - 1, 0))
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    val = [r for r in records if r.index in val_idx]
+    held = {json.dumps(r.messages, ensure_ascii=False, sort_keys=True) for r in val}
+    train, dropped = [], 0
+    for r in records:
+        if r.index in val_idx:
+            continue
+        if json.dumps(r.messages, ensure_ascii=False, sort_keys=True) in held:
+            dropped += 1
+            continue
+        train.append(r)
+    return Split(train, val, dropped)
+
+
+def encode_records(records: list[Record], tokenizer, system_prompt: str | None, max_length: int):
+    """Encode records for training; returns the examples and how many were truncated."""
+    examples, truncated = [], 0
+    for r in records:
+        enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length)
+        truncated += enc.truncated
+        examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
+    return examples, truncated
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of the batch; padding is masked out of attention and loss."""
+    width = max(len(ex["input_ids"]) for ex in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        ids[i, :n] = torch.tensor(ex["input_ids"])
+        labels[i, :n] = torch.tensor(ex["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def _sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    return {
+        "chatlora": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def read_run_card(adapter_dir: str | Path) -> dict[str, Any]:
+    """The ``chatlora.json`` of a run, or ``{}`` for an adapter trained elsewhere."""
+    path = Path(adapter_dir) / RUN_CARD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """Training loss (and held-out loss points) against step, from ``metrics.jsonl``; None if nothing to plot."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="#1f77b4")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o--", label="held-out loss", color="#d62728")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
+
+
+def _trainer_callback(metrics_path: Path):
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class RunLogger(TrainerCallback):
+        """One progress bar (loss, lr, tokens/s, ETA) and one metrics.jsonl line per log, on rank 0 only."""
+
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step")
+            self.t0, self.tok0 = time.time(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            elapsed = max(time.time() - self.t0, 1e-9)
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
+            row.update({k: v for k, v in logs.items() if k not in ("epoch", "step")})
+            if "loss" in logs:
+                row["tokens_per_second"] = round((state.num_input_tokens_seen - self.tok0) / elapsed, 1)
+            with metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.bar is not None:
+                post = {}
+                if "loss" in logs:
+                    post = {"loss": f"{logs['loss']:.3f}", "lr": f"{logs.get('learning_rate', 0):.1e}"}
+                    post["tok/s"] = f"{row['tokens_per_second']:.0f}"
+                if "eval_loss" in logs:
+                    post["eval"] = f"{logs['eval_loss']:.3f}"
+                if post:
+                    self.bar.set_postfix(post, refresh=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return RunLogger()
+
+
+def _training_args(cfg: TrainConfig, precision, device, has_eval: bool):
+    from transformers import TrainingArguments
+
+    kw: dict[str, Any] = dict(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=precision.amp == "bf16",
+        fp16=precision.amp == "fp16",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        report_to="none",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        use_cpu=device.type == "cpu",
+        disable_tqdm=True,
+        log_level="warning",
+    )
+    fields = TrainingArguments.__dataclass_fields__
+    if cfg.group_by_length:
+        if "train_sampling_strategy" in fields:
+            kw["train_sampling_strategy"] = "group_by_length"
+        else:
+            kw["group_by_length"] = True
+    if "activation_checkpointing" in fields:  # renamed in transformers 5.2x
+        kw["activation_checkpointing"] = kw.pop("gradient_checkpointing")
+    if "warmup_ratio" in fields and "warmup_steps" in fields and fields["warmup_steps"].type in (int, "int"):
+        kw["warmup_ratio"] = kw.pop("warmup_steps")
+    return TrainingArguments(**kw)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    run_card: dict[str, Any]
+    metrics_path: Path
+    plot_path: Path | None
+    model: Any = field(repr=False, default=None)
+    tokenizer: Any = field(repr=False, default=None)
+    split: Split | None = field(repr=False, default=None)
+
+
+def _resume_checkpoint(cfg: TrainConfig) -> str | None:
+    if not cfg.resume:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if cfg.resume == "latest":
+        found = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint-* folder in {cfg.output_dir} to resume from")
+        return found
+    if not (Path(cfg.resume) / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"--resume {cfg.resume}: not a checkpoint folder (no trainer_state.json)")
+    return cfg.resume
+
+
+def _trim_metrics(metrics_path: Path, checkpoint: str | None) -> None:
+    """On resume, drop log lines written after the checkpoint so the curve continues without duplicates."""
+    if not metrics_path.exists():
+        return
+    if checkpoint is None:
+        metrics_path.unlink()
+        return
+    step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    rows = [line for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run one LoRA training job end to end and write adapter, checkpoints, metrics, loss plot and run card."""
+    from transformers import Trainer, set_seed
+
+    # Data first: invalid data must stop us before any model is loaded.
+    records = load_records(cfg.data, cfg.format, parse_columns(cfg.columns))
+    split = split_records(records, cfg.val_size, cfg.split_seed)
+    checkpoint = _resume_checkpoint(cfg)
+
+    device = pick_device(cfg.device)
+    precision = pick_precision(device, cfg.dtype)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    system_prompt = cfg.system_prompt or None
+    train_ex, train_trunc = encode_records(split.train, tokenizer, system_prompt, cfg.max_length)
+    val_ex, val_trunc = encode_records(split.val, tokenizer, system_prompt, cfg.max_length)
+    if train_trunc or val_trunc:
+        log.warning("%d training and %d held-out conversations were longer than max_length=%d and were cut",
+                    train_trunc, val_trunc, cfg.max_length)
+
+    set_seed(cfg.seed)
+    model = load_model(model_path, precision.weights, random_init=cfg.random_init)
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    trainable, total = model.get_nb_trainable_parameters()
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / METRICS
+    args = _training_args(cfg, precision, device, has_eval=bool(val_ex))
+    if args.process_index == 0:
+        _trim_metrics(metrics_path, checkpoint)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(train_ex),
+        eval_dataset=_ListDataset(val_ex) if val_ex else None,
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[_trainer_callback(metrics_path)],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our RunLogger reports instead
+    started, tokens_before = time.time(), trainer.state.num_input_tokens_seen
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    runtime = time.time() - started
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    eval_loss = None
+    if val_ex:
+        last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+        done = [h["eval_loss"] for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        eval_loss = done[0] if done else trainer.evaluate()["eval_loss"]
+
+    trainer.save_model(str(out))  # PEFT adapter + tokenizer (with its chat template)
+    plot_path = None
+    card: dict[str, Any] = {}
+    if trainer.is_world_process_zero():
+        plot_path = plot_loss_curve(metrics_path, out / LOSS_PLOT)
+        train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        eot_token, _ = end_of_turn(tokenizer)
+        card = {
+            "chatlora_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": cfg.to_dict(),
+            "base_model": {"spec": cfg.model, "resolved": model_path, "random_init": cfg.random_init},
+            "dataset": {
+                "path": str(Path(cfg.data).resolve()),
+                "sha256": _sha256(cfg.data),
+                "records": len(records),
+                "train_records": len(split.train),
+                "val_records": len(split.val),
+                "split_seed": cfg.split_seed,
+                "val_size": cfg.val_size,
+                "val_indices": [r.index for r in split.val],
+                "dropped_duplicates_of_val": split.dropped_duplicates,
+                "truncated": {"train": train_trunc, "val": val_trunc, "max_length": cfg.max_length},
+            },
+            "template": {"system_prompt": system_prompt, "end_of_turn": eot_token},
+            "hardware": {"device": str(device), "precision": precision.name, "world_size": args.world_size},
+            "parameters": {"trainable": trainable, "total": total},
+            "versions": _versions(),
+            "results": {
+                "global_step": trainer.state.global_step,
+                "train_loss_final": train_losses[-1] if train_losses else None,
+                "train_loss_mean": output.training_loss,
+                "eval_loss": eval_loss,
+                "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+                "tokens_seen": trainer.state.num_input_tokens_seen,
+                "train_runtime_s": round(runtime, 1),
+                "tokens_per_second": round(tokens / max(runtime, 1e-9), 1),
+            },
+        }
+        (out / RUN_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return TrainResult(out, card, metrics_path, plot_path, trainer.model, tokenizer, split)
