@@ -172,6 +172,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print(f"    tuned:     {row.tuned}" + ("" if row.tuned_finish == "stop" else "  [hit max_new_tokens]"))
         print()
     _print_paths(result.output_dir, result.run_card)
+    from .quickstart import eval_held_out
+
+    print("\nevaluating base vs tuned on the held-out split ...", flush=True)
+    evaluation = eval_held_out(result)
+    if evaluation is not None:
+        _print_eval(evaluation)
     print(f"\nchat with it:  .venv/bin/chatlora chat --adapter {result.output_dir}")
     return 0
 
@@ -257,6 +263,43 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_eval(result) -> None:
+    loss, tuned, base = result.loss, result.replies["tuned"], result.replies["base"]
+    print(f"held-out loss: base {loss['base'].loss:.4f} -> tuned {loss['tuned'].loss:.4f} "
+          f"(ratio {result.loss_ratio:.3f}) on {result.source['records']} records")
+    print(f"chrF: base {base.chrf:.2f} -> tuned {tuned.chrf:.2f} | stop rate: base {base.stop_rate:.1%}, "
+          f"tuned {tuned.stop_rate:.1%}")
+    for t in result.targets:
+        print(f"  {'PASS' if t.passed else 'FAIL'}  {t.name}: {t.detail}")
+    print(f"eval report: {result.output_dir / 'report.html'} (and report.md, metrics.json, replies.jsonl)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import evaluate
+
+    if args.max_samples is not None and args.max_samples <= 0:
+        raise CliError("--max-samples must be > 0")
+    if args.max_new_tokens <= 0 or args.batch_size <= 0:
+        raise CliError("--max-new-tokens and --batch-size must be > 0")
+    if args.data is None and (args.format != "auto" or args.columns):
+        raise CliError("--format and --columns apply to --data only (the held-out split uses the run's own)")
+    result = evaluate(
+        args.adapter,
+        data=args.data,
+        output=args.output,
+        max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        repetition_penalty=args.repetition_penalty,
+        report_examples=args.examples,
+        data_format=args.format,
+        columns=args.columns,
+        device=args.device,
+    )
+    _print_eval(result)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -304,6 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--adapter", required=True)
     mg.add_argument("--output", required=True)
     mg.set_defaults(func=cmd_merge)
+
+    ev = sub.add_parser("eval", help="compare base and tuned model on held-out conversations; write a report")
+    ev.add_argument("--adapter", required=True, help="a chatlora output dir (adapter + run card)")
+    ev.add_argument("--data", default=None, help="evaluate this dataset file instead of the run's held-out split")
+    ev.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"],
+                    help="format of --data (default: auto)")
+    ev.add_argument("--columns", default=None, help="field renames for --data, e.g. instruction=prompt")
+    ev.add_argument("--output", default=None, help="report folder (default: ADAPTER/eval)")
+    ev.add_argument("--max-samples", type=int, default=None, help="evaluate at most N records (default: all)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="reply token limit (default: 128)")
+    ev.add_argument("--batch-size", type=int, default=8, help="conversations per batch (default: 8)")
+    ev.add_argument("--repetition-penalty", type=float, default=1.1, help="greedy decoding's penalty (default: 1.1)")
+    ev.add_argument("--examples", type=int, default=10, help="replies shown in the report (default: 10)")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 

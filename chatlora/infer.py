@@ -178,10 +178,18 @@ class ChatModel:
         return [self._finish(new, len(p)) for new, p in zip(outs, prompts, strict=True)]
 
     def stream(
-        self, messages: list[dict], sampling: SamplingConfig | None = None, system=None, use_adapter=True
+        self,
+        messages: list[dict],
+        sampling: SamplingConfig | None = None,
+        system=None,
+        use_adapter=True,
+        stop_event: threading.Event | None = None,
     ) -> Stream:
-        """Generate in a background thread and yield text as it is decoded."""
-        from transformers import TextIteratorStreamer
+        """Generate in a background thread and yield text as it is decoded.
+
+        Setting ``stop_event`` ends the generation at the next token (e.g. when a server's client disconnects).
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         sampling = sampling or SamplingConfig()
         prompt = self.prompt_ids(messages, system)
@@ -200,12 +208,20 @@ class ChatModel:
                         eos_token_id=self.stop_ids,
                         pad_token_id=self.tokenizer.pad_token_id,
                         streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_EventStop(stop_event)]) if stop_event else None,
                         **sampling.generate_kwargs(),
                     )
                     result["ids"] = out[0][len(prompt) :].tolist()
                 except BaseException as e:  # surfaced in the consuming thread
                     result["error"] = e
                     streamer.end()
+
+        class _EventStop(StoppingCriteria):
+            def __init__(self, event: threading.Event):
+                self.event = event
+
+            def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+                return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
         thread = threading.Thread(target=work, daemon=True)
         stream = Stream(iter(()))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import TrainConfig
 from .infer import ChatModel, SamplingConfig
 from .train import TrainResult, train
 
-__all__ = ["Comparison", "compare_on_held_out", "quickstart"]
+if TYPE_CHECKING:
+    from .eval import EvalResult
+
+__all__ = ["Comparison", "compare_on_held_out", "eval_held_out", "quickstart"]
 
 
 @dataclass
@@ -39,3 +43,16 @@ def compare_on_held_out(result: TrainResult, n: int = 4, max_new_tokens: int = 6
 def quickstart(cfg: TrainConfig, examples: int = 4) -> tuple[TrainResult, list[Comparison]]:
     result = train(cfg)
     return result, compare_on_held_out(result, examples)
+
+
+def eval_held_out(
+    result: TrainResult, max_samples: int = 32, max_new_tokens: int = 64, batch_size: int = 16
+) -> EvalResult | None:
+    """Cheap eval of the just-trained model on (part of) its held-out split; report in ``output_dir/eval``."""
+    from .eval import evaluate
+
+    if not result.run_card or not result.split or not result.split.val:
+        return None
+    chat = ChatModel(result.model, result.tokenizer, result.run_card["template"]["system_prompt"])
+    return evaluate(result.output_dir, max_samples=max_samples, max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, chat=chat)

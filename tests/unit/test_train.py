@@ -1,0 +1,203 @@
+"""Training, adapters, reload and merge on a tiny random Llama (fast, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from chatlora.config import ConfigError, TrainConfig, load_config
+from chatlora.data import DataError
+from chatlora.model import ModelError, apply_lora, linear_module_names, load_model, pick_precision
+from chatlora.train import collate, split_records, train
+
+
+def tiny_cfg(model_dir, data, out, **kw) -> TrainConfig:
+    base = dict(
+        model=str(model_dir), data=str(data), output_dir=str(out), max_steps=6, batch_size=4, val_size=2,
+        logging_steps=1, eval_steps=3, save_steps=3, lr=5e-3, lora_dropout=0.0, system_prompt="S",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    data = write_jsonl(tmp / "d.jsonl", [
+        {"instruction": f"q{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
+        for i in range(12)
+    ])
+    result = train(tiny_cfg(tiny_model_dir, data, tmp / "out"))
+    return result
+
+
+def test_collate_pads_right_and_masks_padding():
+    """Guards against padding tokens being attended to or trained on."""
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_split_is_seeded_and_drops_train_copies_of_held_out(tmp_path):
+    """Guards against evaluating on conversations that were also trained on (duplicates in the data)."""
+    from chatlora.data import load_records
+
+    rows = [{"instruction": f"q{i % 5}", "input": "", "output": f"a{i % 5}"} for i in range(20)]
+    records = load_records(write_jsonl(tmp_path / "d.jsonl", rows))
+    a, b = split_records(records, 2, seed=1), split_records(records, 2, seed=1)
+    assert [r.index for r in a.val] == [r.index for r in b.val]
+    held = {json.dumps(r.messages) for r in a.val}
+    assert not any(json.dumps(r.messages) in held for r in a.train)
+    assert a.dropped_duplicates > 0
+    assert len(split_records(records, 0.1, seed=1).val) == 2
+
+
+def test_lora_params_change_and_base_params_do_not(tiny_model_dir, tiny_dataset, tmp_path):
+    """Guards against training nothing (the seed's q_attn typo) or touching frozen base weights."""
+    before = load_model(str(tiny_model_dir)).state_dict()
+    result = train(tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path / "o", max_steps=3, eval_steps=0))
+    model = result.model
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert any(("lora_B" in n) and p.abs().sum() > 0 for n, p in lora.items()), "lora_B starts at 0 and must move"
+    for name, value in model.get_base_model().state_dict().items():
+        if "lora_" in name:
+            continue
+        key = name.replace("base_layer.", "")
+        assert torch.equal(value, before[key]), f"base weight {key} changed"
+    targets = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in lora if "lora_A" in n}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_unknown_lora_target_lists_the_real_modules(tiny_model_dir):
+    """Guards against the seed tutorial's silent 'q_attn' (matches nothing, q_proj untrained)."""
+    model = load_model(str(tiny_model_dir))
+    with pytest.raises(ModelError) as e:
+        apply_lora(model, 8, 32, 0.1, ["q_attn", "k_proj"])
+    assert "q_attn" in str(e.value) and "q_proj" in str(e.value)
+    assert "lm_head" not in linear_module_names(model)
+
+
+def test_outputs_run_card_metrics_plot_and_checkpoints(trained):
+    """Guards against a run that leaves no record of what it trained on or how it went."""
+    out = trained.output_dir
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    card = json.loads((out / "chatlora.json").read_text())
+    assert card["dataset"]["records"] == 12 and len(card["dataset"]["val_indices"]) == 2
+    assert len(card["dataset"]["sha256"]) == 64 and card["dataset"]["split_seed"] == 42
+    assert card["config"]["lora_r"] == 8 and card["results"]["global_step"] == 6
+    assert card["results"]["eval_loss"] is not None and "torch" in card["versions"]
+    assert card["template"]["end_of_turn"] == "<|im_end|>"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(r["tokens_per_second"] > 0 for r in rows if "loss" in r)
+    assert any("eval_loss" in r for r in rows)
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    ckpts = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-3", "checkpoint-6"]
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {p.name for p in (out / "checkpoint-6").iterdir()}
+
+
+def test_reloaded_adapter_gives_identical_logits(trained):
+    """Guards against an adapter that saves or reloads wrong (PEFT format, PeftModel.from_pretrained)."""
+    from peft import PeftModel
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    trained.model.eval()
+    with torch.no_grad():
+        want = trained.model(input_ids=ids).logits
+        base = load_model(trained.run_card["base_model"]["resolved"])
+        got = PeftModel.from_pretrained(base, str(trained.output_dir)).eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_merged_model_logits_equal_adapter_logits(trained, tmp_path):
+    """Guards against a merge that drops or double-applies the LoRA delta."""
+    from chatlora.merge import merge
+
+    out = merge(trained.output_dir, tmp_path / "merged")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    merged = load_model(str(out)).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    assert not any("lora" in k for k in merged.state_dict())
+
+
+def test_invalid_data_stops_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards against spending minutes loading a model only to crash on a bad record."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', encoding="utf-8")
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded before data was validated")
+
+    monkeypatch.setattr("chatlora.train.load_model", boom)
+    monkeypatch.setattr("chatlora.train.load_tokenizer", boom)
+    with pytest.raises(DataError) as e:
+        train(tiny_cfg(tiny_model_dir, bad, tmp_path / "o"))
+    assert e.value.problems[0].startswith(f"{bad}:2:")
+
+
+def test_config_yaml_and_flags(tmp_path):
+    """Guards against YAML quirks ('1e-4' is a string in YAML 1.1) and flags not winning over the file."""
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 1e-4\nlora_r: 4\nlora_targets: [q_proj, v_proj]\nepochs: 3\n", encoding="utf-8")
+    cfg = load_config(y, {"lora_r": 16, "epochs": None})
+    assert cfg.lr == 1e-4 and cfg.lora_r == 16 and cfg.epochs == 3 and cfg.lora_targets == ["q_proj", "v_proj"]
+    y.write_text("lora_rank: 4\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown config key.*lora_rank"):
+        load_config(y)
+    with pytest.raises(ConfigError, match="--lora-dropout"):
+        TrainConfig(lora_dropout=1.5)
+
+
+def test_precision_never_fp16_weights():
+    """Guards against the seed's fp16 weights + fp16 optimizer state without loss scaling."""
+    cpu = pick_precision(torch.device("cpu"))
+    assert cpu.weights == torch.float32 and cpu.amp is None
+    with pytest.raises(ModelError):
+        pick_precision(torch.device("cpu"), "fp16")
+
+
+def test_shipped_configs_load():
+    """Guards against configs drifting from the TrainConfig fields."""
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith("# ") and "chatlora" in first, f"{path.name} must start with the command that runs it"
+        load_config(path)
+
+
+def test_resume_after_kill_continues_the_curve(tiny_model_dir, tiny_dataset, tmp_path):
+    """Guards against --resume restarting from scratch or duplicating loss points after a crash (kill -9)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "chatlora", "train", "--model", str(tiny_model_dir), "--data", str(tiny_dataset),
+           "--output-dir", str(out), "--max-steps", "300", "--save-steps", "10", "--save-total-limit", "3",
+           "--logging-steps", "1", "--eval-steps", "0", "--batch-size", "2", "--val-size", "2", "--lr", "1e-3"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint-20" / "trainer_state.json").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "chatlora.json").exists(), "run finished before it could be killed"
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    card = json.loads((out / "chatlora.json").read_text())
+    assert card["results"]["global_step"] == 300
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 301)), "loss curve must continue without gaps or duplicates"
