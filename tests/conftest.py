@@ -92,8 +92,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     """Twelve short alpaca records (a couple of distinct replies) for fast training tests."""
-    rows = [{"instruction": f"问题{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
-            for i in range(12)]
+    rows = [
+        {"instruction": f"问题{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
+        for i in range(12)
+    ]
     return write_jsonl(tmp_path / "tiny.jsonl", rows)
 
 

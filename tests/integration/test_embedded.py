@@ -17,8 +17,14 @@ HUANHUAN = ROOT / "data" / "huanhuan.json"
 
 
 def cli(*args: str, timeout: int = 900, input: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "chatlora", *args], capture_output=True, text=True,
-                          timeout=timeout, input=input, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatlora", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -31,9 +37,35 @@ def overfit(tmp_path_factory, embedded_model_dir):
     tmp = tmp_path_factory.mktemp("overfit")
     data = write_jsonl(tmp / "few.jsonl", short)
     out = tmp / "run"
-    cli("train", "--data", str(data), "--output-dir", str(out), "--max-steps", "30", "--batch-size", "3",
-        "--val-size", "0", "--lr", "3e-3", "--lora-r", "16", "--lora-dropout", "0", "--warmup-ratio", "0",
-        "--lr-scheduler", "constant", "--logging-steps", "1", "--save-steps", "1000", "--max-length", "128")
+    cli(
+        "train",
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "3",
+        "--val-size",
+        "0",
+        "--lr",
+        "3e-3",
+        "--lora-r",
+        "16",
+        "--lora-dropout",
+        "0",
+        "--warmup-ratio",
+        "0",
+        "--lr-scheduler",
+        "constant",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        "1000",
+        "--max-length",
+        "128",
+    )
     return short, out
 
 
@@ -62,19 +94,48 @@ def test_cli_chat_generate_merge(overfit, tmp_path):
     """Guards against the CLI commands breaking on the real model (chat, generate, merge, chat on merged)."""
     records, out = overfit
     first = records[0]
-    said = cli("chat", "--adapter", str(out), "--prompt", first["instruction"], "--temperature", "0",
-               "--repetition-penalty", "1.0").stdout
+    said = cli(
+        "chat",
+        "--adapter",
+        str(out),
+        "--prompt",
+        first["instruction"],
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1.0",
+    ).stdout
     assert said.strip() == first["output"]
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["instruction"], "n": i} for i, r in enumerate(records)])
-    cli("generate", "--adapter", str(out), "--input", str(prompts), "--output", str(tmp_path / "r.jsonl"),
-        "--temperature", "0", "--repetition-penalty", "1.0")
+    cli(
+        "generate",
+        "--adapter",
+        str(out),
+        "--input",
+        str(prompts),
+        "--output",
+        str(tmp_path / "r.jsonl"),
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1.0",
+    )
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["reply"] for r in rows] == [r["output"] for r in records]
     assert {r["finish_reason"] for r in rows} == {"stop"}
     merged = tmp_path / "merged"
     cli("merge", "--adapter", str(out), "--output", str(merged))
-    said = cli("chat", "--model", str(merged), "--prompt", first["instruction"], "--temperature", "0",
-               "--repetition-penalty", "1.0").stdout
+    said = cli(
+        "chat",
+        "--model",
+        str(merged),
+        "--prompt",
+        first["instruction"],
+        "--temperature",
+        "0",
+        "--repetition-penalty",
+        "1.0",
+    ).stdout
     assert said.strip() == first["output"]
 
 

@@ -17,9 +17,33 @@ def run_dir(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     data = write_jsonl(tmp / "d.jsonl", [{"instruction": f"问{i}", "input": "", "output": "嗯。"} for i in range(10)])
     out = tmp / "run"
-    code = main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out),
-                 "--max-steps", "3", "--batch-size", "4", "--val-size", "2", "--logging-steps", "1",
-                 "--eval-steps", "0", "--save-steps", "100", "--lora-r", "4", "--lr", "1e-3"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--val-size",
+            "2",
+            "--logging-steps",
+            "1",
+            "--eval-steps",
+            "0",
+            "--save-steps",
+            "100",
+            "--lora-r",
+            "4",
+            "--lr",
+            "1e-3",
+        ]
+    )
     assert code == 0
     return out
 
@@ -32,10 +56,13 @@ def test_train_writes_adapter_and_prints_where(run_dir, capsys):
 
 def test_data_check_valid(tmp_path, tiny_model_dir, capsys):
     """Guards against `data check` failing on good data or printing no statistics."""
-    path = write_jsonl(tmp_path / "ok.jsonl", [
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "ok.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        ],
+    )
     assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--max-length", "20", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["records"] == 2 and stats["duplicates"] == 1
@@ -45,7 +72,9 @@ def test_data_check_valid(tmp_path, tiny_model_dir, capsys):
 def test_data_check_invalid_exits_2_with_file_line_errors(tmp_path, capsys):
     """Guards against tracebacks or errors without file:line for bad data."""
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n{oops\n', encoding="utf-8")
+    path.write_text(
+        '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n{oops\n', encoding="utf-8"
+    )
     assert main(["data", "check", str(path), "--no-tokenize"]) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -60,14 +89,29 @@ def test_train_with_invalid_data_gives_the_same_errors(tmp_path, tiny_model_dir,
     path.write_text('{"instruction": "a"}\n', encoding="utf-8")
     assert main(["data", "check", str(path), "--no-tokenize"]) == 2
     check_err = capsys.readouterr().err
-    assert main(["train", "--data", str(path), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o")]) == 2
+    assert (
+        main(["train", "--data", str(path), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o")]) == 2
+    )
     assert capsys.readouterr().err == check_err
 
 
 def test_train_bad_lora_target_is_a_clear_error(tiny_model_dir, tiny_dataset, tmp_path, capsys):
     """Guards against a LoRA target typo silently training nothing."""
-    code = main(["train", "--model", str(tiny_model_dir), "--data", str(tiny_dataset), "--output-dir",
-                 str(tmp_path / "o"), "--lora-targets", "q_attn,v_proj", "--max-steps", "1"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tiny_dataset),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--lora-targets",
+            "q_attn,v_proj",
+            "--max-steps",
+            "1",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "q_attn" in err and "q_proj" in err and "Traceback" not in err
@@ -83,9 +127,22 @@ def test_chat_prompt_prints_one_reply(run_dir, capsys):
 def test_chat_interactive_multi_turn(run_dir):
     """Guards against the interactive loop crashing on /reset, multi-turn history or end of input."""
     proc = subprocess.run(
-        [sys.executable, "-m", "chatlora", "chat", "--adapter", str(run_dir), "--max-new-tokens", "4",
-         "--temperature", "0"],
-        input="你好\n再说一次\n/reset\n第三句\n", capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "chatlora",
+            "chat",
+            "--adapter",
+            str(run_dir),
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ],
+        input="你好\n再说一次\n/reset\n第三句\n",
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("you> ") == 5 and proc.stdout.count(f"{run_dir.name}> ") == 3
@@ -100,14 +157,35 @@ def test_chat_needs_a_model(capsys):
 
 def test_generate_keeps_input_and_adds_reply(run_dir, tmp_path):
     """Guards against batch generation losing input fields, reordering lines, or lying about finish reasons."""
-    inp = write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "一", "id": 1},
-        {"messages": [{"role": "user", "content": "二"}], "id": 2, "system": "别的系统提示"},
-        {"prompt": "三三三", "id": 3},
-    ])
+    inp = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "一", "id": 1},
+            {"messages": [{"role": "user", "content": "二"}], "id": 2, "system": "别的系统提示"},
+            {"prompt": "三三三", "id": 3},
+        ],
+    )
     out = tmp_path / "r.jsonl"
-    assert main(["generate", "--adapter", str(run_dir), "--input", str(inp), "--output", str(out),
-                 "--max-new-tokens", "4", "--temperature", "0", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--adapter",
+                str(run_dir),
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2, 3]
     assert rows[1]["system"] == "别的系统提示"

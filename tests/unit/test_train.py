@@ -22,8 +22,18 @@ from chatlora.train import collate, split_records, train
 
 def tiny_cfg(model_dir, data, out, **kw) -> TrainConfig:
     base = dict(
-        model=str(model_dir), data=str(data), output_dir=str(out), max_steps=6, batch_size=4, val_size=2,
-        logging_steps=1, eval_steps=3, save_steps=3, lr=5e-3, lora_dropout=0.0, system_prompt="S",
+        model=str(model_dir),
+        data=str(data),
+        output_dir=str(out),
+        max_steps=6,
+        batch_size=4,
+        val_size=2,
+        logging_steps=1,
+        eval_steps=3,
+        save_steps=3,
+        lr=5e-3,
+        lora_dropout=0.0,
+        system_prompt="S",
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -32,10 +42,13 @@ def tiny_cfg(model_dir, data, out, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    data = write_jsonl(tmp / "d.jsonl", [
-        {"instruction": f"q{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
-        for i in range(12)
-    ])
+    data = write_jsonl(
+        tmp / "d.jsonl",
+        [
+            {"instruction": f"q{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
+            for i in range(12)
+        ],
+    )
     result = train(tiny_cfg(tiny_model_dir, data, tmp / "out"))
     return result
 
@@ -130,8 +143,9 @@ def test_merged_model_logits_equal_adapter_logits(trained, tmp_path):
     merged = load_model(str(out)).eval()
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, trained.model(input_ids=ids).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            merged(input_ids=ids).logits, trained.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
     assert not any("lora" in k for k in merged.state_dict())
 
 
@@ -183,9 +197,34 @@ def test_shipped_configs_load():
 def test_resume_after_kill_continues_the_curve(tiny_model_dir, tiny_dataset, tmp_path):
     """Guards against --resume restarting from scratch or duplicating loss points after a crash (kill -9)."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "chatlora", "train", "--model", str(tiny_model_dir), "--data", str(tiny_dataset),
-           "--output-dir", str(out), "--max-steps", "300", "--save-steps", "10", "--save-total-limit", "3",
-           "--logging-steps", "1", "--eval-steps", "0", "--batch-size", "2", "--val-size", "2", "--lr", "1e-3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "chatlora",
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tiny_dataset),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "300",
+        "--save-steps",
+        "10",
+        "--save-total-limit",
+        "3",
+        "--logging-steps",
+        "1",
+        "--eval-steps",
+        "0",
+        "--batch-size",
+        "2",
+        "--val-size",
+        "2",
+        "--lr",
+        "1e-3",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -198,6 +237,9 @@ def test_resume_after_kill_continues_the_curve(tiny_model_dir, tiny_dataset, tmp
     assert done.returncode == 0, done.stderr[-2000:]
     card = json.loads((out / "chatlora.json").read_text())
     assert card["results"]["global_step"] == 300
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == list(range(1, 301)), "loss curve must continue without gaps or duplicates"
