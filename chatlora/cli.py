@@ -163,20 +163,18 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     cfg = _config_from(args)
     print(f"chatlora quickstart: LoRA on {cfg.model} with {cfg.data} -> {cfg.output_dir}", flush=True)
-    result, rows = quickstart(cfg, args.examples)
-    print("\nHeld-out prompts (never trained on), greedy decoding:\n")
-    for i, row in enumerate(rows, 1):
-        print(f"[{i}] prompt:    {row.prompt}")
-        print(f"    reference: {row.reference}")
-        print(f"    base:      {row.base}")
-        print(f"    tuned:     {row.tuned}" + ("" if row.tuned_finish == "stop" else "  [hit max_new_tokens]"))
-        print()
-    _print_paths(result.output_dir, result.run_card)
-    from .quickstart import eval_held_out
-
-    print("\nevaluating base vs tuned on the held-out split ...", flush=True)
-    evaluation = eval_held_out(result)
+    result, evaluation = quickstart(cfg, args.eval_samples)
     if evaluation is not None:
+        print("\nHeld-out prompts (never trained on), greedy decoding:\n")
+        for i, row in enumerate(evaluation.rows[: args.examples], 1):
+            print(f"[{i}] prompt:    {row['prompt']}")
+            print(f"    reference: {row['reference']}")
+            print(f"    base:      {row['base']}")
+            print(f"    tuned:     {row['tuned']}" + ("" if row["tuned_finish"] == "stop" else "  [cut at max_new_tokens]"))
+            print()
+    _print_paths(result.output_dir, result.run_card)
+    if evaluation is not None:
+        print()
         _print_eval(evaluation)
     print(f"\nchat with it:  .venv/bin/chatlora chat --adapter {result.output_dir}")
     return 0
@@ -352,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     qs = sub.add_parser("quickstart", help="train on the embedded default and compare base vs tuned replies")
     _add_config_flags(qs)
     qs.add_argument("--examples", type=int, default=4, help="held-out prompts to show (default: 4)")
+    qs.add_argument("--eval-samples", type=int, default=32, help="held-out records to evaluate (default: 32)")
     qs.set_defaults(func=cmd_quickstart)
 
     ch = sub.add_parser("chat", help="chat with a tuned (or base) model")
