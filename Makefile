@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-unit lint clean
+.PHONY: install quickstart test test-unit lint clean bench-gpu bench-cpu
 
 install: $(STAMP)
 
@@ -31,6 +31,16 @@ test-unit: install
 lint: install
 	$(BIN)/ruff check chatlora tests bench
 	$(BIN)/ruff format --check chatlora tests bench
+
+# Training speed, the seed tutorial's recipe vs chatlora in one run (bench/NOTES.md). bench-gpu needs no venv:
+# on a GPU machine with torch, transformers and peft installed it runs with $(PYTHON) (liger-kernel optional).
+BENCH_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+BENCH_ARGS ?=
+bench-gpu:
+	$(BENCH_PY) bench/train_speed.py --device cuda $(BENCH_ARGS)
+
+bench-cpu: install
+	$(BIN)/python bench/train_speed.py --device cpu $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -56,6 +56,19 @@ class TrainConfig:
     seed: int = _f(42, "training seed (LoRA init, shuffling, dropout)")
     group_by_length: bool = _f(True, "batch sequences of similar length together (less padding)")
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory (slower)")
+    # speed (see README "Speed" and bench/NOTES.md)
+    packing: bool = _f(False, "pack conversations into rows of max_length tokens, attention kept per conversation "
+                              "(no padding); batches then hold tokens_per_batch tokens instead of batch_size rows")
+    packing_strategy: str = _f("pack", "with packing: 'pack' (several conversations per row, per-conversation "
+                                       "attention mask) or 'bucket' (one per row, rows of like length, no mask)")
+    tokens_per_batch: int = _f(4096, "token budget of one packed micro-batch (with packing; rows = this // max_length)")
+    logits_at_labels: bool = _f(False, "compute the LM head only at trained positions (same loss; skips the "
+                                       "[tokens, vocab] logits)")
+    liger: bool = _f(False, "Liger-Kernel fused RMSNorm / SwiGLU / RoPE (CUDA + liger-kernel installed; else ignored)")
+    compile: bool = _f(False, "torch.compile each decoder layer (regional: one compile reused by all layers); "
+                              "fuses the LoRA, norm and activation element-wise ops. CUDA; first steps are slow")
+    memory_mode: bool = _f(False, "trade ~1/3 speed for memory: non-reentrant gradient checkpointing, "
+                                  "tokens_per_batch x2 (a 6B model trains in < 20 GiB)")
     # LoRA
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
@@ -79,6 +92,8 @@ class TrainConfig:
             (self.max_length > 0, "max_length", "must be > 0"),
             (self.batch_size > 0, "batch_size", "must be > 0"),
             (self.grad_accum > 0, "grad_accum", "must be > 0"),
+            (self.tokens_per_batch >= self.max_length, "tokens_per_batch", "must be >= max_length"),
+            (self.packing_strategy in ("pack", "bucket"), "packing_strategy", "must be pack or bucket"),
             (self.lr > 0, "lr", "must be > 0"),
             (self.lora_r > 0, "lora_r", "must be > 0"),
             (0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
