@@ -21,6 +21,8 @@ class CliError(Exception):
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # NVLink multicast (NVLS) stays off in NCCL: it can take a shared host's GPUs out of service.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("transformers", "peft", "accelerate", "torch", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -69,6 +69,9 @@ class TrainConfig:
                               "fuses the LoRA, norm and activation element-wise ops. CUDA; first steps are slow")
     memory_mode: bool = _f(False, "trade ~1/3 speed for memory: non-reentrant gradient checkpointing, "
                                   "tokens_per_batch x2 (a 6B model trains in < 20 GiB)")
+    # several GPUs (launch with torchrun or accelerate launch; see README "Several GPUs")
+    fsdp: bool = _f(False, "shard the model across GPUs (FSDP FULL_SHARD, one unit per decoder layer) instead of DDP")
+    deepspeed: str | None = _f(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); needs deepspeed")
     # LoRA
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")

@@ -181,7 +181,8 @@ def _trainer_callback(metrics_path: Path):
             if not state.is_world_process_zero or not logs:
                 return
             elapsed = max(time.time() - self.t0, 1e-9)
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3),
+                   "tokens_seen": state.num_input_tokens_seen}
             row.update({k: v for k, v in logs.items() if k not in ("epoch", "step")})
             if "loss" in logs:
                 row["tokens_per_second"] = round((state.num_input_tokens_seen - self.tok0) / elapsed, 1)
@@ -239,9 +240,14 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool):
         include_num_input_tokens_seen="no" if cfg.packing else "non_padding",
         dataloader_num_workers=0,
         use_cpu=device.type == "cpu",
+        ddp_find_unused_parameters=False,  # LoRA uses every trainable parameter in every step
         disable_tqdm=True,
         log_level="warning",
     )
+    if cfg.fsdp:
+        kw["fsdp"] = "full_shard auto_wrap"  # accelerate's FSDP plugin wraps each of model._no_split_modules
+    if cfg.deepspeed:
+        kw["deepspeed"] = cfg.deepspeed
     fields = TrainingArguments.__dataclass_fields__
     if cfg.group_by_length and not cfg.packing:  # packed micro-batches are already length-balanced
         if "train_sampling_strategy" in fields:
@@ -321,7 +327,9 @@ def _trainer_class(label_only: bool):
             real = inputs.pop("num_real_tokens", None)
             if real is not None and model.training:
                 self.state.num_input_tokens_seen += real * self.args.world_size
-            if not label_only or return_outputs or "labels" not in inputs:
+            # label_only_loss calls the decoder directly, which would bypass DDP's/FSDP's forward hooks
+            single = self.accelerator.num_processes == 1
+            if not label_only or not single or return_outputs or "labels" not in inputs:
                 inputs.pop("label_index", None)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # label_only_loss calls the decoder itself, bypassing the bf16/fp16 autocast that accelerate wraps around
@@ -351,6 +359,8 @@ def prepare_model(cfg: TrainConfig, model_path: str, device: torch.device, preci
     model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.compile and cfg.memory_mode:
         log.warning("--compile is skipped in --memory-mode: compiled layers under checkpointing measured slower")
+    elif cfg.compile and cfg.fsdp:
+        log.warning("--compile is skipped with --fsdp (not validated together)")
     elif cfg.compile:
         compile_layers(model)
     return model
@@ -456,7 +466,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "truncated": {"train": train_trunc, "val": val_trunc, "max_length": cfg.max_length},
             },
             "template": {"system_prompt": system_prompt, "end_of_turn": eot_token},
-            "hardware": {"device": str(device), "precision": precision.name, "world_size": args.world_size},
+            "hardware": {
+                "device": str(device),
+                "precision": precision.name,
+                "world_size": args.world_size,
+                "distributed": "fsdp" if cfg.fsdp else "deepspeed" if cfg.deepspeed else "ddp" if args.world_size > 1 else None,
+                "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if device.type == "cuda" else None,
+            },
             "parameters": {"trainable": trainable, "total": total},
             "versions": _versions(),
             "results": {

@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import write_jsonl
 
 
-def test_torchrun_two_processes_rank0_writes_and_adapter_loads(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_processes_rank0_writes_and_adapter_loads(tiny_model_dir, tmp_path, mode):
     """Guards against every rank writing logs/checkpoints, duplicated data, or an unloadable DDP-saved adapter."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "input": "", "output": "嗯。"} for i in range(18)])
     out = tmp_path / "run"
@@ -22,12 +24,12 @@ def test_torchrun_two_processes_rank0_writes_and_adapter_loads(tiny_model_dir, t
         [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "chatlora.cli", "train",
          "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--epochs", "1",
          "--batch-size", "2", "--val-size", "2", "--logging-steps", "1", "--eval-steps", "2", "--save-steps", "2",
-         "--device", "cpu"],
+         "--device", "cpu", *(["--fsdp"] if mode == "fsdp" else [])],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = json.loads((out / "chatlora.json").read_text())
-    assert card["hardware"]["world_size"] == 2
+    assert card["hardware"]["world_size"] == 2 and card["hardware"]["distributed"] == mode
     # 16 training records, 2 per process per step, 2 processes: 4 steps, so the data is sharded, not duplicated
     assert card["results"]["global_step"] == 4
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
