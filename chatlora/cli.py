@@ -89,7 +89,9 @@ def _sampling(args: argparse.Namespace):
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="a chatlora output dir (adapter + run card)")
-    p.add_argument("--model", help="base or merged model (hub id, dir, .gguf, 'embedded'); default: the adapter's base")
+    p.add_argument(
+        "--model", help="base or merged model (hub id, dir, .gguf, 'embedded'); default: the adapter's base"
+    )
     p.add_argument("--base-only", action="store_true", help="ignore the adapter: talk to the base model")
     p.add_argument("--system", default=None, help="system prompt (default: the one the adapter was trained with)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -172,7 +174,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             print(f"[{i}] prompt:    {row['prompt']}")
             print(f"    reference: {row['reference']}")
             print(f"    base:      {row['base']}")
-            print(f"    tuned:     {row['tuned']}" + ("" if row["tuned_finish"] == "stop" else "  [cut at max_new_tokens]"))
+            print(
+                f"    tuned:     {row['tuned']}"
+                + ("" if row["tuned_finish"] == "stop" else "  [cut at max_new_tokens]")
+            )
             print()
     _print_paths(result.output_dir, result.run_card)
     if evaluation is not None:
@@ -240,7 +245,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             idx = order[start : start + args.batch_size]
             groups: dict[str | None, list[int]] = {}
             for i in idx:
-                groups.setdefault(prompts[i]["system"] if prompts[i]["system"] is not None else args.system, []).append(i)
+                groups.setdefault(
+                    prompts[i]["system"] if prompts[i]["system"] is not None else args.system, []
+                ).append(i)
             for system, members in groups.items():
                 outs = chat.generate_batch([prompts[i]["messages"] for i in members], sampling, system=system)
                 replies.update(zip(members, outs, strict=True))
@@ -248,8 +255,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with open(args.output, "w", encoding="utf-8") as f:
         for i, p in enumerate(prompts):
             r = replies[i]
-            row = {**p["row"], "reply": r.text, "finish_reason": r.finish_reason,
-                   "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}}
+            row = {
+                **p["row"],
+                "reply": r.text,
+                "finish_reason": r.finish_reason,
+                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {len(prompts)} replies to {args.output}", file=sys.stderr)
     return 0
@@ -265,10 +276,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _print_eval(result) -> None:
     loss, tuned, base = result.loss, result.replies["tuned"], result.replies["base"]
-    print(f"held-out loss: base {loss['base'].loss:.4f} -> tuned {loss['tuned'].loss:.4f} "
-          f"(ratio {result.loss_ratio:.3f}) on {result.source['records']} records")
-    print(f"chrF: base {base.chrf:.2f} -> tuned {tuned.chrf:.2f} | stop rate: base {base.stop_rate:.1%}, "
-          f"tuned {tuned.stop_rate:.1%}")
+    print(
+        f"held-out loss: base {loss['base'].loss:.4f} -> tuned {loss['tuned'].loss:.4f} "
+        f"(ratio {result.loss_ratio:.3f}) on {result.source['records']} records"
+    )
+    print(
+        f"chrF: base {base.chrf:.2f} -> tuned {tuned.chrf:.2f} | stop rate: base {base.stop_rate:.1%}, "
+        f"tuned {tuned.stop_rate:.1%}"
+    )
     for t in result.targets:
         print(f"  {'PASS' if t.passed else 'FAIL'}  {t.name}: {t.detail}")
     print(f"eval report: {result.output_dir / 'report.html'} (and report.md, metrics.json, replies.jsonl)")
@@ -363,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="answer a JSONL of prompts in batches")
     _add_model_flags(gen)
-    gen.add_argument("--input", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."}, optional "system"')
+    gen.add_argument(
+        "--input", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."}, optional "system"'
+    )
     gen.add_argument("--output", required=True, help="JSONL: each input line plus reply and finish_reason")
     gen.add_argument("--batch-size", type=int, default=8)
     _add_sampling_flags(gen)
@@ -377,8 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="compare base and tuned model on held-out conversations; write a report")
     ev.add_argument("--adapter", required=True, help="a chatlora output dir (adapter + run card)")
     ev.add_argument("--data", default=None, help="evaluate this dataset file instead of the run's held-out split")
-    ev.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"],
-                    help="format of --data (default: auto)")
+    ev.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "alpaca", "messages", "sharegpt"],
+        help="format of --data (default: auto)",
+    )
     ev.add_argument("--columns", default=None, help="field renames for --data, e.g. instruction=prompt")
     ev.add_argument("--output", default=None, help="report folder (default: ADAPTER/eval)")
     ev.add_argument("--max-samples", type=int, default=None, help="evaluate at most N records (default: all)")

@@ -57,18 +57,33 @@ class TrainConfig:
     group_by_length: bool = _f(True, "batch sequences of similar length together (less padding)")
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory (slower)")
     # speed (see README "Speed" and bench/NOTES.md)
-    packing: bool = _f(False, "pack conversations into rows of max_length tokens, attention kept per conversation "
-                              "(no padding); batches then hold tokens_per_batch tokens instead of batch_size rows")
-    packing_strategy: str = _f("pack", "with packing: 'pack' (several conversations per row, per-conversation "
-                                       "attention mask) or 'bucket' (one per row, rows of like length, no mask)")
-    tokens_per_batch: int = _f(4096, "token budget of one packed micro-batch (with packing; rows = this // max_length)")
-    logits_at_labels: bool = _f(False, "compute the LM head only at trained positions (same loss; skips the "
-                                       "[tokens, vocab] logits)")
+    packing: bool = _f(
+        False,
+        "pack conversations into rows of max_length tokens, attention kept per conversation "
+        "(no padding); batches then hold tokens_per_batch tokens instead of batch_size rows",
+    )
+    packing_strategy: str = _f(
+        "pack",
+        "with packing: 'pack' (several conversations per row, per-conversation "
+        "attention mask) or 'bucket' (one per row, rows of like length, no mask)",
+    )
+    tokens_per_batch: int = _f(
+        4096, "token budget of one packed micro-batch (with packing; rows = this // max_length)"
+    )
+    logits_at_labels: bool = _f(
+        False, "compute the LM head only at trained positions (same loss; skips the [tokens, vocab] logits)"
+    )
     liger: bool = _f(False, "Liger-Kernel fused RMSNorm / SwiGLU / RoPE (CUDA + liger-kernel installed; else ignored)")
-    compile: bool = _f(False, "torch.compile each decoder layer (regional: one compile reused by all layers); "
-                              "fuses the LoRA, norm and activation element-wise ops. CUDA; first steps are slow")
-    memory_mode: bool = _f(False, "trade ~1/3 speed for memory: non-reentrant gradient checkpointing, "
-                                  "tokens_per_batch x2 (a 6B model trains in < 20 GiB)")
+    compile: bool = _f(
+        False,
+        "torch.compile each decoder layer (regional: one compile reused by all layers); "
+        "fuses the LoRA, norm and activation element-wise ops. CUDA; first steps are slow",
+    )
+    memory_mode: bool = _f(
+        False,
+        "trade ~1/3 speed for memory: non-reentrant gradient checkpointing, "
+        "tokens_per_batch x2 (a 6B model trains in < 20 GiB)",
+    )
     # several GPUs (launch with torchrun or accelerate launch; see README "Several GPUs")
     fsdp: bool = _f(False, "shard the model across GPUs (FSDP FULL_SHARD, one unit per decoder layer) instead of DDP")
     deepspeed: str | None = _f(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); needs deepspeed")
@@ -79,7 +94,9 @@ class TrainConfig:
     lora_targets: list[str] = _f(DEFAULT_TARGETS, "module names to adapt, or 'all-linear'")
     # hardware
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
-    dtype: str = _f("auto", "auto (bf16 on GPUs that have it, fp16+loss scaling on others, fp32 on CPU), bf16, fp16, fp32")
+    dtype: str = _f(
+        "auto", "auto (bf16 on GPUs that have it, fp16+loss scaling on others, fp32 on CPU), bf16, fp16, fp32"
+    )
     random_init: bool = _f(False, "build the model from its config.json with random weights (sizing runs)")
     # logging and checkpoints
     logging_steps: int = _f(10, "log loss, lr and tokens/s every N steps")
@@ -103,7 +120,11 @@ class TrainConfig:
             (self.val_size >= 0, "val_size", "must be >= 0"),
             (self.epochs > 0 or self.max_steps > 0, "epochs", "must be > 0 unless max_steps is set"),
             (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype", "must be auto, bf16, fp16 or fp32"),
-            (self.format in ("auto", "alpaca", "messages", "sharegpt"), "format", "must be auto/alpaca/messages/sharegpt"),
+            (
+                self.format in ("auto", "alpaca", "messages", "sharegpt"),
+                "format",
+                "must be auto/alpaca/messages/sharegpt",
+            ),
             (bool(self.lora_targets), "lora_targets", "must name at least one module"),
         ]
         for ok, name, why in checks:
@@ -159,7 +180,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     unknown = sorted(set(values) - set(fields))
     if unknown:
         where = f"{path}: " if path else ""
-        raise ConfigError(f"{where}unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"{where}unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}"
+        )
     for name, value in values.items():
         values[name] = _coerce(name, value, field_type(fields[name]))
     try:

@@ -221,7 +221,9 @@ class ChatModel:
                 self.event = event
 
             def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-                return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+                return torch.full(
+                    (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+                )
 
         thread = threading.Thread(target=work, daemon=True)
         stream = Stream(iter(()))
@@ -254,8 +256,13 @@ def read_prompts(path: str | Path) -> list[dict]:
             messages = [{"role": "user", "content": row["prompt"]}]
         elif isinstance(row.get("messages"), list) and row["messages"]:
             messages = row["messages"]
-            bad = [m for m in messages if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                   or not isinstance(m.get("content"), str)]
+            bad = [
+                m
+                for m in messages
+                if not isinstance(m, dict)
+                or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)
+            ]
             if bad:
                 raise ValueError(f"{path}:{n}: each message needs a role (system/user/assistant) and string content")
             if messages[-1]["role"] != "user":

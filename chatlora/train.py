@@ -181,8 +181,12 @@ def _trainer_callback(metrics_path: Path):
             if not state.is_world_process_zero or not logs:
                 return
             elapsed = max(time.time() - self.t0, 1e-9)
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3),
-                   "tokens_seen": state.num_input_tokens_seen}
+            row = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                "time": round(time.time(), 3),
+                "tokens_seen": state.num_input_tokens_seen,
+            }
             row.update({k: v for k, v in logs.items() if k not in ("epoch", "step")})
             if "loss" in logs:
                 row["tokens_per_second"] = round((state.num_input_tokens_seen - self.tok0) / elapsed, 1)
@@ -414,8 +418,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_ex, train_trunc = encode_records(split.train, tokenizer, system_prompt, cfg.max_length)
     val_ex, val_trunc = encode_records(split.val, tokenizer, system_prompt, cfg.max_length)
     if train_trunc or val_trunc:
-        log.warning("%d training and %d held-out conversations were longer than max_length=%d and were cut",
-                    train_trunc, val_trunc, cfg.max_length)
+        log.warning(
+            "%d training and %d held-out conversations were longer than max_length=%d and were cut",
+            train_trunc,
+            val_trunc,
+            cfg.max_length,
+        )
 
     set_seed(cfg.seed)
     model = prepare_model(cfg, model_path, device, precision)
@@ -470,9 +478,16 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "device": str(device),
                 "precision": precision.name,
                 "world_size": args.world_size,
-                "distributed": "fsdp" if cfg.fsdp else "deepspeed" if cfg.deepspeed else "ddp" if args.world_size > 1 else None,
+                "distributed": "fsdp"
+                if cfg.fsdp
+                else "deepspeed"
+                if cfg.deepspeed
+                else "ddp"
+                if args.world_size > 1
+                else None,
                 "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                if device.type == "cuda" else None,
+                if device.type == "cuda"
+                else None,
             },
             "parameters": {"trainable": trainable, "total": total},
             "versions": _versions(),

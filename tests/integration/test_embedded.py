@@ -94,48 +94,18 @@ def test_cli_chat_generate_merge(overfit, tmp_path):
     """Guards against the CLI commands breaking on the real model (chat, generate, merge, chat on merged)."""
     records, out = overfit
     first = records[0]
-    said = cli(
-        "chat",
-        "--adapter",
-        str(out),
-        "--prompt",
-        first["instruction"],
-        "--temperature",
-        "0",
-        "--repetition-penalty",
-        "1.0",
-    ).stdout
+    greedy = ("--temperature", "0", "--repetition-penalty", "1.0")
+    said = cli("chat", "--adapter", str(out), "--prompt", first["instruction"], *greedy).stdout
     assert said.strip() == first["output"]
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["instruction"], "n": i} for i, r in enumerate(records)])
-    cli(
-        "generate",
-        "--adapter",
-        str(out),
-        "--input",
-        str(prompts),
-        "--output",
-        str(tmp_path / "r.jsonl"),
-        "--temperature",
-        "0",
-        "--repetition-penalty",
-        "1.0",
-    )
-    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    replies = tmp_path / "r.jsonl"
+    cli("generate", "--adapter", str(out), "--input", str(prompts), "--output", str(replies), *greedy)
+    rows = [json.loads(line) for line in replies.read_text().splitlines()]
     assert [r["reply"] for r in rows] == [r["output"] for r in records]
     assert {r["finish_reason"] for r in rows} == {"stop"}
     merged = tmp_path / "merged"
     cli("merge", "--adapter", str(out), "--output", str(merged))
-    said = cli(
-        "chat",
-        "--model",
-        str(merged),
-        "--prompt",
-        first["instruction"],
-        "--temperature",
-        "0",
-        "--repetition-penalty",
-        "1.0",
-    ).stdout
+    said = cli("chat", "--model", str(merged), "--prompt", first["instruction"], *greedy).stdout
     assert said.strip() == first["output"]
 
 

@@ -16,7 +16,9 @@ from conftest import write_jsonl
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_processes_rank0_writes_and_adapter_loads(tiny_model_dir, tmp_path, mode):
     """Guards against every rank writing logs/checkpoints, duplicated data, or an unloadable DDP-saved adapter."""
-    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "input": "", "output": "嗯。"} for i in range(18)])
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": f"q{i}", "input": "", "output": "嗯。"} for i in range(18)]
+    )
     out = tmp_path / "run"
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NCCL_NVLS_ENABLE": "0"}
