@@ -47,3 +47,47 @@ def test_torchrun_two_processes_rank0_writes_and_adapter_loads(tiny_model_dir, t
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
+
+
+EQUIV = """
+import json, os, sys
+from chatlora.config import TrainConfig
+from chatlora.train import train
+bs, ga, out, data, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+r = train(TrainConfig(model=model, data=data, output_dir=out, max_steps=3, batch_size=bs, grad_accum=ga, val_size=0,
+    logging_steps=1, save_steps=100, device="cpu", lora_dropout=0.0, lr=1e-2, warmup_ratio=0, group_by_length=False,
+    max_grad_norm=1e9, system_prompt="S"))
+if int(os.environ.get("RANK", 0)) == 0:
+    s = sum(p.double().abs().sum().item() for n, p in r.model.named_parameters() if "lora_B" in n)
+    print("LORA_B", repr(s), flush=True)
+"""
+
+
+def test_ddp_equals_grad_accumulation_equals_one_big_batch(tiny_model_dir, tmp_path):
+    """Guards against DDP or grad accumulation mis-normalising the loss: with every step seeing all 8 records,
+    2 processes x 4, 1 process x 4 x accum 2 and 1 process x 8 must train the same LoRA weights and losses."""
+    rows = [{"instruction": f"q{i}" * (i + 1), "input": "", "output": "嗯。" * (i + 1)} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    script = tmp_path / "equiv.py"
+    script.write_text(EQUIV, encoding="utf-8")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {
+        "bs8": [sys.executable],
+        "accum2": [sys.executable],
+        "ddp2": [torchrun, "--standalone", "--nproc-per-node", "2"],
+    }
+    sizes = {"bs8": ("8", "1"), "accum2": ("4", "2"), "ddp2": ("4", "1")}
+    weights, losses = {}, {}
+    for name, launcher in runs.items():
+        out = tmp_path / name
+        args = [str(script), *sizes[name], str(out), str(data), str(tiny_model_dir)]
+        proc = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights[name] = float(next(line for line in proc.stdout.splitlines() if line.startswith("LORA_B")).split()[1])
+        rows_ = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in rows_ if "loss" in r]
+    assert weights["accum2"] == pytest.approx(weights["bs8"], rel=1e-6)
+    assert weights["ddp2"] == pytest.approx(weights["bs8"], rel=1e-6)
+    assert losses["accum2"] == pytest.approx(losses["bs8"], rel=1e-6)
+    assert losses["ddp2"] == pytest.approx(losses["bs8"], rel=1e-6)
