@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import html
 import json
 import logging
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from .data import Record, load_records, parse_columns
 from .template import IGNORE_INDEX, encode_conversation, with_system
+from .train import file_sha256
 
 __all__ = [
     "TARGET_LOSS_RATIO",
@@ -211,10 +211,6 @@ def assistant_loss(
 # ---------------------------------------------------------------- data
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def held_out_records(card: dict[str, Any], max_samples: int | None = None) -> tuple[list[Record], dict[str, Any]]:
     """The run's held-out records, reloaded from the dataset named in its run card, and where they came from.
 
@@ -227,7 +223,7 @@ def held_out_records(card: dict[str, Any], max_samples: int | None = None) -> tu
     path = Path(ds["path"])
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the run's dataset is gone; pass --data PATH to evaluate another file")
-    sha = _sha256(path)
+    sha = file_sha256(path)
     if ds.get("sha256") and sha != ds["sha256"]:
         log.warning(
             "%s changed since training (sha256 %s, run card %s): held-out indices may not match",
@@ -256,7 +252,7 @@ def held_out_records(card: dict[str, Any], max_samples: int | None = None) -> tu
 def _file_records(path: str | Path, format: str, columns: str | None, max_samples: int | None):
     path = Path(path)
     records = load_records(path, format, parse_columns(columns))[: max_samples or None]
-    return records, {"kind": "file", "path": str(path.resolve()), "sha256": _sha256(path), "records": len(records)}
+    return records, {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path), "records": len(records)}
 
 
 # ---------------------------------------------------------------- evaluate

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .model import ModelError, load_model, load_tokenizer, pick_device, resolve_model
+from .model import load_model, load_tokenizer, pick_device, resolve_model
 from .template import encode_prompt, end_of_turn, with_system
 
 __all__ = ["ChatModel", "Reply", "SamplingConfig", "Stream", "read_prompts"]
@@ -92,19 +92,14 @@ class ChatModel:
         system_prompt: str | None = None,
     ) -> ChatModel:
         """Load for inference: ``adapter`` (its run card names the base) or ``model`` (base or merged dir)."""
-        from .train import read_run_card
+        from .train import read_adapter, read_run_card
 
         dev = pick_device(device)
         card: dict = {}
         if adapter is not None:
             adapter = Path(adapter)
-            if not (adapter / "adapter_config.json").is_file():
-                raise ModelError(f"{adapter}: no adapter_config.json here; is this a chatlora output dir?")
-            card = read_run_card(adapter)
-            if model is None:
-                model = card.get("base_model", {}).get("spec")
-            if model is None:
-                model = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+            card, spec = read_adapter(adapter)
+            model = model if model is not None else spec
         else:
             card = read_run_card(model) if model and Path(model).is_dir() else {}
         base_path = resolve_model(model)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .model import ModelError, load_model, load_tokenizer, resolve_model
-from .train import RUN_CARD, read_run_card
+from .train import RUN_CARD, read_adapter
 
 __all__ = ["merge"]
 
@@ -18,14 +18,9 @@ def merge(adapter: str | Path, output: str | Path, dtype: torch.dtype = torch.fl
     from peft import PeftModel
 
     adapter, output = Path(adapter), Path(output)
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter}: no adapter_config.json here; is this a chatlora output dir?")
+    card, spec = read_adapter(adapter)
     if output.resolve() == adapter.resolve():
         raise ModelError("--output must differ from --adapter")
-    card = read_run_card(adapter)
-    spec = card.get("base_model", {}).get("spec")
-    if spec is None:
-        spec = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     base = load_model(resolve_model(spec), dtype)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     output.mkdir(parents=True, exist_ok=True)

@@ -100,22 +100,15 @@ def load_models(
         device: auto, cpu, cuda or cuda:N.
     """
     from .infer import _dtype_for
-    from .train import read_run_card
+    from .train import read_adapter, read_run_card
 
     adapters = {name: Path(d) for name, d in (adapters or {}).items()}
     if not adapters and not model:
         raise ModelError("give an adapter dir (a trained run) or a model (a base or merged model)")
-    cards = {}
-    for name, d in adapters.items():
-        if not (d / "adapter_config.json").is_file():
-            raise ModelError(f"--adapter {d}: no adapter_config.json here; is this a chatlora output dir?")
-        cards[name] = read_run_card(d)
+    read = {name: read_adapter(d) for name, d in adapters.items()}
+    cards = {name: card for name, (card, _) in read.items()}
     if model is None:
-        specs = {
-            name: card.get("base_model", {}).get("spec")
-            or json.loads((adapters[name] / "adapter_config.json").read_text())["base_model_name_or_path"]
-            for name, card in cards.items()
-        }
+        specs = {name: spec for name, (_, spec) in read.items()}
         resolved = {resolve_model(s) for s in specs.values()}
         if len(resolved) > 1:
             raise ModelError(

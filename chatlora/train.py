@@ -18,7 +18,7 @@ from . import __version__
 from .config import TrainConfig
 from .data import Record, load_records, parse_columns
 from .kernels import apply_liger, label_only_loss, supports_label_only_loss
-from .model import apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
+from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
 from .packing import PackedDataset, collate_buckets, collate_packed
 from .template import IGNORE_INDEX, encode_conversation, end_of_turn, with_system
 
@@ -29,9 +29,11 @@ __all__ = [
     "collate",
     "compile_layers",
     "encode_records",
+    "file_sha256",
     "make_trainer",
     "plot_loss_curve",
     "prepare_model",
+    "read_adapter",
     "read_run_card",
     "split_records",
     "training_args",
@@ -107,7 +109,7 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.examples[i]
 
 
-def _sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -129,6 +131,21 @@ def read_run_card(adapter_dir: str | Path) -> dict[str, Any]:
     """The ``chatlora.json`` of a run, or ``{}`` for an adapter trained elsewhere."""
     path = Path(adapter_dir) / RUN_CARD
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], str]:
+    """Check that ``adapter_dir`` holds a PEFT adapter; return its run card and its base model spec.
+
+    The spec is the run card's (``embedded``, a dir, a hub id), else PEFT's ``base_model_name_or_path``.
+    """
+    adapter = Path(adapter_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: no adapter_config.json here; is this a chatlora output dir?")
+    card = read_run_card(adapter)
+    spec = card.get("base_model", {}).get("spec")
+    if spec is None:
+        spec = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return card, spec
 
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:
@@ -463,7 +480,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "base_model": {"spec": cfg.model, "resolved": model_path, "random_init": cfg.random_init},
             "dataset": {
                 "path": str(Path(cfg.data).resolve()),
-                "sha256": _sha256(cfg.data),
+                "sha256": file_sha256(cfg.data),
                 "records": len(records),
                 "train_records": len(split.train),
                 "val_records": len(split.val),
