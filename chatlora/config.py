@@ -54,6 +54,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     seed: int = _f(42, "training seed (LoRA init, shuffling, dropout)")
+    data_seed: int | None = _f(None, "seed of the data order alone (default: seed); vary it to see run-to-run noise")
     group_by_length: bool = _f(True, "batch sequences of similar length together (less padding)")
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory (slower)")
     # speed (see README "Speed" and bench/NOTES.md)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 
 from . import __version__
 from .config import TrainConfig
-from .data import Record, load_records, parse_columns
+from .data import DataError, Record, load_records, parse_columns
 from .kernels import apply_liger, label_only_loss, supports_label_only_loss
 from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
 from .packing import PackedDataset, collate_buckets, collate_packed
@@ -75,13 +76,17 @@ def split_records(records: list[Record], val_size: float, seed: int) -> Split:
 
 
 def encode_records(records: list[Record], tokenizer, system_prompt: str | None, max_length: int):
-    """Encode records for training; returns the examples and how many were truncated."""
-    examples, truncated = [], 0
+    """Encode records for training. Returns the examples, how many were truncated, and the records dropped because
+    not one trained token survived the cut (their prompt alone is longer than ``max_length``)."""
+    examples, truncated, empty = [], 0, []
     for r in records:
         enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length)
         truncated += enc.truncated
+        if all(label == IGNORE_INDEX for label in enc.labels):
+            empty.append(r)
+            continue
         examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    return examples, truncated
+    return examples, truncated, empty
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -243,7 +248,7 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool):
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         seed=cfg.seed,
-        data_seed=cfg.seed,
+        data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
         bf16=precision.amp == "bf16",
         fp16=precision.amp == "fp16",
         gradient_checkpointing=cfg.gradient_checkpointing or cfg.memory_mode,
@@ -281,7 +286,21 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool):
             kw["activation_checkpointing_kwargs"] = kw.pop("gradient_checkpointing_kwargs")
     if "warmup_ratio" in fields and "warmup_steps" in fields and fields["warmup_steps"].type in (int, "int"):
         kw["warmup_ratio"] = kw.pop("warmup_steps")
-    return TrainingArguments(**kw)
+    args = TrainingArguments(**kw)
+    if args.n_gpu > 1:
+        # One process sees several GPUs: the Trainer would wrap the model in nn.DataParallel, which multiplies the
+        # batch by the GPU count, replicates the model every step and loads GPU 0 most. Train on one; data
+        # parallelism is torchrun / accelerate launch (one process per GPU). Transformers does the same for
+        # model-parallel models.
+        log.warning(
+            "%d GPUs are visible to this single process: training on %s only. To train on all of them, launch one "
+            "process per GPU: torchrun --nproc-per-node %d -m chatlora.cli train ... (README: Several GPUs)",
+            args.n_gpu,
+            args.device,
+            args.n_gpu,
+        )
+        args._n_gpu = 1
+    return args
 
 
 @dataclass
@@ -344,10 +363,15 @@ def _trainer_class(label_only: bool):
         """Counts packed batches' real tokens on the CPU (the stock count syncs the GPU every micro-step) and,
         with ``label_only``, takes the loss from :func:`chatlora.kernels.label_only_loss`."""
 
+        unsynced_tokens = 0  # this rank's packed tokens since the last log (several processes)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             real = inputs.pop("num_real_tokens", None)
             if real is not None and model.training:
-                self.state.num_input_tokens_seen += real * self.args.world_size
+                if self.args.world_size > 1:
+                    self.unsynced_tokens += real
+                else:
+                    self.state.num_input_tokens_seen += real
             # label_only_loss calls the decoder directly, which would bypass DDP's/FSDP's forward hooks
             single = self.accelerator.num_processes == 1
             if not label_only or not single or return_outputs or "labels" not in inputs:
@@ -360,6 +384,15 @@ def _trainer_class(label_only: bool):
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # mirrors Trainer.compute_loss's DDP rescale
             return loss
+
+        def log(self, logs, *args, **kwargs):
+            # every rank logs at the same steps, so summing the ranks' token counts here costs one small
+            # all-reduce per log line instead of a sync per micro-step
+            if self.args.world_size > 1 and self.args.include_num_input_tokens_seen == "no":
+                mine = torch.tensor([self.unsynced_tokens], dtype=torch.long, device=self.accelerator.device)
+                self.state.num_input_tokens_seen += int(self.accelerator.reduce(mine, reduction="sum").item())
+                self.unsynced_tokens = 0
+            super().log(logs, *args, **kwargs)
 
     return ChatloraTrainer
 
@@ -380,8 +413,9 @@ def prepare_model(cfg: TrainConfig, model_path: str, device: torch.device, preci
     model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.compile and cfg.memory_mode:
         log.warning("--compile is skipped in --memory-mode: compiled layers under checkpointing measured slower")
-    elif cfg.compile and cfg.fsdp:
-        log.warning("--compile is skipped with --fsdp (not validated together)")
+    elif cfg.compile and (cfg.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        # measured on 2 x H100 (bench/NOTES.md): compiled layers under DDP ran at 0.48x one compiled GPU
+        log.warning("--compile is skipped when several processes train (measured slower under DDP)")
     elif cfg.compile:
         compile_layers(model)
     return model
@@ -403,7 +437,11 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, args, train_ex: list[dict],
     if cfg.packing:
         budget = cfg.tokens_per_batch * (2 if cfg.memory_mode else 1)
         train_set: torch.utils.data.Dataset = PackedDataset(
-            train_ex, cfg.max_length, budget, seed=cfg.seed, strategy=cfg.packing_strategy
+            train_ex,
+            cfg.max_length,
+            budget,
+            seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+            strategy=cfg.packing_strategy,
         )
     else:
         train_set = _ListDataset(train_ex)
@@ -432,14 +470,32 @@ def train(cfg: TrainConfig) -> TrainResult:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     system_prompt = cfg.system_prompt or None
-    train_ex, train_trunc = encode_records(split.train, tokenizer, system_prompt, cfg.max_length)
-    val_ex, val_trunc = encode_records(split.val, tokenizer, system_prompt, cfg.max_length)
+    train_ex, train_trunc, train_empty = encode_records(split.train, tokenizer, system_prompt, cfg.max_length)
+    val_ex, val_trunc, val_empty = encode_records(split.val, tokenizer, system_prompt, cfg.max_length)
     if train_trunc or val_trunc:
         log.warning(
             "%d training and %d held-out conversations were longer than max_length=%d and were cut",
             train_trunc,
             val_trunc,
             cfg.max_length,
+        )
+    if train_empty or val_empty:
+        first = (train_empty or val_empty)[0]
+        log.warning(
+            "%d training and %d held-out conversations were dropped: not one reply token fits in max_length=%d "
+            "(first: %s:%d)",
+            len(train_empty),
+            len(val_empty),
+            cfg.max_length,
+            cfg.data,
+            first.line,
+        )
+    if not train_ex:
+        raise DataError(
+            [
+                f"{cfg.data}: no training conversation has a reply token within max_length={cfg.max_length} tokens "
+                "(system prompt + first user turn are longer): raise --max-length or shorten the system prompt"
+            ]
         )
 
     set_seed(cfg.seed)
@@ -489,6 +545,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "val_indices": [r.index for r in split.val],
                 "dropped_duplicates_of_val": split.dropped_duplicates,
                 "truncated": {"train": train_trunc, "val": val_trunc, "max_length": cfg.max_length},
+                "dropped_no_reply_tokens": {"train": len(train_empty), "val": len(val_empty)},
             },
             "template": {"system_prompt": system_prompt, "end_of_turn": eot_token},
             "hardware": {

@@ -49,6 +49,32 @@ def test_torchrun_two_processes_rank0_writes_and_adapter_loads(tiny_model_dir, t
         assert torch.isfinite(model(input_ids=torch.tensor([[3, 4, 5]])).logits).all()
 
 
+def test_torchrun_packed_counts_every_ranks_tokens(tiny_model_dir, tmp_path):
+    """Guards against a tokens/s that is rank 0's count times the world size: with packing, ranks get micro-batches
+    of different sizes, and tokens_seen must be the exact sum over ranks (here: every conversation once)."""
+    from chatlora.data import load_records
+    from chatlora.model import load_tokenizer
+    from chatlora.train import encode_records
+
+    rows = [{"instruction": "q" * (130 + 5 * i), "input": "", "output": "嗯。" * (i % 3 + 1)} for i in range(16)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    examples, _, _ = encode_records(load_records(data), load_tokenizer(str(tiny_model_dir)), "S", 256)
+    assert len({len(ex["input_ids"]) for ex in examples}) > 8  # micro-batches differ in size between ranks
+    out = tmp_path / "run"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "chatlora.cli", "train",
+         "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--epochs", "1",
+         "--packing", "--max-length", "256", "--tokens-per-batch", "256", "--system-prompt", "S",
+         "--val-size", "0", "--logging-steps", "1", "--save-steps", "100", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "chatlora.json").read_text())
+    assert card["results"]["global_step"] == 8  # one conversation per micro-batch, 16 micro-batches over 2 ranks
+    assert card["results"]["tokens_seen"] == sum(len(ex["input_ids"]) for ex in examples)
+
+
 EQUIV = """
 import json, os, sys
 from chatlora.config import TrainConfig

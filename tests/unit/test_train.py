@@ -164,6 +164,28 @@ def test_invalid_data_stops_before_the_model_loads(tiny_model_dir, tmp_path, mon
     assert e.value.problems[0].startswith(f"{bad}:2:")
 
 
+def test_records_without_a_reply_token_in_max_length_are_dropped(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """Guards against training on conversations whose prompt alone fills max_length (all labels -100: the loss is
+    0 or NaN and the step is wasted), and against a run that silently trains on nothing."""
+    from chatlora.data import load_records
+    from chatlora.model import load_tokenizer
+    from chatlora.train import encode_records
+
+    rows = [{"instruction": "q" * n, "input": "", "output": "嗯。"} for n in (2, 200, 3)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    tok = load_tokenizer(str(tiny_model_dir))
+    examples, truncated, empty = encode_records(load_records(data), tok, "S", max_length=64)
+    assert [r.line for r in empty] == [2] and truncated == 1 and len(examples) == 2
+    assert all(any(label != -100 for label in ex["labels"]) for ex in examples)
+
+    def no_model(*a, **k):
+        raise AssertionError("model loaded although no record can be trained")
+
+    monkeypatch.setattr("chatlora.train.load_model", no_model)
+    with pytest.raises(DataError, match="no training conversation has a reply token within max_length=8"):
+        train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=8, val_size=0))
+
+
 def test_config_yaml_and_flags(tmp_path):
     """Guards against YAML quirks ('1e-4' is a string in YAML 1.1) and flags not winning over the file."""
     y = tmp_path / "c.yaml"
