@@ -117,3 +117,52 @@ def test_ddp_equals_grad_accumulation_equals_one_big_batch(tiny_model_dir, tmp_p
     assert weights["ddp2"] == pytest.approx(weights["bs8"], rel=1e-6)
     assert losses["accum2"] == pytest.approx(losses["bs8"], rel=1e-6)
     assert losses["ddp2"] == pytest.approx(losses["bs8"], rel=1e-6)
+
+
+def test_torchrun_resume_continues_exactly(tiny_model_dir, tmp_path):
+    """Guards against --resume under torchrun restarting the data, the optimizer or the curve: 2 processes resumed
+    from step 2 of 4 must end with the same losses and LoRA weights as the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    rows = [{"instruction": f"q{i}" * (i % 4 + 1), "input": "", "output": "嗯。" * (i % 3 + 1)} for i in range(24)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(out, *extra):
+        proc = subprocess.run(
+            [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "chatlora.cli", "train",
+             "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--max-steps", "4",
+             "--save-steps", "2", "--batch-size", "2", "--val-size", "0", "--logging-steps", "1", "--lr", "1e-2",
+             "--lora-dropout", "0", "--system-prompt", "S", "--device", "cpu", *extra],
+            capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full = run(tmp_path / "full")
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    shutil.copy(tmp_path / "full" / "metrics.jsonl", resumed_dir / "metrics.jsonl")  # as a crash after step 4 left it
+    resumed = run(resumed_dir, "--resume")
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed if "loss" in r] == pytest.approx([r["loss"] for r in full if "loss" in r])
+    a = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    b = load_file(resumed_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_one_process_on_several_gpus_does_not_fall_back_to_data_parallel(monkeypatch, caplog, tmp_path):
+    """Guards against the HF Trainer's nn.DataParallel: one process seeing N GPUs would silently train an N-times
+    larger batch (slowly). chatlora trains on one GPU and says how to launch on all."""
+    from chatlora.config import TrainConfig
+    from chatlora.model import pick_precision
+    from chatlora.train import training_args
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cfg = TrainConfig(model="m", data="d", output_dir=str(tmp_path), dtype="fp32", batch_size=8)
+    precision = pick_precision(torch.device("cpu"), "fp32")
+    with caplog.at_level("WARNING"):
+        args = training_args(cfg, precision, torch.device("cuda"), has_eval=False)
+    assert args.n_gpu == 1 and args.train_batch_size == 8
+    assert "2 GPUs are visible" in caplog.text and "torchrun --nproc-per-node 2" in caplog.text
