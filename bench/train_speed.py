@@ -75,6 +75,7 @@ VARIANTS = {
     "chatlora-compile-6k": ("chatlora", dict(FAST, compile=True, tokens_per_batch=6144)),
     "chatlora-compile-memory": ("chatlora", dict(FAST, compile=True, tokens_per_batch=4096, memory_mode=True)),
     "chatlora-cpu": ("chatlora", dict(FAST, tokens_per_batch=1536)),
+    "chatlora-cpu-compile": ("chatlora", dict(FAST, tokens_per_batch=1536, compile=True)),
     "chatlora-cpu-unpacked": ("chatlora", dict(lora_dropout=0.0, batch_size=8)),
 }
 DEFAULTS = {"cuda": ["seed", "chatlora", "chatlora-memory"], "cpu": ["seed", "chatlora-cpu", "seed-fp32"]}
