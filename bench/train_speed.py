@@ -148,14 +148,17 @@ class Timer:
         self.device, self.counts, self.ends, self.micro_ends = device, [], [], []
         self.stop_after = stop_after
 
-    def micro_batch_done(self):
+    def micro_batch_done(self) -> float:
+        """Synchronise, record and return the end time of a micro-batch; raise :class:`Enough` at ``stop_after``."""
         if self.device == "cuda":
             import torch
 
             torch.cuda.synchronize()
-        self.micro_ends.append(time.perf_counter())
+        now = time.perf_counter()
+        self.micro_ends.append(now)
         if self.stop_after and len(self.micro_ends) >= self.stop_after:
             raise Enough
+        return now
 
     def wrap(self, collate, count):
         def collate_and_count(batch):
@@ -187,11 +190,8 @@ class Timer:
             def on_substep_end(self, args, state, control, **kw):  # a micro-batch that is not a step's last
                 timer.micro_batch_done()
 
-            def on_step_end(self, args, state, control, **kw):
-                if timer.device == "cuda":
-                    torch.cuda.synchronize()
-                timer.ends.append(time.perf_counter())
-                timer.micro_batch_done()
+            def on_step_end(self, args, state, control, **kw):  # a step's last micro-batch ends the step
+                timer.ends.append(timer.micro_batch_done())
                 if self.prof is not None and state.global_step == profile_at + 2:
                     self.prof.__exit__(None, None, None)
                     print(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)

@@ -132,6 +132,11 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"`--{name.replace('_', '-')}` ({name}: {getattr(self, name)!r}) {why}")
 
+    @property
+    def order_seed(self) -> int:
+        """The seed of the data order: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -248,7 +248,7 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool):
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         seed=cfg.seed,
-        data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+        data_seed=cfg.order_seed,
         bf16=precision.amp == "bf16",
         fp16=precision.amp == "fp16",
         gradient_checkpointing=cfg.gradient_checkpointing or cfg.memory_mode,
@@ -366,14 +366,14 @@ def _trainer_class(label_only: bool):
         unsynced_tokens = 0  # this rank's packed tokens since the last log (several processes)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            single = self.args.world_size == 1
             real = inputs.pop("num_real_tokens", None)
             if real is not None and model.training:
-                if self.args.world_size > 1:
-                    self.unsynced_tokens += real
-                else:
+                if single:
                     self.state.num_input_tokens_seen += real
+                else:
+                    self.unsynced_tokens += real
             # label_only_loss calls the decoder directly, which would bypass DDP's/FSDP's forward hooks
-            single = self.accelerator.num_processes == 1
             if not label_only or not single or return_outputs or "labels" not in inputs:
                 inputs.pop("label_index", None)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -440,7 +440,7 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, args, train_ex: list[dict],
             train_ex,
             cfg.max_length,
             budget,
-            seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+            seed=cfg.order_seed,
             strategy=cfg.packing_strategy,
         )
     else:
