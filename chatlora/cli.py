@@ -23,6 +23,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # NVLink multicast (NVLS) stays off in NCCL: it can take a shared host's GPUs out of service.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    # packed micro-batches vary in shape; expandable segments keep the CUDA caching allocator from fragmenting
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("transformers", "peft", "accelerate", "torch", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -45,7 +47,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_ = f"{f.metadata['help']} (default: {default})"
+        shown = "auto" if default is None and kind is bool else default
+        help_ = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse %-formats help
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", default=None, metavar="DIR", help=help_)
         elif kind is bool:
@@ -144,18 +147,29 @@ def _print_paths(out: Path, card: dict) -> None:
         print(f"loss plot:   {out / 'loss.png'}")
     loss = res.get("train_loss_final")
     ev = res.get("eval_loss")
+    hw = card["hardware"]
     print(
         f"steps {res.get('global_step')}, final train loss {loss:.4f}" if loss is not None else "no train loss logged",
         f"held-out loss {ev:.4f}" if ev is not None else "",
-        f"{res.get('tokens_per_second')} tokens/s on {card['hardware']['device']} ({card['hardware']['precision']})",
+        f"{res.get('tokens_per_second_recent')} tokens/s at the end, {res.get('tokens_per_second_average')} on average "
+        f"(warm-up included) on {hw['device']} ({hw['precision']})",
         sep=" | ",
     )
+    if hw.get("peak_gpu_memory_gib") is not None:
+        print(
+            f"GPU memory:  peak {hw['peak_gpu_memory_gib']} GiB (estimated before the run: {hw['estimated_peak_gib']})"
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .train import prepare_run, train
 
     cfg = _config_from(args)
+    if args.dry_run:
+        run = prepare_run(cfg)
+        print("\n".join(run.lines()))
+        print("dry run: no weights loaded, nothing written")
+        return 0
     result = train(cfg)
     if result.run_card:
         _print_paths(result.output_dir, result.run_card)
@@ -362,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="LoRA-train a model on a dialogue dataset")
     _add_config_flags(tr)
+    tr.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (data split, speed-ups, micro-batches, estimated peak memory vs free) and exit "
+        "without loading weights",
+    )
     tr.set_defaults(func=cmd_train)
 
     qs = sub.add_parser("quickstart", help="train on the embedded default and compare base vs tuned replies")

@@ -39,15 +39,20 @@ class TrainConfig:
     columns: str | None = _f(None, "rename fields, e.g. 'instruction=prompt,output=response'")
     system_prompt: str | None = _f(DEFAULT_SYSTEM_PROMPT, "system prompt for records without one ('' for none)")
     max_length: int = _f(384, "max tokens per conversation; longer ones are cut after the last whole turn")
-    val_size: float = _f(64, "held-out records: a count (>= 1) or a fraction (< 1) of the dataset")
+    val_size: float | None = _f(
+        None,
+        "held-out records: a count (>= 1) or a fraction (< 1) of the dataset; unset (auto): 10 % capped at 64, "
+        "none for datasets under 20 records",
+    )
     split_seed: int = _f(42, "seed of the held-out split (recorded in the run card)")
+    allow_small_train: bool = _f(False, "allow a held-out split larger than what is left to train on")
     # output
     output_dir: str = _f("runs/huanhuan-smollm2", "where the adapter, checkpoints, metrics and plot go")
     # optimisation
     epochs: float = _f(1.0, "training epochs (ignored when max_steps > 0)")
     max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
-    batch_size: int = _f(8, "sequences per device per micro-batch")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    batch_size: int = _f(8, "conversations per micro-batch (with packing: per step, see grad_accum)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step: a step trains on batch_size x grad_accum conversations")
     lr: float = _f(2e-4, "peak learning rate")
     lr_scheduler: str = _f("cosine", "learning-rate schedule (any HF Trainer scheduler name)")
     warmup_ratio: float = _f(0.03, "share of steps spent warming up the learning rate")
@@ -55,48 +60,66 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     seed: int = _f(42, "training seed (LoRA init, shuffling, dropout)")
     data_seed: int | None = _f(None, "seed of the data order alone (default: seed); vary it to see run-to-run noise")
-    group_by_length: bool = _f(True, "batch sequences of similar length together (less padding)")
-    gradient_checkpointing: bool = _f(False, "recompute activations to save memory (slower)")
-    # speed (see README "Speed" and bench/NOTES.md)
-    packing: bool = _f(
-        False,
-        "pack conversations into rows of max_length tokens, attention kept per conversation "
-        "(no padding); batches then hold tokens_per_batch tokens instead of batch_size rows",
+    group_by_length: bool = _f(True, "without packing: batch sequences of similar length together (less padding)")
+    gradient_checkpointing: bool = _f(False, "recompute activations to save memory (slower; memory_mode sets it)")
+    # speed: unset (auto) picks the fastest path measured for the device (README "Speed", bench/NOTES.md)
+    plain: bool = _f(False, "the plain HF Trainer path: no packing, label-only head, compile or Liger (to compare)")
+    packing: bool | None = _f(
+        None,
+        "pack conversations into rows of max_length tokens, attention kept per conversation (no padding); "
+        "auto: on (off with --plain)",
     )
     packing_strategy: str = _f(
         "pack",
         "with packing: 'pack' (several conversations per row, per-conversation "
         "attention mask) or 'bucket' (one per row, rows of like length, no mask)",
     )
-    tokens_per_batch: int = _f(
-        4096, "token budget of one packed micro-batch (with packing; rows = this // max_length)"
+    tokens_per_batch: int | None = _f(
+        None,
+        "with packing, a fixed token budget per micro-batch (rows = this // max_length); unset: each step holds "
+        "as many tokens as batch_size x grad_accum conversations, as many steps per epoch as without packing",
     )
-    logits_at_labels: bool = _f(
-        False, "compute the LM head only at trained positions (same loss; skips the [tokens, vocab] logits)"
+    logits_at_labels: bool | None = _f(
+        None,
+        "compute the LM head only at trained positions (same loss; skips the [tokens, vocab] logits); "
+        "auto: on for one process",
     )
-    liger: bool = _f(False, "Liger-Kernel fused RMSNorm / SwiGLU / RoPE (CUDA + liger-kernel installed; else ignored)")
-    compile: bool = _f(
-        False,
-        "torch.compile each decoder layer (regional: one compile reused by all layers); "
-        "fuses the LoRA, norm and activation element-wise ops (GPU +40 %, CPU +11 % measured); first steps are slow",
+    liger: bool | None = _f(
+        None,
+        "Liger-Kernel fused RMSNorm / SwiGLU / RoPE; auto: on where installed, on CUDA, for uncompiled runs",
     )
-    memory_mode: bool = _f(
-        False,
-        "trade ~1/3 speed for memory: non-reentrant gradient checkpointing, "
-        "tokens_per_batch x2 (a 6B model trains in < 20 GiB)",
+    compile: bool | None = _f(
+        None,
+        "torch.compile each decoder layer (regional: one compile reused by all layers); auto: on for one CUDA "
+        "process without memory_mode (GPU +40 %, measured), off on CPU (+11 % after ~40 s of compiling)",
+    )
+    memory_mode: bool | None = _f(
+        None,
+        "trade ~1/3 speed for memory: non-reentrant gradient checkpointing (+ Liger where installed); "
+        "auto: on when the estimate says the run would not fit otherwise",
+    )
+    max_memory_gib: float | None = _f(
+        None, "plan for at most this much GPU memory (default: what the GPU has free), e.g. 22 for a 24 GB card"
     )
     # several GPUs (launch with torchrun or accelerate launch; see README "Several GPUs")
     fsdp: bool = _f(False, "shard the model across GPUs (FSDP FULL_SHARD, one unit per decoder layer) instead of DDP")
     deepspeed: str | None = _f(None, "DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); needs deepspeed")
     # LoRA
     lora_r: int = _f(8, "LoRA rank")
-    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA input")
     lora_targets: list[str] = _f(DEFAULT_TARGETS, "module names to adapt, or 'all-linear'")
+    dora: bool = _f(False, "DoRA: weight-decomposed LoRA (peft use_dora; slower, sometimes better at low rank)")
+    rslora: bool = _f(False, "rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r (peft use_rslora)")
+    quantize: str | None = _f(
+        None, "'4bit': QLoRA, the frozen base in 4-bit NF4 with double quantization (CUDA + bitsandbytes)"
+    )
     # hardware
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
     dtype: str = _f(
-        "auto", "auto (bf16 on GPUs that have it, fp16+loss scaling on others, fp32 on CPU), bf16, fp16, fp32"
+        "auto",
+        "auto (bf16 on GPUs that have it, fp16 + loss scaling on others, fp32 on CPU), bf16, fp16, fp32; "
+        "the frozen base is stored in it, LoRA weights and their optimizer state stay fp32",
     )
     random_init: bool = _f(False, "build the model from its config.json with random weights (sizing runs)")
     # logging and checkpoints
@@ -113,12 +136,18 @@ class TrainConfig:
             (self.max_length > 0, "max_length", "must be > 0"),
             (self.batch_size > 0, "batch_size", "must be > 0"),
             (self.grad_accum > 0, "grad_accum", "must be > 0"),
-            (self.tokens_per_batch >= self.max_length, "tokens_per_batch", "must be >= max_length"),
+            (
+                self.tokens_per_batch is None or self.tokens_per_batch >= self.max_length,
+                "tokens_per_batch",
+                "must be >= max_length",
+            ),
+            (self.quantize in (None, "4bit"), "quantize", "must be 4bit (or unset)"),
+            (self.max_memory_gib is None or self.max_memory_gib > 0, "max_memory_gib", "must be > 0"),
             (self.packing_strategy in ("pack", "bucket"), "packing_strategy", "must be pack or bucket"),
             (self.lr > 0, "lr", "must be > 0"),
             (self.lora_r > 0, "lora_r", "must be > 0"),
             (0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
-            (self.val_size >= 0, "val_size", "must be >= 0"),
+            (self.val_size is None or self.val_size >= 0, "val_size", "must be >= 0"),
             (self.epochs > 0 or self.max_steps > 0, "epochs", "must be > 0 unless max_steps is set"),
             (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype", "must be auto, bf16, fp16 or fp32"),
             (
@@ -131,6 +160,11 @@ class TrainConfig:
         for ok, name, why in checks:
             if not ok:
                 raise ConfigError(f"`--{name.replace('_', '-')}` ({name}: {getattr(self, name)!r}) {why}")
+        if self.plain:
+            clash = [n for n in ("packing", "logits_at_labels", "compile", "liger") if getattr(self, n)]
+            if clash:
+                flags = ", ".join(f"--{n.replace('_', '-')}" for n in clash)
+                raise ConfigError(f"`--plain` turns the speed-ups off, but {flags} asks for one; drop one of them")
 
     @property
     def order_seed(self) -> int:
@@ -139,6 +173,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Fields whose unset value (None) means "chatlora decides"; YAML may also spell it `auto`.
+_AUTO = {"val_size", "packing", "tokens_per_batch", "logits_at_labels", "liger", "compile", "memory_mode"}
 
 
 def field_type(f: dataclasses.Field) -> type:
@@ -154,6 +192,8 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     # PyYAML reads `1e-4` (no dot) as a string; accept it as the number it obviously is.
     if value is None or kind in (str, list) or isinstance(value, kind):
         return value
+    if isinstance(value, str) and value.strip().lower() == "auto" and name in _AUTO:
+        return None
     try:
         if kind is bool:
             if str(value).lower() in ("true", "yes", "1"):

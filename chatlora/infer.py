@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .model import load_model, load_tokenizer, pick_device, resolve_model
+from .model import base_quantization, load_model, load_tokenizer, pick_device, resolve_model
 from .template import encode_prompt, end_of_turn, with_system
 
 __all__ = ["ChatModel", "Reply", "SamplingConfig", "Stream", "read_prompts"]
@@ -106,7 +106,8 @@ class ChatModel:
         # The adapter dir carries the exact tokenizer + chat template used in training.
         tokenizer = load_tokenizer(str(adapter) if adapter is not None else base_path)
         tokenizer.padding_side = "left"
-        net = load_model(base_path, _dtype_for(dev), dev)
+        quantize = base_quantization([card], dev) if adapter is not None else None
+        net = load_model(base_path, _dtype_for(dev), dev, quantize=quantize)
         name = Path(base_path).name
         if adapter is not None and not base_only:
             from peft import PeftModel

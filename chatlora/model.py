@@ -20,14 +20,18 @@ __all__ = [
     "EMBEDDED",
     "ModelError",
     "Precision",
+    "QUANT_4BIT",
     "apply_lora",
+    "base_quantization",
     "cache_root",
+    "check_quantize",
     "embedded_gguf",
     "linear_module_names",
     "load_model",
     "load_tokenizer",
     "pick_device",
     "pick_precision",
+    "quantization_config",
     "resolve_model",
 ]
 
@@ -146,9 +150,11 @@ def pick_device(device: str = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class Precision:
-    """Weights dtype and the Trainer's mixed-precision flag. fp16 is always AMP over fp32 weights."""
+    """How a run stores the frozen base and runs autocast. Trainable (LoRA) weights and their optimizer state are
+    always fp32, whatever ``weights`` is: with fp16 optimizer state small LoRA updates underflow (the seed
+    tutorial's bug)."""
 
-    weights: torch.dtype
+    weights: torch.dtype  # the frozen base's storage (and compute) dtype
     amp: str | None  # "bf16", "fp16" (GradScaler loss scaling) or None
 
     @property
@@ -157,9 +163,10 @@ class Precision:
 
 
 def pick_precision(device: torch.device, dtype: str = "auto") -> Precision:
-    """bf16 where the GPU supports it, fp16 with loss scaling otherwise, fp32 on the CPU.
+    """bf16 where the GPU supports it, fp16 with loss scaling otherwise (T4, V100, RTX 20xx), fp32 on the CPU.
 
-    Never fp16 weights: with fp16 optimizer state small LoRA updates underflow (the seed tutorial's bug).
+    In fp16 the frozen base is stored in fp16 (a 6B model's weights in 11 GiB, as the tutorial fits a 16 GB T4),
+    while LoRA weights and optimizer state stay fp32 and the loss is scaled.
     """
     if dtype == "auto":
         if device.type != "cuda":
@@ -173,15 +180,79 @@ def pick_precision(device: torch.device, dtype: str = "auto") -> Precision:
     if dtype == "fp16":
         if device.type != "cuda":
             raise ModelError("--dtype fp16 needs a CUDA GPU (loss scaling); use fp32 or bf16 on the CPU")
-        return Precision(torch.float32, "fp16")
+        return Precision(torch.float16, "fp16")
     return Precision(torch.float32, None)
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None, random_init=False):
-    """Load a causal LM in ``dtype``; with ``random_init`` build it from config.json alone (no weights needed)."""
+QUANT_4BIT = "4bit"
+
+
+def check_quantize(quantize: str | None, device: torch.device) -> None:
+    """Stop before any weights load when 4-bit QLoRA cannot run here (no CUDA, or no bitsandbytes)."""
+    if quantize is None:
+        return
+    if device.type != "cuda":
+        # bitsandbytes' CPU backend loads 4-bit weights, but no LoRA gradient flows through it (loss never moves)
+        raise ModelError(
+            f"--quantize {quantize} needs a CUDA GPU: bitsandbytes' 4-bit layers do not train on the CPU. "
+            "Drop --quantize on this machine (the model trains in fp32 here)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes")
+
+
+def quantization_config(quantize: str | None, compute_dtype: torch.dtype):
+    """QLoRA's base: NF4 with double quantization, computing in the run's dtype; None for no quantization."""
+    if quantize is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def base_quantization(cards: list[dict], device: torch.device) -> str | None:
+    """How to load the base of adapters (their run cards) for inference: as they were trained (4-bit) where that
+    can run here, else in full precision (close, not identical, to what they were trained against; logged)."""
+    trained = {c.get("base_model", {}).get("quantize") for c in cards}
+    if len(trained) > 1:
+        raise ModelError("these adapters were trained on differently quantized bases; serve them separately")
+    trained_with = trained.pop() if trained else None
+    if trained_with is None:
+        return None
+    try:
+        check_quantize(trained_with, device)
+    except ModelError as e:
+        log.warning(
+            "this adapter was trained on a %s base, which cannot load here (%s); using the base in full precision",
+            trained_with,
+            e,
+        )
+        return None
+    return trained_with
+
+
+def load_model(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    random_init: bool = False,
+    quantize: str | None = None,
+):
+    """Load a causal LM in ``dtype`` (``quantize='4bit'``: its linear layers in NF4, computing in ``dtype``).
+
+    With ``random_init`` build it from config.json alone (no weights needed); a 4-bit random model is built in
+    ``dtype``, saved to a temporary folder and loaded back through the quantizer, the same path as real weights.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
+        if quantize is not None:
+            return _load_quantized(path, dtype, device, random_init, quantize)
         if random_init:
             config = AutoConfig.from_pretrained(path)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -191,6 +262,28 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: torch.devi
         raise ModelError(f"cannot load model {path}: {e}") from None
     if device is not None:
         model.to(device)
+    return model
+
+
+def _load_quantized(path: str, dtype: torch.dtype, device: torch.device | None, random_init: bool, quantize: str):
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    device = device or torch.device("cuda")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    kw = dict(dtype=dtype, quantization_config=quantization_config(quantize, dtype), device_map={"": index})
+    if not random_init:
+        return AutoModelForCausalLM.from_pretrained(path, **kw)
+    # Random weights go through a temporary folder ($TMPDIR) so that quantization is transformers' own.
+    with torch.device(device):
+        full = load_model(path, dtype, random_init=True)
+    with tempfile.TemporaryDirectory(prefix="chatlora-random-") as tmp:
+        full.save_pretrained(tmp)
+        del full
+        torch.cuda.empty_cache()
+        model = AutoModelForCausalLM.from_pretrained(tmp, **kw)
+    torch.cuda.reset_peak_memory_stats(device)  # the full-precision build is a sizing artifact, not the run's peak
     return model
 
 
@@ -204,8 +297,14 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
-def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str]):
-    """Wrap ``model`` in a PEFT LoRA model; a target that matches no module is an error, not a silent no-op."""
+def apply_lora(
+    model, r: int, alpha: int, dropout: float, targets: list[str], dora: bool = False, rslora: bool = False
+):
+    """Wrap ``model`` in a PEFT LoRA model; a target that matches no module is an error, not a silent no-op.
+
+    The adapter's weights are fp32 whatever the base's dtype (fp16/bf16/4-bit), so optimizer updates never
+    underflow.
+    """
     from peft import LoraConfig, TaskType, get_peft_model
 
     available = linear_module_names(model)
@@ -222,5 +321,11 @@ def apply_lora(model, r: int, alpha: int, dropout: float, targets: list[str]):
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        use_dora=dora,
+        use_rslora=rslora,
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model

@@ -5,8 +5,10 @@ Each row holds several whole conversations back to back; ``position_ids`` restar
 sequence boundaries and builds a block-diagonal causal mask, so no token attends across conversations. The first
 label of each conversation is ``-100`` so the last token of one conversation is never trained to predict the next.
 
-Micro-batches are sized by a token budget (``tokens_per_batch``) instead of a sequence count, so every step
-does about the same work whatever the conversation lengths.
+Micro-batches are either a fixed number per epoch (:func:`plan_steps`: as many optimizer steps per epoch as the
+unpacked recipe, so batch size, epochs and learning-rate schedule keep their meaning) or sized by a token budget
+(:func:`plan_batches`, ``tokens_per_batch``); either way every step does about the same work whatever the
+conversation lengths.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import torch
 
 from .template import IGNORE_INDEX
 
-__all__ = ["PackedDataset", "collate_buckets", "collate_packed", "pack_rows", "plan_batches", "plan_buckets"]
+__all__ = [
+    "PackedDataset",
+    "collate_buckets",
+    "collate_packed",
+    "pack_rows",
+    "plan_batches",
+    "plan_buckets",
+    "plan_steps",
+]
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
@@ -46,6 +56,42 @@ def plan_batches(lengths: list[int], row_length: int, tokens_per_batch: int, see
     random.Random(seed).shuffle(rows)
     per_batch = max(1, tokens_per_batch // row_length)
     return [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
+
+
+def plan_steps(lengths: list[int], row_length: int, n_batches: int, seed: int = 0) -> list[list[list[int]]]:
+    """Exactly ``n_batches`` micro-batches of packed rows (fewer only with fewer conversations than that).
+
+    Rows are packed over the whole dataset (first-fit decreasing, nearly full), shuffled with ``seed`` and spread
+    as evenly as possible (row counts differ by at most one). When there are fewer rows than micro-batches (short
+    conversations, small batches), the conversations are shuffled into ``n_batches`` groups of near-equal count
+    first, and each group is packed into its own rows.
+
+    With ``n_batches = ceil(conversations / (batch_size x grad_accum)) x grad_accum``, an epoch has as many optimizer
+    steps as without packing and each step holds, on average, the tokens of batch_size x grad_accum conversations.
+    """
+    rng = random.Random(seed)
+    rows = pack_rows(lengths, row_length)
+    n = max(1, min(n_batches, len(lengths)))
+    if len(rows) < n:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        return [
+            [[group[i] for i in row] for row in pack_rows([lengths[i] for i in group], row_length)]
+            for group in _spread(order, n)
+        ]
+    rng.shuffle(rows)
+    return _spread(rows, n)
+
+
+def _spread(items: list, n: int) -> list[list]:
+    """``items`` cut into ``n`` consecutive runs whose lengths differ by at most one."""
+    size, extra = divmod(len(items), n)
+    out, at = [], 0
+    for b in range(n):
+        take = size + (b < extra)
+        out.append(items[at : at + take])
+        at += take
+    return out
 
 
 def plan_buckets(lengths: list[int], tokens_per_batch: int, seed: int = 0) -> list[list[list[int]]]:
@@ -128,18 +174,35 @@ def collate_packed(
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """One item = one packed micro-batch (use with ``per_device_train_batch_size=1`` and :func:`collate_packed`)."""
+    """One item = one packed micro-batch (use with ``per_device_train_batch_size=1`` and :func:`collate_packed`).
+
+    Give either ``n_batches`` (micro-batches per epoch, :func:`plan_steps`) or ``tokens_per_batch`` (a token budget
+    per micro-batch, :func:`plan_batches`; the only choice for the ``bucket`` strategy).
+    """
 
     def __init__(
-        self, examples: list[dict], row_length: int, tokens_per_batch: int, seed: int = 0, strategy: str = "pack"
+        self,
+        examples: list[dict],
+        row_length: int,
+        tokens_per_batch: int | None = None,
+        seed: int = 0,
+        strategy: str = "pack",
+        n_batches: int | None = None,
     ):
         lengths = [len(ex["input_ids"]) for ex in examples]
-        if strategy == "pack":
-            plan = plan_batches(lengths, row_length, tokens_per_batch, seed)
-        elif strategy == "bucket":
-            plan = plan_buckets(lengths, tokens_per_batch, seed)
-        else:
+        if strategy not in ("pack", "bucket"):
             raise ValueError(f"packing strategy must be 'pack' or 'bucket', not {strategy!r}")
+        if (tokens_per_batch is None) == (n_batches is None):
+            raise ValueError("give exactly one of tokens_per_batch and n_batches")
+        if strategy == "bucket":
+            if tokens_per_batch is None:
+                raise ValueError("the bucket strategy needs tokens_per_batch")
+            plan = plan_buckets(lengths, tokens_per_batch, seed)
+        elif n_batches is not None:
+            plan = plan_steps(lengths, row_length, n_batches, seed)
+        else:
+            plan = plan_batches(lengths, row_length, tokens_per_batch, seed)
+        self.plan = plan
         self.batches = [[[examples[i] for i in row] for row in batch] for batch in plan]
         self.row_length, self.strategy = row_length, strategy
 
@@ -148,17 +211,3 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> list[list[dict]]:
         return self.batches[i]
-
-    def collator(self, pad_id: int, fixed_width: bool = False):
-        """The Trainer's ``data_collator``: unwraps the one micro-batch the sampler hands over."""
-
-        def collate(items: list[list[list[dict]]]) -> dict[str, Any]:
-            rows = [row for item in items for row in item]
-            if self.strategy == "bucket":
-                batch = collate_buckets(rows, pad_id)
-            else:
-                batch = collate_packed(rows, pad_id, self.row_length if fixed_width else None)
-            batch.pop("num_real_tokens")
-            return batch
-
-        return collate

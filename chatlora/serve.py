@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .infer import ChatModel, SamplingConfig
-from .model import ModelError, load_model, load_tokenizer, pick_device, resolve_model
+from .model import ModelError, base_quantization, load_model, load_tokenizer, pick_device, resolve_model
 from .template import TemplateError
 
 __all__ = ["BackgroundServer", "ModelSet", "ServedModel", "create_app", "load_models", "parse_adapters", "run"]
@@ -124,7 +124,8 @@ def load_models(
         raise ModelError(f"adapter name {base_name!r} is the base model's name; give NAME=DIR with another name")
 
     dev = pick_device(device)
-    net = load_model(base_path, _dtype_for(dev), dev)
+    quantize = base_quantization(list(cards.values()), dev) if adapters and not base_only else None
+    net = load_model(base_path, _dtype_for(dev), dev, quantize=quantize)
     first = next(iter(adapters), None)
     base_tok = load_tokenizer(str(adapters[first]) if first else base_path)
     base_tok.padding_side = "left"

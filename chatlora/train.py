@@ -18,14 +18,17 @@ import torch
 from . import __version__
 from .config import TrainConfig
 from .data import DataError, Record, load_records, parse_columns
-from .kernels import apply_liger, label_only_loss, supports_label_only_loss
+from .kernels import apply_liger, label_only_loss
 from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
 from .packing import PackedDataset, collate_buckets, collate_packed
+from .plan import RunPlan, auto_val_count, make_plan, read_shape
 from .template import IGNORE_INDEX, encode_conversation, end_of_turn, with_system
 
 __all__ = [
     "RUN_CARD",
+    "PreparedRun",
     "Split",
+    "TrainingDiverged",
     "TrainResult",
     "collate",
     "compile_layers",
@@ -34,6 +37,7 @@ __all__ = [
     "make_trainer",
     "plot_loss_curve",
     "prepare_model",
+    "prepare_run",
     "read_adapter",
     "read_run_card",
     "split_records",
@@ -53,13 +57,33 @@ class Split:
     train: list[Record]
     val: list[Record]
     dropped_duplicates: int = 0
+    rule: str = ""  # how the held-out size was chosen, for the log and the run card
 
 
-def split_records(records: list[Record], val_size: float, seed: int) -> Split:
-    """Seeded held-out split. Train copies of a held-out conversation are dropped so nothing evaluated is trained."""
-    n_val = int(round(val_size * len(records))) if val_size < 1 else int(val_size)
-    n_val = min(n_val, max(len(records) - 1, 0))
-    order = list(range(len(records)))
+def split_records(records: list[Record], val_size: float | None, seed: int, allow_small_train: bool = False) -> Split:
+    """Seeded held-out split. Train copies of a held-out conversation are dropped so nothing evaluated is trained.
+
+    ``val_size``: a count (>= 1), a fraction (< 1), or None for the default (:func:`chatlora.plan.auto_val_count`:
+    10 %, at most 64, none under 20 records). A split that leaves fewer training records than it holds out is
+    refused unless ``allow_small_train``.
+    """
+    n = len(records)
+    if val_size is None:
+        n_val, rule = auto_val_count(n), "auto: 10 %, at most 64, none under 20 records"
+    elif val_size < 1:
+        n_val, rule = int(round(val_size * n)), f"val_size {val_size:g} of the records"
+    else:
+        n_val, rule = int(val_size), f"val_size {int(val_size)}"
+    n_val = min(n_val, max(n - 1, 0))
+    if n_val > n - n_val and not allow_small_train:
+        raise DataError(
+            [
+                f"the held-out split ({rule}) takes {n_val} of {n} records and leaves {n - n_val} to train on: "
+                f"lower --val-size (unset, the default would hold out {auto_val_count(n)}) or pass "
+                "--allow-small-train to train on fewer records than are held out"
+            ]
+        )
+    order = list(range(n))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n_val])
     val = [r for r in records if r.index in val_idx]
@@ -72,7 +96,7 @@ def split_records(records: list[Record], val_size: float, seed: int) -> Split:
             dropped += 1
             continue
         train.append(r)
-    return Split(train, val, dropped)
+    return Split(train, val, dropped, rule)
 
 
 def encode_records(records: list[Record], tokenizer, system_prompt: str | None, max_length: int):
@@ -185,15 +209,32 @@ def _trainer_callback(metrics_path: Path):
     from transformers import TrainerCallback
 
     class RunLogger(TrainerCallback):
-        """One progress bar (loss, lr, tokens/s, ETA) and one metrics.jsonl line per log, on rank 0 only."""
+        """One progress bar (loss, lr, recent tokens/s, ETA) and one metrics.jsonl line per log, on rank 0 only.
+
+        A ``{"event": "begin"}`` line marks each (re)start, so the run card's whole-run time and tokens/s add up
+        the segments of a resumed run. fp16 steps the loss scaler skipped (inf/NaN gradients) are counted.
+        """
 
         bar = None
+        skipped_steps = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
                 return
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step")
-            self.t0, self.tok0 = time.time(), state.num_input_tokens_seen
+            self.last = (time.time(), state.num_input_tokens_seen)
+            self._write(
+                {
+                    "event": "begin",
+                    "step": state.global_step,
+                    "time": round(self.last[0], 3),
+                    "tokens_seen": state.num_input_tokens_seen,
+                }
+            )
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            if getattr(optimizer, "step_was_skipped", False):
+                self.skipped_steps += 1
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -202,27 +243,34 @@ def _trainer_callback(metrics_path: Path):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
-            elapsed = max(time.time() - self.t0, 1e-9)
+            now = time.time()
             row = {
                 "step": state.global_step,
                 "epoch": round(state.epoch or 0.0, 4),
-                "time": round(time.time(), 3),
+                "time": round(now, 3),
                 "tokens_seen": state.num_input_tokens_seen,
             }
             row.update({k: v for k, v in logs.items() if k not in ("epoch", "step")})
             if "loss" in logs:
-                row["tokens_per_second"] = round((state.num_input_tokens_seen - self.tok0) / elapsed, 1)
-            with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+                t0, tok0 = self.last
+                # the rate since the previous log line: what the run does now, not an average over its warm-up
+                row["tokens_per_second_recent"] = round((state.num_input_tokens_seen - tok0) / max(now - t0, 1e-9), 1)
+                row["skipped_steps"] = self.skipped_steps
+                self.last = (now, state.num_input_tokens_seen)
+            self._write(row)
             if self.bar is not None:
                 post = {}
                 if "loss" in logs:
                     post = {"loss": f"{logs['loss']:.3f}", "lr": f"{logs.get('learning_rate', 0):.1e}"}
-                    post["tok/s"] = f"{row['tokens_per_second']:.0f}"
+                    post["recent tok/s"] = f"{row['tokens_per_second_recent']:.0f}"
                 if "eval_loss" in logs:
                     post["eval"] = f"{logs['eval_loss']:.3f}"
                 if post:
                     self.bar.set_postfix(post, refresh=True)
+
+        def _write(self, row: dict) -> None:
+            with metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -231,15 +279,48 @@ def _trainer_callback(metrics_path: Path):
     return RunLogger()
 
 
-def training_args(cfg: TrainConfig, precision, device, has_eval: bool):
+def whole_run(metrics_path: Path, end_time: float) -> dict[str, Any]:
+    """Training time, mean loss and the last interval's tokens/s over every segment of a run (resumes included),
+    from ``metrics.jsonl``."""
+    rows = _read_metrics(metrics_path)
+    runtime, seg_start, seg_last = 0.0, None, None
+    for r in rows:
+        if r.get("event") == "begin":
+            if seg_start is not None:
+                runtime += seg_last - seg_start
+            seg_start = seg_last = r["time"]
+        elif seg_start is not None:
+            seg_last = r["time"]
+    if seg_start is not None:
+        runtime += end_time - seg_start
+    losses = [r for r in rows if "loss" in r]
+    weighted, steps, prev = 0.0, 0, 0
+    for r in losses:  # each line is the mean over the steps since the previous one
+        weighted += r["loss"] * (r["step"] - prev)
+        steps += r["step"] - prev
+        prev = r["step"]
+    return {
+        "train_runtime_s": round(runtime, 1),
+        "train_loss_mean": weighted / steps if steps else None,
+        "tokens_per_second_recent": losses[-1].get("tokens_per_second_recent") if losses else None,
+    }
+
+
+def _read_metrics(metrics_path: Path) -> list[dict]:
+    if not metrics_path.exists():
+        return []
+    return [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_args(cfg: TrainConfig, precision, device, has_eval: bool, plan: RunPlan):
     from transformers import TrainingArguments
 
     kw: dict[str, Any] = dict(
         output_dir=cfg.output_dir,
-        # a packed dataset item is already a whole micro-batch of tokens_per_batch tokens
-        per_device_train_batch_size=1 if cfg.packing else cfg.batch_size,
+        # a packed dataset item is already a whole micro-batch
+        per_device_train_batch_size=1 if plan.packing else cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_accumulation_steps=plan.batches.micro_batches_per_step,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
@@ -251,7 +332,7 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool):
         data_seed=cfg.order_seed,
         bf16=precision.amp == "bf16",
         fp16=precision.amp == "fp16",
-        gradient_checkpointing=cfg.gradient_checkpointing or cfg.memory_mode,
+        gradient_checkpointing=cfg.gradient_checkpointing or plan.memory_mode,
         # non-reentrant: works with frozen embeddings (no enable_input_require_grads hack) and with packing
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=cfg.logging_steps,
@@ -263,10 +344,17 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool):
         report_to="none",
         remove_unused_columns=False,
         # packed batches are counted on the CPU by ChatloraTrainer (the stock count syncs the GPU)
-        include_num_input_tokens_seen="no" if cfg.packing else "non_padding",
+        include_num_input_tokens_seen="no" if plan.packing else "non_padding",
+        # the NaN filter reads every micro-batch's loss on the host (a GPU sync per micro-batch); a non-finite
+        # loss stops the run at the next log line instead (ChatloraTrainer.log)
+        logging_nan_inf_filter=False,
         dataloader_num_workers=0,
         use_cpu=device.type == "cpu",
         ddp_find_unused_parameters=False,  # LoRA uses every trainable parameter in every step
+        # batches reach the GPU from pinned memory without a sync, so the CPU queues the next step while the GPU
+        # still runs this one
+        accelerator_config={"non_blocking": device.type == "cuda"},
+        dataloader_pin_memory=device.type == "cuda",
         disable_tqdm=True,
         log_level="warning",
     )
@@ -275,7 +363,7 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool):
     if cfg.deepspeed:
         kw["deepspeed"] = cfg.deepspeed
     fields = TrainingArguments.__dataclass_fields__
-    if cfg.group_by_length and not cfg.packing:  # packed micro-batches are already length-balanced
+    if cfg.group_by_length and not plan.packing:  # packed micro-batches are already length-balanced
         if "train_sampling_strategy" in fields:
             kw["train_sampling_strategy"] = "group_by_length"
         else:
@@ -301,6 +389,10 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool):
         )
         args._n_gpu = 1
     return args
+
+
+class TrainingDiverged(ModelError):
+    """The loss became NaN or infinite: the run stops instead of writing a broken adapter."""
 
 
 @dataclass
@@ -392,31 +484,46 @@ def _trainer_class(label_only: bool):
                 mine = torch.tensor([self.unsynced_tokens], dtype=torch.long, device=self.accelerator.device)
                 self.state.num_input_tokens_seen += int(self.accelerator.reduce(mine, reduction="sum").item())
                 self.unsynced_tokens = 0
+            for key in ("loss", "eval_loss"):
+                if key in logs and not math.isfinite(logs[key]):
+                    raise TrainingDiverged(
+                        f"the {'held-out' if key == 'eval_loss' else 'training'} loss became {logs[key]} by step "
+                        f"{self.state.global_step}: training stopped (lower --lr, or check the data); "
+                        "earlier checkpoints are kept"
+                    )
             super().log(logs, *args, **kwargs)
 
     return ChatloraTrainer
 
 
-def prepare_model(cfg: TrainConfig, model_path: str, device: torch.device, precision):
-    """Base model in the run's dtype (random weights with ``random_init``), Liger kernels if asked, LoRA applied."""
-    if cfg.random_init and device.type == "cuda":
+def prepare_model(cfg: TrainConfig, model_path: str, device: torch.device, precision, plan: RunPlan):
+    """Base model stored in the run's dtype (or 4-bit), Liger kernels and LoRA applied, layers compiled, as planned.
+
+    LoRA weights (and so AdamW's state) are fp32 whatever the base's dtype; fp16 runs scale the loss.
+    """
+    if cfg.random_init and device.type == "cuda" and not cfg.quantize:
         with torch.device(device):  # random init on the GPU: seconds instead of minutes for a 6B model
             model = load_model(model_path, precision.weights, random_init=True)
     else:
-        model = load_model(model_path, precision.weights, random_init=cfg.random_init)
+        model = load_model(
+            model_path,
+            precision.weights,
+            device if cfg.quantize else None,
+            random_init=cfg.random_init,
+            quantize=cfg.quantize,
+        )
     model.config.use_cache = False  # a KV cache in training also hides packed-sequence boundaries from the mask
-    if cfg.liger:
-        model.to(device)
-        apply_liger(model)
-    if cfg.gradient_checkpointing or cfg.memory_mode:
+    if plan.liger:
+        if not cfg.quantize:  # a 4-bit model is already placed (and refuses .to)
+            model.to(device)
+        if not apply_liger(model):
+            plan.liger = False
+    if cfg.gradient_checkpointing or plan.memory_mode:
         model.enable_input_require_grads()
-    model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    if cfg.compile and cfg.memory_mode:
-        log.warning("--compile is skipped in --memory-mode: compiled layers under checkpointing measured slower")
-    elif cfg.compile and (cfg.fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        # measured on 2 x H100 (bench/NOTES.md): compiled layers under DDP ran at 0.48x one compiled GPU
-        log.warning("--compile is skipped when several processes train (measured slower under DDP)")
-    elif cfg.compile:
+    model = apply_lora(
+        model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, dora=cfg.dora, rslora=cfg.rslora
+    )
+    if plan.compile:
         compile_layers(model)
     return model
 
@@ -429,19 +536,19 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def make_trainer(cfg: TrainConfig, model, tokenizer, args, train_ex: list[dict], val_ex: list[dict], callbacks=()):
-    """The HF Trainer for encoded examples: packed token-budget micro-batches and label-only loss when configured."""
-    label_only = cfg.logits_at_labels and supports_label_only_loss(model)
-    if cfg.logits_at_labels and not label_only:
-        log.warning("--logits-at-labels: this model's logits are not a plain lm_head(hidden); using the full loss")
-    if cfg.packing:
-        budget = cfg.tokens_per_batch * (2 if cfg.memory_mode else 1)
+def make_trainer(
+    cfg: TrainConfig, model, tokenizer, args, train_ex: list[dict], val_ex: list[dict], plan: RunPlan, callbacks=()
+):
+    """The HF Trainer for encoded examples, with the planned packing and label-only loss."""
+    label_only = plan.logits_at_labels
+    if plan.packing:
         train_set: torch.utils.data.Dataset = PackedDataset(
             train_ex,
             cfg.max_length,
-            budget,
+            tokens_per_batch=(cfg.tokens_per_batch or 4096) if plan.batches.mode == "tokens" else None,
             seed=cfg.order_seed,
             strategy=cfg.packing_strategy,
+            n_batches=plan.batches.micro_batches_per_epoch if plan.batches.mode == "steps" else None,
         )
     else:
         train_set = _ListDataset(train_ex)
@@ -456,16 +563,48 @@ def make_trainer(cfg: TrainConfig, model, tokenizer, args, train_ex: list[dict],
     )
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run one LoRA training job end to end and write adapter, checkpoints, metrics, loss plot and run card."""
-    from transformers import set_seed
+@dataclass
+class PreparedRun:
+    """Everything decided before any weights load: data, split, tokenizer, encodings and the plan."""
 
+    cfg: TrainConfig
+    records: list[Record]
+    split: Split
+    device: torch.device
+    precision: Any
+    model_path: str
+    tokenizer: Any
+    train_ex: list[dict]
+    val_ex: list[dict]
+    truncated: dict[str, int]
+    dropped: dict[str, int]
+    plan: RunPlan
+
+    def lines(self) -> list[str]:
+        s = self.split
+        return [
+            f"data: {self.cfg.data}: {len(self.records)} records -> {len(s.train)} train, {len(s.val)} held out "
+            f"({s.rule})"
+            + (
+                f", {s.dropped_duplicates} training copies of held-out records dropped" if s.dropped_duplicates else ""
+            ),
+            *self.plan.lines(),
+        ]
+
+
+def _world() -> tuple[int, int]:
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def prepare_run(cfg: TrainConfig) -> PreparedRun:
+    """Read and split the data, encode it, and plan the run (speed-ups, micro-batches, memory) without weights."""
     # Data first: invalid data must stop us before any model is loaded.
     records = load_records(cfg.data, cfg.format, parse_columns(cfg.columns))
-    split = split_records(records, cfg.val_size, cfg.split_seed)
-    checkpoint = _resume_checkpoint(cfg)
-
+    split = split_records(records, cfg.val_size, cfg.split_seed, cfg.allow_small_train)
+    world_size, local_rank = _world()
     device = pick_device(cfg.device)
+    if device.type == "cuda" and device.index is None and world_size > 1:
+        device = torch.device("cuda", local_rank)
     precision = pick_precision(device, cfg.dtype)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
@@ -497,27 +636,61 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "(system prompt + first user turn are longer): raise --max-length or shorten the system prompt"
             ]
         )
+    plan = make_plan(cfg, device, precision, read_shape(model_path, cfg), train_ex, world_size)
+    return PreparedRun(
+        cfg=cfg,
+        records=records,
+        split=split,
+        device=device,
+        precision=precision,
+        model_path=model_path,
+        tokenizer=tokenizer,
+        train_ex=train_ex,
+        val_ex=val_ex,
+        truncated={"train": train_trunc, "val": val_trunc, "max_length": cfg.max_length},
+        dropped={"train": len(train_empty), "val": len(val_empty)},
+        plan=plan,
+    )
+
+
+def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
+    """Run one LoRA training job end to end and write adapter, checkpoints, metrics, loss plot and run card.
+
+    ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. a benchmark's timer).
+    """
+    from transformers import set_seed
+
+    run = prepare_run(cfg)
+    checkpoint = _resume_checkpoint(cfg)
+    for line in run.lines():
+        log.info("%s", line)
+    if not run.plan.fits and run.device.type == "cuda":
+        raise ModelError(
+            f"this run would not fit on {run.device}: estimated {run.plan.estimate.total:.1f} GiB against "
+            f"{run.plan.available_gib:.1f} GiB available. "
+            + ("Would fit: " + "; ".join(run.plan.alternatives) if run.plan.alternatives else "")
+        )
+    plan, device, precision = run.plan, run.device, run.precision
 
     set_seed(cfg.seed)
-    model = prepare_model(cfg, model_path, device, precision)
+    model = prepare_model(cfg, run.model_path, device, precision, plan)
     trainable, total = model.get_nb_trainable_parameters()
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS
-    args = training_args(cfg, precision, device, has_eval=bool(val_ex))
+    args = training_args(cfg, precision, device, bool(run.val_ex), plan)
     if args.process_index == 0:
         _trim_metrics(metrics_path, checkpoint)
-    trainer = make_trainer(cfg, model, tokenizer, args, train_ex, val_ex, [_trainer_callback(metrics_path)])
+    logger = _trainer_callback(metrics_path)
+    trainer = make_trainer(cfg, model, run.tokenizer, args, run.train_ex, run.val_ex, plan, [logger, *callbacks])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our RunLogger reports instead
-    started, tokens_before = time.time(), trainer.state.num_input_tokens_seen
-    output = trainer.train(resume_from_checkpoint=checkpoint)
-    runtime = time.time() - started
-    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    trainer.train(resume_from_checkpoint=checkpoint)
+    ended = time.time()
     eval_loss = None
-    if val_ex:
+    if run.val_ex:
         last = trainer.state.log_history[-2:] if trainer.state.log_history else []
         done = [h["eval_loss"] for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]
         eval_loss = done[0] if done else trainer.evaluate()["eval_loss"]
@@ -527,54 +700,75 @@ def train(cfg: TrainConfig) -> TrainResult:
     card: dict[str, Any] = {}
     if trainer.is_world_process_zero():
         plot_path = plot_loss_curve(metrics_path, out / LOSS_PLOT)
-        train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        eot_token, _ = end_of_turn(tokenizer)
-        card = {
-            "chatlora_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "config": cfg.to_dict(),
-            "base_model": {"spec": cfg.model, "resolved": model_path, "random_init": cfg.random_init},
-            "dataset": {
-                "path": str(Path(cfg.data).resolve()),
-                "sha256": file_sha256(cfg.data),
-                "records": len(records),
-                "train_records": len(split.train),
-                "val_records": len(split.val),
-                "split_seed": cfg.split_seed,
-                "val_size": cfg.val_size,
-                "val_indices": [r.index for r in split.val],
-                "dropped_duplicates_of_val": split.dropped_duplicates,
-                "truncated": {"train": train_trunc, "val": val_trunc, "max_length": cfg.max_length},
-                "dropped_no_reply_tokens": {"train": len(train_empty), "val": len(val_empty)},
-            },
-            "template": {"system_prompt": system_prompt, "end_of_turn": eot_token},
-            "hardware": {
-                "device": str(device),
-                "precision": precision.name,
-                "world_size": args.world_size,
-                "distributed": "fsdp"
-                if cfg.fsdp
-                else "deepspeed"
-                if cfg.deepspeed
-                else "ddp"
-                if args.world_size > 1
-                else None,
-                "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                if device.type == "cuda"
-                else None,
-            },
-            "parameters": {"trainable": trainable, "total": total},
-            "versions": _versions(),
-            "results": {
-                "global_step": trainer.state.global_step,
-                "train_loss_final": train_losses[-1] if train_losses else None,
-                "train_loss_mean": output.training_loss,
-                "eval_loss": eval_loss,
-                "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
-                "tokens_seen": trainer.state.num_input_tokens_seen,
-                "train_runtime_s": round(runtime, 1),
-                "tokens_per_second": round(tokens / max(runtime, 1e-9), 1),
-            },
-        }
-        (out / RUN_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return TrainResult(out, card, metrics_path, plot_path, trainer.model, tokenizer, split)
+        card = _run_card(cfg, run, trainer, args, metrics_path, ended, eval_loss, logger, (trainable, total))
+        (out / RUN_CARD).write_text(
+            json.dumps(card, ensure_ascii=False, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+        )
+    return TrainResult(out, card, metrics_path, plot_path, trainer.model, run.tokenizer, run.split)
+
+
+def _run_card(cfg, run: PreparedRun, trainer, args, metrics_path, ended, eval_loss, logger, params) -> dict[str, Any]:
+    train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eot_token, _ = end_of_turn(run.tokenizer)
+    whole = whole_run(metrics_path, ended)
+    tokens = trainer.state.num_input_tokens_seen
+    peak = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2) if run.device.type == "cuda" else None
+    return {
+        "chatlora_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": cfg.to_dict(),
+        "base_model": {
+            "spec": cfg.model,
+            "resolved": run.model_path,
+            "random_init": cfg.random_init,
+            "quantize": cfg.quantize,
+        },
+        "dataset": {
+            "path": str(Path(cfg.data).resolve()),
+            "sha256": file_sha256(cfg.data),
+            "records": len(run.records),
+            "train_records": len(run.split.train),
+            "val_records": len(run.split.val),
+            "split_seed": cfg.split_seed,
+            "val_size": cfg.val_size,
+            "val_rule": run.split.rule,
+            "val_indices": [r.index for r in run.split.val],
+            "dropped_duplicates_of_val": run.split.dropped_duplicates,
+            "truncated": run.truncated,
+            "dropped_no_reply_tokens": run.dropped,
+        },
+        "template": {"system_prompt": cfg.system_prompt or None, "end_of_turn": eot_token},
+        "plan": run.plan.to_dict(),  # what applied, not what was asked
+        "hardware": {
+            "device": str(run.device),
+            "precision": run.precision.name,
+            "base_dtype": str(run.precision.weights).replace("torch.", ""),
+            "world_size": args.world_size,
+            "distributed": _distributed(cfg, args),
+            "peak_gpu_memory_gib": peak,
+            "estimated_peak_gib": round(run.plan.estimate.total, 2) if run.plan.estimate else None,
+        },
+        "parameters": {"trainable": params[0], "total": params[1]},
+        "versions": _versions(),
+        "results": {
+            "global_step": trainer.state.global_step,
+            "train_loss_final": train_losses[-1] if train_losses else None,
+            "train_loss_mean": whole["train_loss_mean"],
+            "eval_loss": eval_loss,
+            "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+            "tokens_seen": tokens,
+            "train_runtime_s": whole["train_runtime_s"],
+            # whole run (resumes included, warm-up and compile included) vs the last logged interval
+            "tokens_per_second_average": round(tokens / max(whole["train_runtime_s"], 1e-9), 1),
+            "tokens_per_second_recent": whole["tokens_per_second_recent"],
+            "fp16_skipped_steps": logger.skipped_steps if run.precision.amp == "fp16" else None,
+        },
+    }
+
+
+def _distributed(cfg: TrainConfig, args) -> str | None:
+    if cfg.fsdp:
+        return "fsdp"
+    if cfg.deepspeed:
+        return "deepspeed"
+    return "ddp" if args.world_size > 1 else None

@@ -82,7 +82,7 @@ from chatlora.train import train
 bs, ga, out, data, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 r = train(TrainConfig(model=model, data=data, output_dir=out, max_steps=3, batch_size=bs, grad_accum=ga, val_size=0,
     logging_steps=1, save_steps=100, device="cpu", lora_dropout=0.0, lr=1e-2, warmup_ratio=0, group_by_length=False,
-    max_grad_norm=1e9, system_prompt="S"))
+    max_grad_norm=1e9, system_prompt="S", packing=False, logits_at_labels=False))
 if int(os.environ.get("RANK", 0)) == 0:
     s = sum(p.double().abs().sum().item() for n, p in r.model.named_parameters() if "lora_B" in n)
     print("LORA_B", repr(s), flush=True)
@@ -157,12 +157,15 @@ def test_one_process_on_several_gpus_does_not_fall_back_to_data_parallel(monkeyp
     larger batch (slowly). chatlora trains on one GPU and says how to launch on all."""
     from chatlora.config import TrainConfig
     from chatlora.model import pick_precision
+    from chatlora.plan import BatchPlan, RunPlan
     from chatlora.train import training_args
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     cfg = TrainConfig(model="m", data="d", output_dir=str(tmp_path), dtype="fp32", batch_size=8)
     precision = pick_precision(torch.device("cpu"), "fp32")
+    batches = BatchPlan("padded", 1, 10, 8 * 384, 8 * 100, 8.0, 1200.0)
+    plan = RunPlan("cuda", "fp32", None, False, False, False, False, False, 1, batches, None, None, True)
     with caplog.at_level("WARNING"):
-        args = training_args(cfg, precision, torch.device("cuda"), has_eval=False)
+        args = training_args(cfg, precision, torch.device("cuda"), False, plan)
     assert args.n_gpu == 1 and args.train_batch_size == 8
     assert "2 GPUs are visible" in caplog.text and "torchrun --nproc-per-node 2" in caplog.text

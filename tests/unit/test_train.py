@@ -113,7 +113,10 @@ def test_outputs_run_card_metrics_plot_and_checkpoints(trained):
     assert card["template"]["end_of_turn"] == "<|im_end|>"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    assert all(r["tokens_per_second"] > 0 for r in rows if "loss" in r)
+    assert all(r["tokens_per_second_recent"] > 0 for r in rows if "loss" in r)
+    res = card["results"]
+    assert res["tokens_per_second_average"] > 0 and res["tokens_per_second_recent"] > 0
+    assert card["plan"]["packing"] and card["plan"]["logits_at_labels"], "the default path must be the fast one"
     assert any("eval_loss" in r for r in rows)
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     ckpts = sorted(p.name for p in out.glob("checkpoint-*"))

@@ -1,0 +1,107 @@
+"""The CUDA paths (QLoRA, the fp16 base, the compiled default) on tiny models; skipped without a CUDA GPU.
+
+Run on a GPU machine with ``python -m pytest -m gpu tests/unit/test_gpu.py`` (bitsandbytes for the QLoRA test).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_model_dir, write_jsonl
+
+from chatlora.config import TrainConfig
+from chatlora.train import prepare_run, train
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _data(tmp_path):
+    rows = [
+        {"instruction": f"问题{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
+        for i in range(24)
+    ]
+    return write_jsonl(tmp_path / "d.jsonl", rows)
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(
+        model=str(make_model_dir(tmp_path / "model")),
+        data=str(_data(tmp_path)),
+        output_dir=str(tmp_path / "out"),
+        max_steps=12,
+        batch_size=4,
+        val_size=2,
+        logging_steps=1,
+        eval_steps=0,
+        save_steps=100,
+        lr=5e-3,
+        system_prompt="S",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _losses(out) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_default_plan_on_one_gpu_is_the_compiled_fast_path(tmp_path):
+    """Guards against the speed-ups existing only behind flags: a plain run on one GPU must pack, use the
+    label-only head and compile, and the run card must say so."""
+    cfg = _cfg(tmp_path)
+    plan = prepare_run(cfg).plan
+    assert plan.packing and plan.logits_at_labels and plan.compile and not plan.memory_mode
+    card = train(cfg).run_card
+    assert card["plan"]["compile"] and card["hardware"]["precision"] in ("bf16", "fp16")
+    assert card["hardware"]["peak_gpu_memory_gib"] > 0 and card["hardware"]["estimated_peak_gib"] > 0
+
+
+def test_fp16_keeps_the_base_in_fp16_and_lora_in_fp32(tmp_path):
+    """Guards against the T4 path loading the whole model in fp32 (a 6B model then needs 24 GiB) or training
+    fp16 LoRA weights (updates underflow)."""
+    result = train(_cfg(tmp_path, dtype="fp16"))
+    params = dict(result.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.float16}
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    card = result.run_card
+    assert card["hardware"]["base_dtype"] == "float16" and card["results"]["fp16_skipped_steps"] is not None
+    losses = _losses(result.output_dir)
+    assert all(x == x for x in losses) and losses[-1] < losses[0]
+
+
+def test_qlora_trains_reloads_in_4bit_and_merges_into_full_precision(tmp_path, caplog):
+    """Guards against --quantize 4bit not quantizing, chat reloading the adapter on another base than it was
+    trained on, and merge rounding the update into 4-bit weights."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from chatlora.infer import ChatModel
+    from chatlora.merge import merge
+
+    result = train(_cfg(tmp_path, quantize="4bit"))
+    layer = result.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
+    assert {p.dtype for n, p in result.model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert result.run_card["base_model"]["quantize"] == "4bit"
+    losses = _losses(result.output_dir)
+    assert losses[-1] < losses[0]
+
+    chat = ChatModel.load(result.output_dir, device="cuda")
+    reloaded = chat.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(reloaded, bnb.nn.Linear4bit)
+    assert chat.generate([{"role": "user", "content": "问题1"}]).finish_reason in ("stop", "length")
+
+    with caplog.at_level("WARNING"):
+        merged = merge(result.output_dir, tmp_path / "merged")
+    assert "full-precision base" in caplog.text
+    card = json.loads((merged / "chatlora.json").read_text())
+    assert "4bit" in card["merged_from"]["merged_into"]
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(merged)
+    assert isinstance(full.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert not isinstance(full.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
