@@ -1,19 +1,22 @@
-"""Training speed: the seed tutorial's recipe against chatlora, same workload, same machine, one run.
+"""Training speed and memory: the seed tutorial's recipe against chatlora, same data, same machine, one run.
 
-    python3 bench/train_speed.py --device cuda     # `make bench-gpu`: Yi-6B-shaped Llama, random weights
+    python3 bench/train_speed.py --device cuda     # `make bench-gpu`: Yi-6B- (and 14B-) shaped Llama, random weights
     python3 bench/train_speed.py --device cpu      # `make bench-cpu`: the embedded SmolLM2-135M
 
-Workload: data/huanhuan.json rendered with the seed's Yi ChatML strings and response-only labels (its
-``process_func``), max 384 tokens, tokenized with the SmolLM2 tokenizer (no Yi tokenizer offline; its 49152 ids fit
-the 64000 vocab). That tokenizer ships in ``bench/tokenizer/`` (xz-compressed, 0.45 MB), so the benchmark needs
-neither internet nor the embedded model; the tokenized workload is cached in ``bench/workload/`` (git-ignored).
+The seed rows run the tutorial's own code (its ``process_func`` with Yi ChatML strings and response-only labels, max
+384 tokens, fp16 weights, bs 8 x accum 2, gradient checkpointing). chatlora rows run ``chatlora.train.train`` on the
+Yi config (``configs/yi-6b-chat-huanhuan.yaml``) exactly as a user runs it, plus the row's flags: ``default`` adds
+none. Both tokenize ``data/huanhuan.json`` with the SmolLM2 tokenizer (no Yi tokenizer offline; its 49152 ids fit
+the 64000 vocab), which ships in ``bench/tokenizer/`` (xz, 0.45 MB), so the benchmark needs neither internet nor
+the embedded model; the seed's tokenized workload is cached in ``bench/workload/`` (git-ignored).
 
-Each recipe runs in its own process (clean peak memory, no kernel patches leaking). Real tokens are the
-conversations' own tokens (padding excluded), counted per micro-batch in training order; time runs from the end
-of the warm-up steps to the end of the last step, with the device synchronised. On CPU the seed recipe (fp16, which
-this CPU has no units for) is timed over its first micro-batch (8 conversations, half a step) from the start of
-training, because one micro-batch takes minutes there (``--seed-micro-batches``). Prints a table, writes JSON, and
-ends with ``gpu speedup: X.XX×`` / ``cpu speedup: X.XX×`` (chatlora / seed real tokens/s).
+Each row runs in its own process (clean peak memory, no kernel patches leaking). Real tokens are the
+conversations' own tokens (padding excluded); time runs from the end of the warm-up steps to the end of the last
+step, the device synchronised at both ends only (a sync per step would stall the CPU's run-ahead). chatlora rows
+also print the pre-flight memory estimate beside the measured peak (``torch.cuda.max_memory_allocated``). On CPU the
+seed (fp16, which this CPU has no units for) is timed over its first micro-batch from the start of training
+(``--seed-micro-batches``). Prints a table, writes JSON, and ends with ``gpu speedup: X.XX×`` / ``cpu speedup:
+X.XX×`` (the ``default`` row / the seed, real tokens/s).
 """
 
 from __future__ import annotations
@@ -55,30 +58,53 @@ YI_6B = dict(
     pad_token_id=0,
 )
 
-# name -> (recipe, TrainConfig overrides for chatlora recipes)
-FAST = dict(packing=True, logits_at_labels=True, lora_dropout=0.0)
-VARIANTS = {
+# Qwen2.5-14B's dimensions on Llama layers (no q/k/v bias), built with random weights: the 24 GB QLoRA case.
+SHAPE_14B = dict(
+    YI_6B,
+    hidden_size=5120,
+    num_hidden_layers=48,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    intermediate_size=13824,
+    vocab_size=152064,
+    rope_theta=1_000_000.0,
+)
+YI_CONFIG = ROOT / "configs" / "yi-6b-chat-huanhuan.yaml"
+
+# name -> (recipe, overrides). Seed rows: run_seed keyword arguments. chatlora rows: flags on top of the Yi config
+# (the model, random init, step count and a temporary output dir are always set; nothing else unless listed).
+VARIANTS: dict[str, tuple[str, dict]] = {
     "seed": ("seed", {}),
     # the tutorial with its fp16 weights swapped for fp32: what the seed costs where fp16 has no fast path (CPUs)
     "seed-fp32": ("seed", {"dtype": "fp32"}),
-    "chatlora": ("chatlora", dict(FAST, compile=True, tokens_per_batch=4608)),
-    "chatlora-bucket": ("chatlora", dict(FAST, compile=True, tokens_per_batch=4608, packing_strategy="bucket")),
-    "chatlora-liger": ("chatlora", dict(FAST, liger=True, tokens_per_batch=4096)),
-    "chatlora-memory": ("chatlora", dict(FAST, liger=True, tokens_per_batch=4096, memory_mode=True)),
-    "chatlora-noliger": ("chatlora", dict(FAST, tokens_per_batch=4096)),
-    "chatlora-drop0.1": ("chatlora", dict(FAST, liger=True, tokens_per_batch=4096, lora_dropout=0.1)),
-    "chatlora-liger-6k": ("chatlora", dict(FAST, liger=True, tokens_per_batch=6144)),
-    "chatlora-6k": ("chatlora", dict(FAST, compile=True, tokens_per_batch=6144)),
-    "chatlora-8k": ("chatlora", dict(FAST, compile=True, tokens_per_batch=8192)),
-    "chatlora-compile": ("chatlora", dict(FAST, compile=True, tokens_per_batch=4096)),
-    "chatlora-compile-liger": ("chatlora", dict(FAST, compile=True, liger=True, tokens_per_batch=4096)),
-    "chatlora-compile-6k": ("chatlora", dict(FAST, compile=True, tokens_per_batch=6144)),
-    "chatlora-compile-memory": ("chatlora", dict(FAST, compile=True, tokens_per_batch=4096, memory_mode=True)),
-    "chatlora-cpu": ("chatlora", dict(FAST, tokens_per_batch=1536)),
-    "chatlora-cpu-compile": ("chatlora", dict(FAST, tokens_per_batch=1536, compile=True)),
-    "chatlora-cpu-unpacked": ("chatlora", dict(lora_dropout=0.0, batch_size=8)),
+    "default": ("chatlora", {}),  # the Yi config as a user runs it: no speed flags
+    "fp16": ("chatlora", {"dtype": "fp16", "memory_mode": True}),  # GPUs without bf16 (T4): 16 GB
+    "qlora": ("chatlora", {"quantize": "4bit", "memory_mode": True}),
+    "qlora-14b": ("chatlora", {"quantize": "4bit", "max_memory_gib": 22.0, "model": "14b"}),  # planned for 24 GB
+    "memory": ("chatlora", {"memory_mode": True, "tokens_per_batch": 8192}),
+    "best": ("chatlora", {"tokens_per_batch": 6144, "lora_dropout": 0.0}),
+    "plain": ("chatlora", {"plain": True}),  # the HF Trainer path with chatlora's fixes, for comparison
+    # calibration and exploration rows (bench/NOTES.md)
+    "x-drop0": ("chatlora", {"lora_dropout": 0.0}),
+    "x-4608": ("chatlora", {"tokens_per_batch": 4608, "lora_dropout": 0.0}),
+    "x-eager": ("chatlora", {"compile": False, "liger": False}),
+    "x-liger": ("chatlora", {"compile": False, "liger": True}),
+    "x-full-loss": ("chatlora", {"compile": False, "liger": False, "logits_at_labels": False}),
+    "x-mem-noliger": ("chatlora", {"memory_mode": True, "liger": False}),
+    "x-fp16-fast": ("chatlora", {"dtype": "fp16"}),
+    "x-qlora-fast": ("chatlora", {"quantize": "4bit", "memory_mode": False}),
+    "x-qlora-compile": ("chatlora", {"quantize": "4bit", "memory_mode": False, "compile": True}),
+    "x-dora": ("chatlora", {"dora": True}),
+    "x-qlora-8k": ("chatlora", {"quantize": "4bit", "memory_mode": True, "tokens_per_batch": 8192}),
+    "x-cudagraphs": ("chatlora", {}),  # default, layers compiled with mode="reduce-overhead" (CUDA graphs)
+    "x-profile": ("chatlora", {}),  # default, with a CUDA kernel profile of two steps after the timed ones
+    "cpu-default": ("chatlora", {}),  # on CPU: `chatlora train` on the embedded model, no flags
 }
-DEFAULTS = {"cuda": ["seed", "chatlora", "chatlora-memory"], "cpu": ["seed", "chatlora-cpu", "seed-fp32"]}
+DEFAULTS = {
+    "cuda": ["seed", "default", "fp16", "qlora", "qlora-14b", "memory", "best"],
+    "cpu": ["seed", "cpu-default", "seed-fp32"],
+}
+STEPS = {"fp16": (5, 45)}  # (warm-up, timed) where a row needs its own: fp16's loss is followed over 50 steps
 
 
 # --------------------------------------------------------------------------------------------- workload
@@ -124,15 +150,19 @@ def load_workload() -> tuple[list[dict], object]:
     return json.loads(data_file.read_text(encoding="utf-8")), tokenizer
 
 
-def yi6b_dir(tokenizer) -> Path:
+def shape_dir(tokenizer, name: str = "yi-6b-shape", shape: dict = YI_6B) -> Path:
     """A model dir holding only config.json + tokenizer: what `chatlora train --model DIR --random-init` takes."""
     from transformers import LlamaConfig
 
-    d = WORKLOAD / "yi-6b-shape"
+    d = WORKLOAD / name
     if not (d / "config.json").is_file():
-        LlamaConfig(**YI_6B).save_pretrained(d)
+        LlamaConfig(**shape).save_pretrained(d)
         tokenizer.save_pretrained(d)
     return d
+
+
+def yi6b_dir(tokenizer) -> Path:
+    return shape_dir(tokenizer)
 
 
 # --------------------------------------------------------------------------------------------- one recipe
@@ -141,61 +171,66 @@ class Enough(Exception):
 
 
 class Timer:
-    """Per-micro-batch real-token counts (in training order) and synchronised step-end and micro-batch-end times.
-    With ``stop_after``, training is cut off (:class:`Enough`) after that many micro-batches."""
+    """Time and token count at the end of the warm-up and at the end of the last timed step, the device
+    synchronised there only. ``tokens()`` returns the real tokens trained so far. With ``stop_after``, training
+    is cut off (:class:`Enough`) after that many micro-batches, timed from the start of training."""
 
-    def __init__(self, device, stop_after: int = 0):
-        self.device, self.counts, self.ends, self.micro_ends = device, [], [], []
-        self.stop_after = stop_after
+    def __init__(self, device, warmup: int, last: int, stop_after: int = 0):
+        self.device, self.warmup, self.last, self.stop_after = device, warmup, last, stop_after
+        self.marks: dict[str, tuple[float, int]] = {}
+        self.micro = 0
+        self.tokens = lambda state: 0
+        self.model = None
+        self.profile_at = 0
 
-    def micro_batch_done(self) -> float:
-        """Synchronise, record and return the end time of a micro-batch; raise :class:`Enough` at ``stop_after``."""
+    def _now(self) -> float:
         if self.device == "cuda":
             import torch
 
             torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.micro_ends.append(now)
-        if self.stop_after and len(self.micro_ends) >= self.stop_after:
-            raise Enough
-        return now
-
-    def wrap(self, collate, count):
-        def collate_and_count(batch):
-            out = collate(batch)
-            self.counts.append(int(count(batch, out)))
-            return out
-
-        return collate_and_count
+        return time.perf_counter()
 
     def callback(self):
-        import torch
         from transformers import TrainerCallback
 
         timer = self
 
-        profile_at = int(os.environ.get("BENCH_PROFILE_STEP", "0"))  # profile 2 steps from this one (GPU only)
-
         class StepTimer(TrainerCallback):
-            prof = None
-
-            def on_train_begin(self, args, state, control, **kw):
-                timer.begin = time.perf_counter()
-
-            def on_step_begin(self, args, state, control, **kw):
-                if profile_at and state.global_step == profile_at and timer.device == "cuda":
-                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-                    self.prof.__enter__()
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                timer.model = model
+                timer.marks["begin"] = (timer._now(), timer.tokens(state))
 
             def on_substep_end(self, args, state, control, **kw):  # a micro-batch that is not a step's last
-                timer.micro_batch_done()
+                timer.micro += 1
+                if timer.stop_after and timer.micro >= timer.stop_after:
+                    timer.marks["end"] = (timer._now(), timer.tokens(state))
+                    raise Enough
 
-            def on_step_end(self, args, state, control, **kw):  # a step's last micro-batch ends the step
-                timer.ends.append(timer.micro_batch_done())
-                if self.prof is not None and state.global_step == profile_at + 2:
+            def on_step_begin(self, args, state, control, **kw):
+                if timer.profile_at and state.global_step == timer.profile_at:
+                    import torch
+
+                    torch.cuda.synchronize()
+                    self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+                    self.prof_t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                if timer.profile_at and state.global_step == timer.profile_at + 2:
+                    wall = timer._now() - self.prof_t0
                     self.prof.__exit__(None, None, None)
-                    print(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
-                    self.prof = None
+                    events = self.prof.key_averages()
+                    busy = sum(e.self_device_time_total for e in events) / 1e6
+                    print(f"profile: 2 steps, wall {wall * 1e3:.1f} ms, GPU kernels {busy * 1e3:.1f} ms", flush=True)
+                    print(events.table(sort_by="self_device_time_total", row_limit=25), flush=True)
+                timer.micro += 1
+                if state.global_step == timer.warmup:
+                    timer.marks["warm"] = (timer._now(), timer.tokens(state))
+                if state.global_step == timer.last:
+                    timer.marks["end"] = (timer._now(), timer.tokens(state))
+                if timer.stop_after and timer.micro >= timer.stop_after:
+                    timer.marks.setdefault("end", (timer._now(), timer.tokens(state)))
+                    raise Enough
 
         return StepTimer()
 
@@ -216,10 +251,9 @@ def _args_kw(steps: int, out: str, cpu: bool) -> dict:
     )
 
 
-def run_seed(examples, tokenizer, model_dir, device, steps, out, micro_batches=0, dtype="fp16"):
+def run_seed(examples, tokenizer, model_dir, device, timer: Timer, out, dtype="fp16"):
     """The tutorial: fp16 weights, its LoraConfig, bs 8 x accum 2, gradient checkpointing, Seq2Seq padding, lr 1e-4.
-    With ``micro_batches``, training stops after that many micro-batches (timed from the start). ``dtype="fp32"``
-    is the one deviation offered (the ``seed-fp32`` variant)."""
+    ``dtype="fp32"`` is the one deviation offered (the ``seed-fp32`` variant)."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -240,66 +274,76 @@ def run_seed(examples, tokenizer, model_dir, device, steps, out, micro_batches=0
         lora_dropout=0.1,
     )
     model = get_peft_model(model, config)
-    kw = _args_kw(steps, out, device == "cpu")
-    kw.update(per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-4)
+    kw = dict(
+        output_dir=out,
+        max_steps=timer.last + (2 if timer.profile_at else 0),
+        logging_steps=1 if device == "cpu" else LOG_STEPS,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=42,
+        log_level="warning",
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-4,
+    )
     fields = TrainingArguments.__dataclass_fields__
     kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
-    timer = Timer(device, stop_after=micro_batches)
     collate = DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True)
-    data = [dict(ex) for ex in examples]
+    seen = [0]
+
+    def collate_and_count(batch):
+        out_ = collate(batch)
+        seen[0] += int(out_["attention_mask"].sum())
+        return out_
+
+    # the DataLoader fetches a step's micro-batches when the step starts, so at a step's end this is exact
+    timer.tokens = lambda state: seen[0]
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**kw),
-        train_dataset=_List(data),
-        data_collator=timer.wrap(collate, lambda b, o: o["attention_mask"].sum()),
+        train_dataset=_List([dict(ex) for ex in examples]),
+        data_collator=collate_and_count,
         callbacks=[timer.callback()],
     )
     try:
         trainer.train()
     except Enough:
         pass
-    return trainer, timer, model, 2
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"losses": losses}
 
 
-def run_chatlora(examples, tokenizer, model_dir, device, steps, out, overrides):
-    """chatlora's own path (prepare_model + make_trainer), on the seed's tokenized workload."""
-    import torch
+def run_chatlora(device: str, model_dir: Path, timer: Timer, out: str, overrides: dict) -> dict:
+    """``chatlora train --config configs/yi-6b-chat-huanhuan.yaml`` (GPU) or ``chatlora train`` (CPU, embedded
+    model) with the row's flags, as the CLI runs it."""
+    from chatlora.config import load_config
+    from chatlora.train import train
 
-    from chatlora.config import TrainConfig
-    from chatlora.model import pick_precision
-    from chatlora.train import make_trainer, prepare_model, training_args
-
-    cfg = TrainConfig(
+    base = dict(
         model=str(model_dir),
+        data=str(ROOT / "data" / "huanhuan.json"),
         output_dir=out,
-        max_steps=steps,
-        lr=1e-4,
-        logging_steps=1 if device == "cpu" else LOG_STEPS,
-        eval_steps=0,
-        save_steps=10**6,
-        max_length=MAX_LEN,
+        max_steps=timer.last + (2 if timer.profile_at else 0),
         random_init=device == "cuda",
         device=device,
-        dtype="bf16" if device == "cuda" else "fp32",
-        **overrides,
+        eval_steps=0,
+        save_steps=10**6,
+        **({} if device == "cuda" else {"logging_steps": 1}),
     )
-    dev = torch.device(device)
-    precision = pick_precision(dev, cfg.dtype)
-    model = prepare_model(cfg, str(model_dir), dev, precision)
-    args = training_args(cfg, precision, dev, has_eval=False)
-    exs = [{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in examples]
-    trainer = make_trainer(cfg, model, tokenizer, args, exs, [])
-    timer = Timer(device)
-
-    def count(batch, out):
-        if "num_real_tokens" in out:  # packed: the conversations' own tokens
-            return out["num_real_tokens"]
-        return out["attention_mask"].sum()
-
-    trainer.data_collator = timer.wrap(trainer.data_collator, count)
-    trainer.add_callback(timer.callback())
-    trainer.train()
-    return trainer, timer, model, cfg.grad_accum
+    cfg = load_config(YI_CONFIG if device == "cuda" else None, {**base, **overrides})
+    timer.tokens = lambda state: state.num_input_tokens_seen
+    card = train(cfg, callbacks=[timer.callback()]).run_card
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {
+        "losses": [r["loss"] for r in rows if "loss" in r],
+        "skipped_steps": card["results"]["fp16_skipped_steps"],
+        "estimate_gib": card["hardware"]["estimated_peak_gib"],
+        "plan": card["plan"],
+    }
 
 
 class _List:
@@ -317,45 +361,63 @@ def one(name: str, device: str, warmup: int, steps: int, result_path: str, micro
     import torch
 
     recipe, overrides = VARIANTS[name]
+    overrides = dict(overrides)
     examples, tokenizer = load_workload()
-    model_dir = yi6b_dir(tokenizer) if device == "cuda" else Path(_embedded_dir())
+    if device == "cpu":
+        model_dir = Path(_embedded_dir())
+    elif overrides.pop("model", None) == "14b":
+        model_dir = shape_dir(tokenizer, "14b-shape", SHAPE_14B)
+    else:
+        model_dir = yi6b_dir(tokenizer)
     torch.manual_seed(0)
+    timer = Timer(device, warmup, warmup + steps, stop_after=micro_batches)
+    if name == "x-profile":
+        timer.profile_at = warmup + steps
+    if name == "x-cudagraphs":
+        import chatlora.train
+
+        def compile_layers(model) -> int:
+            layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+            for layer in layers:
+                layer.compile(mode="reduce-overhead")
+            return len(layers)
+
+        chatlora.train.compile_layers = compile_layers
     with tempfile.TemporaryDirectory() as out:
         if recipe == "seed":
-            trainer, timer, model, accum = run_seed(
-                examples, tokenizer, model_dir, device, warmup + steps, out, micro_batches, **overrides
-            )
+            extra = run_seed(examples, tokenizer, model_dir, device, timer, out, **overrides)
+            accum = 2
         else:
-            trainer, timer, model, accum = run_chatlora(
-                examples, tokenizer, model_dir, device, warmup + steps, out, overrides
-            )
-    ends = timer.ends
+            extra = run_chatlora(device, model_dir, timer, out, overrides)
+            accum = extra["plan"]["batches"]["micro_batches_per_step"]
     if micro_batches:  # timed from the start of training over its first micro-batches
-        tokens = sum(timer.counts[:micro_batches])
-        seconds = timer.micro_ends[micro_batches - 1] - timer.begin
+        (t0, tok0), (t1, tok1) = timer.marks["begin"], timer.marks["end"]
         steps = micro_batches / accum
     else:
-        tokens = sum(timer.counts[warmup * accum : (warmup + steps) * accum])
-        seconds = ends[warmup + steps - 1] - (ends[warmup - 1] if warmup else timer.begin)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+        (t0, tok0), (t1, tok1) = timer.marks["warm" if warmup else "begin"], timer.marks["end"]
+    model = timer.model
+    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) if model is not None else 0
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    losses = extra.pop("losses")
     row = {
         "variant": name,
         "recipe": recipe,
         "overrides": overrides,
-        "tokens_per_s": tokens / seconds,
-        "step_s": seconds / steps,
-        "tokens_per_step": tokens / steps,
+        "tokens_per_s": (tok1 - tok0) / (t1 - t0),
+        "step_s": (t1 - t0) / steps,
+        "tokens_per_step": (tok1 - tok0) / steps,
         "peak_gib": peak,
         "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "nonfinite_losses": sum(1 for x in losses if x != x or x in (float("inf"), float("-inf"))),
         "params": params,
         "timed_steps": steps,
         "warmup_steps": warmup,
         "timed_micro_batches": micro_batches or None,
+        **extra,
     }
     Path(result_path).write_text(json.dumps(row), encoding="utf-8")
 
@@ -385,6 +447,49 @@ def matmul_tflops() -> float:
 
 
 # --------------------------------------------------------------------------------------------- driver
+def _child(name: str, a, warmup: int, steps: int, seed_micro: int, result: str) -> subprocess.Popen:
+    w, n = STEPS.get(name, (warmup, steps))
+    cmd = [sys.executable, __file__, "--device", a.device, "--one", name, "--result", result]
+    cmd += [
+        "--warmup",
+        str(w),
+        "--steps",
+        str(n),
+        "--micro-batches",
+        str(seed_micro if name.startswith("seed") else 0),
+    ]
+    env = {
+        **os.environ,
+        # one GPU: on a machine with several, the seed's plain Trainer would otherwise use nn.DataParallel
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
+        # what `chatlora` (cli.py) sets for every run: packed shapes vary
+        "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+    }
+    return subprocess.Popen(cmd, env=env)
+
+
+def _table(info: dict, rows: list[dict]) -> None:
+    cuda = info["device"] == "cuda"
+    mem = "peak GiB" if cuda else "max RSS GiB"
+    print(f"\n{info['card']}" + (f", bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s" if cuda else ""))
+    head = f"{'variant':<16} {'real tok/s':>10} {'step s':>7} {'tok/step':>8} {mem:>11}"
+    head += f" {'estimate':>8} {'est/peak':>8}" if cuda else ""
+    print(head + f" {'loss first→last':>16}" + (f" {'MFU':>6}" if cuda else ""))
+    for r in rows:
+        if "failed" in r:
+            print(f"{r['variant']:<16} failed (exit {r['failed']})")
+            continue
+        line = (
+            f"{r['variant']:<16} {r['tokens_per_s']:>10.0f} {r['step_s']:>7.3f} {r['tokens_per_step']:>8.0f} "
+            f"{r['peak_gib']:>11.2f}"
+        )
+        if cuda:
+            est = r.get("estimate_gib")
+            line += f" {est:>8.2f} {est / r['peak_gib']:>8.2f}" if est else f" {'-':>8} {'-':>8}"
+        loss = f"{r['first_loss'] or float('nan'):.2f}→{r['final_loss'] or float('nan'):.2f}"
+        print(line + f" {loss:>16}" + (f" {r['mfu']:>6.1%}" if cuda else ""))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -400,6 +505,12 @@ def main() -> int:
     )
     p.add_argument("--micro-batches", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 15 GPU, 2 CPU)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="rows run at once (memory calibration only: their speeds then disturb each other)",
+    )
     p.add_argument("--json", default=None, help="result file (default bench/results/train_speed-DEVICE.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -416,13 +527,19 @@ def main() -> int:
         return 0
 
     names = a.variants.split(",") if a.variants else DEFAULTS[a.device]
-    load_workload()  # build the cache once, before the children
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}")
+    _, tokenizer = load_workload()  # build the caches once, before the children
+    yi6b_dir(tokenizer)
+    shape_dir(tokenizer, "14b-shape", SHAPE_14B)
     info: dict = {
         "device": a.device,
         "warmup_steps": warmup,
         "timed_steps": steps,
         "seed_steps": [seed_warmup, seed_steps],
         "seed_micro_batches": seed_micro or None,
+        "jobs": a.jobs,
     }
     import torch
 
@@ -436,69 +553,58 @@ def main() -> int:
     import transformers
 
     info["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-    try:
-        import liger_kernel  # noqa: F401
+    from importlib.metadata import PackageNotFoundError, version
 
-        info["versions"]["liger_kernel"] = "installed"
-    except ImportError:
-        info["versions"]["liger_kernel"] = None
-    rows = []
-    for name in names:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--device",
-                a.device,
-                "--one",
-                name,
-                "--result",
-                f.name,
-                "--warmup",
-                str(seed_warmup if name.startswith("seed") else warmup),
-                "--steps",
-                str(seed_steps if name.startswith("seed") else steps),
-                "--micro-batches",
-                str(seed_micro if name.startswith("seed") else 0),
-            ]
-            t0 = time.time()
-            # one GPU: on a machine with several, the seed's plain Trainer would otherwise use nn.DataParallel
-            proc = subprocess.run(
-                cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")}
-            )
-            if proc.returncode != 0 or not Path(f.name).stat().st_size:
-                print(f"[{name}] failed (exit {proc.returncode})", flush=True)
-                rows.append({"variant": name, "failed": proc.returncode})
-                continue
-            row = json.loads(Path(f.name).read_text())
-            row["wall_s"] = round(time.time() - t0, 1)
-            if a.device == "cuda":
-                row["mfu"] = 4 * row["params"] * row["tokens_per_s"] / (info["matmul_tflops"] * 1e12)
-            rows.append(row)
-            print(f"[{name}] {row['tokens_per_s']:.0f} real tok/s, peak {row['peak_gib']:.1f} GiB", flush=True)
+    for extra in ("liger-kernel", "bitsandbytes"):
+        try:
+            info["versions"][extra] = version(extra)
+        except PackageNotFoundError:
+            info["versions"][extra] = None
+    results: dict[str, dict] = {}
+    pending = list(names)
+    running: list[tuple[str, subprocess.Popen, str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        while pending or running:
+            while pending and len(running) < max(1, a.jobs):
+                name = pending.pop(0)
+                result = str(Path(tmp) / f"{name}.json")
+                w, n = (seed_warmup, seed_steps) if name.startswith("seed") else (warmup, steps)
+                running.append((name, _child(name, a, w, n, seed_micro, result), result, time.time()))
+            time.sleep(0.5)
+            for item in list(running):
+                name, proc, result, t0 = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                if proc.returncode != 0 or not Path(result).is_file():
+                    print(f"[{name}] failed (exit {proc.returncode})", flush=True)
+                    results[name] = {"variant": name, "failed": proc.returncode}
+                    continue
+                row = json.loads(Path(result).read_text())
+                row["wall_s"] = round(time.time() - t0, 1)
+                if a.device == "cuda":
+                    row["mfu"] = 4 * row["params"] * row["tokens_per_s"] / (info["matmul_tflops"] * 1e12)
+                results[name] = row
+                est = f", estimate {row['estimate_gib']:.1f}" if row.get("estimate_gib") else ""
+                print(
+                    f"[{name}] {row['tokens_per_s']:.0f} real tok/s, peak {row['peak_gib']:.2f} GiB{est}", flush=True
+                )
+    rows = [results[n] for n in names]
     info["results"] = rows
     out = Path(a.json or ROOT / "bench" / "results" / f"train_speed-{a.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-    mem = "peak GiB (GPU alloc)" if a.device == "cuda" else "peak GiB (max RSS)"
-    print(f"\n{info['card']}" + (f", bf16 matmul {info['matmul_tflops']:.0f} TFLOP/s" if a.device == "cuda" else ""))
-    print(
-        f"{'variant':<20} {'real tok/s':>10} {'step s':>7} {'tok/step':>8} {mem:>20} {'loss':>7}"
-        + (f" {'MFU':>6}" if a.device == "cuda" else "")
-    )
-    for r in rows:
-        if "failed" in r:
-            print(f"{r['variant']:<20} failed")
-            continue
-        line = (
-            f"{r['variant']:<20} {r['tokens_per_s']:>10.0f} {r['step_s']:>7.3f} {r['tokens_per_step']:>8.0f} "
-            f"{r['peak_gib']:>20.2f} {r['final_loss'] or float('nan'):>7.3f}"
-        )
-        print(line + (f" {r['mfu']:>6.1%}" if a.device == "cuda" else ""))
-    print(f"results: {out}")
+    _table(info, rows)
+    print(f"results: {out}" + (" (rows ran in parallel: speeds disturbed)" if a.jobs > 1 else ""))
     ok = {r["variant"]: r for r in rows if "failed" not in r}
-    fast = next((ok[n] for n in names if not n.startswith("seed") and n in ok), None)
+    if "fp16" in ok:
+        r = ok["fp16"]
+        print(
+            f"fp16: loss {r['first_loss']:.3f} -> {r['final_loss']:.3f} over {r['warmup_steps'] + r['timed_steps']:.0f}"
+            f" steps, {r['nonfinite_losses']} non-finite logged losses, {r['skipped_steps']} steps skipped by the "
+            "loss scaler"
+        )
+    fast = ok.get("default") or ok.get("cpu-default")
     if fast and "seed-fp32" in ok:  # informational; the contract line below compares with the seed as written
         print(f"{fast['variant']} / seed-fp32: {fast['tokens_per_s'] / ok['seed-fp32']['tokens_per_s']:.2f}×")
     speedup = fast["tokens_per_s"] / ok["seed"]["tokens_per_s"] if fast and "seed" in ok else float("nan")
