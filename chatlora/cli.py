@@ -242,7 +242,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge
 
-    out = merge(args.adapter, args.output)
+    out = merge(args.adapter, args.output, overwrite=args.overwrite)
     print(f"merged model written to {out} (safetensors + tokenizer); try: chatlora chat --model {out}")
     return 0
 
@@ -365,7 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("merge", help="merge an adapter into its base model (standalone safetensors)")
     mg.add_argument("--adapter", required=True)
-    mg.add_argument("--output", required=True)
+    mg.add_argument("--output", required=True, help="folder for the merged model (new or empty)")
+    mg.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --output, replacing the files merge writes"
+    )
     mg.set_defaults(func=cmd_merge)
 
     ev = sub.add_parser("eval", help="compare base and tuned model on held-out conversations; write a report")
