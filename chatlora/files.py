@@ -80,13 +80,13 @@ def _open_regular(path: Path, expected: str) -> tuple[int, os.stat_result]:
     except OSError as e:
         raise FileError(f"{name}: cannot read file ({e.strerror or e}): expected a readable file") from None
     info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        kind = next((what for test, what in _KINDS if test(info.st_mode)), "is not a regular file")
-        if kind == "is a directory":
-            raise FileError(f"{name}: is a directory: expected {expected}")
-        raise FileError(f"{name}: {kind}, not a regular file: expected {expected} (save the input to a file first)")
-    return fd, info
+    if stat.S_ISREG(info.st_mode):
+        return fd, info
+    os.close(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise FileError(f"{name}: is a directory: expected {expected}")
+    kind = next((what for test, what in _KINDS if test(info.st_mode)), "is not a regular file")
+    raise FileError(f"{name}: {kind}, not a regular file: expected {expected} (save the input to a file first)")
 
 
 def _too_big(name: str, size: int | None, limit: int) -> FileError:
