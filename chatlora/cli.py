@@ -60,6 +60,10 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from(args: argparse.Namespace) -> TrainConfig:
+    if args.config is not None:
+        from .files import check_input_file
+
+        check_input_file(args.config, "a YAML file")  # a pipe or device would block or never end the YAML read
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     return load_config(args.config, overrides)
 
@@ -236,46 +240,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .infer import read_prompts
+    from .infer import ReplyFile, generate_file, read_prompts
 
     sampling = _sampling(args)
     if args.batch_size <= 0:
         raise CliError("--batch-size must be > 0")
-    try:
-        prompts = read_prompts(args.input)
-    except FileNotFoundError:
-        raise CliError(f"{args.input}: file not found") from None
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    chat = _load_chat(args)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    # Group by system prompt so each batch shares one; order is restored when writing.
-    order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["system"] or "", i))
-    replies: dict[int, object] = {}
-    with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:
-        for start in range(0, len(order), args.batch_size):
-            idx = order[start : start + args.batch_size]
-            groups: dict[str | None, list[int]] = {}
-            for i in idx:
-                groups.setdefault(
-                    prompts[i]["system"] if prompts[i]["system"] is not None else args.system, []
-                ).append(i)
-            for system, members in groups.items():
-                outs = chat.generate_batch([prompts[i]["messages"] for i in members], sampling, system=system)
-                replies.update(zip(members, outs, strict=True))
-                bar.update(len(members))
-    with open(args.output, "w", encoding="utf-8") as f:
-        for i, p in enumerate(prompts):
-            r = replies[i]
-            row = {
-                **p["row"],
-                "reply": r.text,
-                "finish_reason": r.finish_reason,
-                "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
-            }
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    prompts = read_prompts(args.input)
+    with ReplyFile(args.output, inputs={"--input": args.input}) as out:  # checked before the model loads
+        chat = _load_chat(args)
+        generate_file(chat, prompts, out, sampling, args.batch_size, args.system)
     print(f"wrote {len(prompts)} replies to {args.output}", file=sys.stderr)
     return 0
 
@@ -283,7 +256,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge
 
-    out = merge(args.adapter, args.output)
+    out = merge(args.adapter, args.output, overwrite=args.overwrite)
     print(f"merged model written to {out} (safetensors + tokenizer); try: chatlora chat --model {out}")
     return 0
 
@@ -401,14 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--input", required=True, help='JSONL: {"messages": [...]} or {"prompt": "..."}, optional "system"'
     )
-    gen.add_argument("--output", required=True, help="JSONL: each input line plus reply and finish_reason")
+    gen.add_argument(
+        "--output",
+        required=True,
+        help="JSONL: each input line plus reply and finish_reason; replaced when complete, never the --input",
+    )
     gen.add_argument("--batch-size", type=int, default=8)
     _add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
     mg = sub.add_parser("merge", help="merge an adapter into its base model (standalone safetensors)")
     mg.add_argument("--adapter", required=True)
-    mg.add_argument("--output", required=True)
+    mg.add_argument("--output", required=True, help="folder for the merged model (new or empty)")
+    mg.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty --output, replacing the files merge writes"
+    )
     mg.set_defaults(func=cmd_merge)
 
     ev = sub.add_parser("eval", help="compare base and tuned model on held-out conversations; write a report")

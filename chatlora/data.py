@@ -7,16 +7,21 @@ Supported file layouts: a JSON array of records, or JSONL (one JSON object per l
 * ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|..., "value": str}, ...], "system"?}``
 
 Every record is normalized to OpenAI-style messages. Problems are collected for the whole file and raised together as
-one :class:`DataError`, each problem formatted as ``PATH:LINE: what is wrong: what was expected``.
+one :class:`DataError`, each problem formatted as ``PATH:LINE: what is wrong: what was expected``. Only regular files
+within the input size limit are read (:mod:`chatlora.files`); values Python cannot hold (nested too deeply, integers
+over 4,300 digits) and strings with lone surrogates are problems of their line like any invalid JSON.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .files import FileError, read_input
 
 __all__ = [
     "FORMATS",
@@ -28,6 +33,7 @@ __all__ = [
     "length_stats",
     "load_records",
     "parse_columns",
+    "read_json_file",
 ]
 
 Message = dict[str, str]
@@ -45,6 +51,9 @@ MAX_SHOWN_PROBLEMS = 50
 
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 _BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Decoded UTF-8 never holds a surrogate; only a \uD800-\uDFFF escape can make one, so look for those first.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _JSON_TYPES = {
     type(None): "null",
     bool: "bool",
@@ -82,6 +91,12 @@ class DataError(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__(self.problems)
+
+    @classmethod
+    def at(cls, path: str | Path, problems: list[tuple[int, str]]) -> DataError:
+        """The error for ``(line, problem)`` pairs of one file, sorted by line: ``"PATH:LINE: problem"`` each."""
+        ordered = sorted(problems, key=lambda item: item[0])  # stable: keeps order within a line
+        return cls([f"{path}:{line}: {message}" for line, message in ordered])
 
     def __str__(self) -> str:
         shown = self.problems[:MAX_SHOWN_PROBLEMS]
@@ -180,23 +195,23 @@ class _Problems:
         return bool(self.items)
 
     def error(self) -> DataError:
-        ordered = sorted(self.items, key=lambda item: item[0])  # stable: keeps order within a line
-        return DataError([f"{self.path}:{line}: {message}" for line, message in ordered])
+        return DataError.at(self.path, self.items)
 
 
 def _read_text(path: Path, problems: _Problems) -> tuple[str, set[int]]:
     """Read the file as UTF-8 (BOM stripped); report each line with invalid UTF-8 and return those lines too."""
     name = problems.path
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError([f"{name}: file not found"]) from None
-    except IsADirectoryError:
-        raise DataError([f"{name}: is a directory: expected a JSON or JSONL file"]) from None
-    except OSError as e:
-        raise DataError([f"{name}: cannot read file ({e.strerror or e}): expected a readable file"]) from None
+        data = read_input(path, "a JSON or JSONL file")
+    except FileError as e:
+        raise DataError([str(e)]) from None
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DataError([f"{name}:1: file is UTF-16 (byte-order mark {data[:2].hex()}): the file must be UTF-8"])
+    # JSON starts with an ASCII character, so UTF-16 without a BOM shows a zero byte in one of the first two.
+    if len(data) >= 2 and (data[0] == 0) != (data[1] == 0):
+        order = "big" if data[0] == 0 else "little"
+        problem = f"file is UTF-16 ({order}-endian, no byte-order mark): UTF-16 is not supported, save it as UTF-8"
+        raise DataError([f"{name}:1: {problem}"])
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
     try:
@@ -216,6 +231,53 @@ def _read_text(path: Path, problems: _Problems) -> tuple[str, set[int]]:
     return data.decode("utf-8", errors="replace"), bad
 
 
+class _BadValue(Exception):
+    """Valid JSON syntax that Python cannot hold (too deep, a huge integer) or that is not valid Unicode."""
+
+
+def _decode(decode, *args):
+    """Run a json decode call, turning Python's own limits into :class:`_BadValue` with a plain message."""
+    try:
+        return decode(*args)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise _BadValue(
+            f"JSON nested too deeply (Python's parser stops near {sys.getrecursionlimit()} levels of arrays/objects): "
+            "expected records a few levels deep"
+        ) from None
+    except ValueError:  # int() refuses more digits than sys.get_int_max_str_digits()
+        raise _BadValue(
+            f"a number has more than {sys.get_int_max_str_digits()} digits: expected numbers of ordinary size"
+        ) from None
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first unpaired UTF-16 surrogate in any string (key or value) inside ``value``, else None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if found := _SURROGATE.search(item):
+                return found.group()
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+    return None
+
+
+def _unicode_problem(text: str, start: int, end: int, value: Any) -> str | None:
+    """Say so if ``value`` (parsed from ``text[start:end]``) holds a lone surrogate, which no tokenizer accepts."""
+    if not _SURROGATE_ESCAPE.search(text, start, end) or (char := _lone_surrogate(value)) is None:
+        return None
+    return (
+        f"invalid Unicode: a string holds the lone surrogate \\u{ord(char):04x}: "
+        "expected valid Unicode text (characters outside the BMP as a \\uD8xx\\uDCxx pair)"
+    )
+
+
 def _parse_array(text: str, start: int, problems: _Problems) -> list[tuple[int, int, Any]]:
     """Scan a JSON array element by element; return ``(line, index, value)`` for each element.
 
@@ -225,6 +287,7 @@ def _parse_array(text: str, start: int, problems: _Problems) -> list[tuple[int, 
     decoder = json.JSONDecoder()
     n = len(text)
     items: list[tuple[int, int, Any]] = []
+    index = 0
     line, counted = 1, 0
 
     def line_at(pos: int) -> int:
@@ -246,9 +309,12 @@ def _parse_array(text: str, start: int, problems: _Problems) -> list[tuple[int, 
         if pos >= n:
             problems.add(last_line(), "truncated JSON array: expected a record or ']' before the end of the file")
             return items
-        element_line = line_at(pos)
+        element_line, element_start = line_at(pos), pos
         try:
-            value, pos = decoder.raw_decode(text, pos)
+            value, pos = _decode(decoder.raw_decode, text, pos)
+        except _BadValue as e:
+            problems.add(element_line, str(e))
+            return items  # the decoder stopped inside the record: where it ends is unknown
         except json.JSONDecodeError as e:
             if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
                 problems.add(
@@ -259,7 +325,11 @@ def _parse_array(text: str, start: int, problems: _Problems) -> list[tuple[int, 
             else:
                 problems.add(e.lineno, f"invalid JSON: {e.msg} (column {e.colno}): expected a valid JSON array")
             return items
-        items.append((element_line, len(items), value))
+        if bad := _unicode_problem(text, element_start, pos, value):
+            problems.add(element_line, bad)
+        else:
+            items.append((element_line, index, value))
+        index += 1
         pos = _WS.match(text, pos).end()
         if pos >= n:
             problems.add(last_line(), "truncated JSON array: expected ',' or ']' after the last record")
@@ -288,9 +358,9 @@ def _parse_jsonl(text: str, bad_lines: set[int], problems: _Problems) -> list[tu
     if stripped.startswith("{") and "\n" in stripped:
         # A single pretty-printed object is not JSONL; say so once instead of once per line.
         try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            pass
+            whole = _decode(json.loads, text)
+        except (json.JSONDecodeError, _BadValue):
+            pass  # each line is checked (and reported) below
         else:
             if isinstance(whole, dict):
                 problems.add(
@@ -309,9 +379,15 @@ def _parse_jsonl(text: str, bad_lines: set[int], problems: _Problems) -> list[tu
         if lineno in bad_lines:
             continue  # already reported as invalid UTF-8
         try:
-            value = json.loads(raw)
+            value = _decode(json.loads, raw)
         except json.JSONDecodeError as e:
             problems.add(lineno, f"invalid JSON: {e.msg} (column {e.colno}): expected one JSON object per line")
+            continue
+        except _BadValue as e:
+            problems.add(lineno, str(e))
+            continue
+        if bad := _unicode_problem(raw, 0, len(raw), value):
+            problems.add(lineno, bad)
             continue
         items.append((lineno, position, value))
     return items
@@ -425,7 +501,9 @@ def _normalize_list(
         if role_key not in item:
             errors.append(f'{where} has no "{role_key}": expected one of {allowed}')
         elif not isinstance(item[role_key], str) or item[role_key] not in role_map:
-            shown = json.dumps(item[role_key], ensure_ascii=False)
+            value = item[role_key]
+            # containers by type only: a deeply nested one would overflow json.dumps
+            shown = _type_name(value) if isinstance(value, (list, dict)) else json.dumps(value, ensure_ascii=False)
             errors.append(f"{where}.{role_key} is {shown}: expected one of {allowed}")
         else:
             role = role_map[item[role_key]]
@@ -479,6 +557,33 @@ _NORMALIZERS = {"alpaca": _normalize_alpaca, "messages": _normalize_messages, "s
 # Public entry points
 
 
+def _read_items(path: Path, problems: _Problems) -> list[tuple[int, int, Any]]:
+    text, bad_lines = _read_text(path, problems)
+    start = len(text) - len(text.lstrip())
+    if start < len(text) and text[start] == "[":
+        return _parse_array(text, start, problems)
+    return _parse_jsonl(text, bad_lines, problems)
+
+
+def read_json_file(path: str | Path) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+    """Read a JSON array or JSONL file exactly as :func:`load_records` does, without validating the records.
+
+    The file must be a regular file within the input size limit (see :mod:`chatlora.files`), in UTF-8; JSONL lines
+    are split on ``\\n`` only (U+2028 inside a string is fine). Values nested too deeply, numbers too long for
+    Python and strings with lone surrogates are problems of their line, like invalid JSON.
+
+    Returns:
+        ``(line, value)`` for every value read and ``(line, problem)`` for every broken line, in file order; the
+        caller adds its own problems and raises them with :meth:`DataError.at`.
+
+    Raises:
+        DataError: If the file cannot be read at all (missing, not a regular file, too big, UTF-16).
+    """
+    problems = _Problems(str(path))
+    items = _read_items(Path(path), problems)
+    return [(line, value) for line, _, value in items], list(problems.items)
+
+
 def load_records(path: str | Path, format: str = "auto", columns: dict[str, str] | None = None) -> list[Record]:
     """Read a dataset (JSON array or JSONL), validate it and return normalized records.
 
@@ -501,13 +606,7 @@ def load_records(path: str | Path, format: str = "auto", columns: dict[str, str]
         raise ValueError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
     cols = _check_columns(columns)
     problems = _Problems(str(path))
-    text, bad_lines = _read_text(Path(path), problems)
-
-    start = len(text) - len(text.lstrip())
-    if start < len(text) and text[start] == "[":
-        items = _parse_array(text, start, problems)
-    else:
-        items = _parse_jsonl(text, bad_lines, problems)
+    items = _read_items(Path(path), problems)
     if not items and not problems:
         problems.add(1, "dataset is empty: expected at least one record")
 

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .data import DataError, read_json_file
+from .files import FileError, check_output_file, temp_file
 from .model import base_quantization, load_model, load_tokenizer, pick_device, resolve_model
 from .template import encode_prompt, end_of_turn, with_system
 
-__all__ = ["ChatModel", "Reply", "SamplingConfig", "Stream", "read_prompts"]
+__all__ = ["ChatModel", "ReplyFile", "Reply", "SamplingConfig", "Stream", "generate_file", "read_prompts"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -236,38 +243,174 @@ class ChatModel:
         return stream
 
 
+def _prompt_problem(row: Any) -> tuple[list[dict] | None, str | None]:
+    """The messages of one prompts-file row, or the problem with it."""
+    if not isinstance(row, dict):
+        return None, "expected a JSON object with 'messages' or 'prompt'"
+    if "system" in row and not isinstance(row["system"], str):
+        return None, "'system' must be a string"
+    if isinstance(row.get("prompt"), str):
+        return [{"role": "user", "content": row["prompt"]}], None
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None, "expected a 'prompt' string or a non-empty 'messages' list"
+    if any(
+        not isinstance(m, dict)
+        or m.get("role") not in ("system", "user", "assistant")
+        or not isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        return None, "each message needs a role (system/user/assistant) and string content"
+    if messages[-1]["role"] != "user":
+        return None, "the last message must be a user turn to reply to"
+    return messages, None
+
+
 def read_prompts(path: str | Path) -> list[dict]:
-    """Read a prompts JSONL: each line ``{"messages": [...]}`` or ``{"prompt": "..."}``, optional ``system``."""
+    """Read a prompts file: each record ``{"messages": [...]}`` or ``{"prompt": "..."}``, optional ``system``.
+
+    The file is read like a dataset (:func:`chatlora.data.read_json_file`: JSONL or a JSON array, regular files
+    within the size limit, every bad line reported).
+
+    Returns:
+        ``{"row", "messages", "system", "line"}`` per prompt, in file order.
+
+    Raises:
+        DataError: Every problem found, each ``PATH:LINE: ...``.
+    """
+    items, problems = read_json_file(path)
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg}): expected one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object with 'messages' or 'prompt'")
-        if isinstance(row.get("prompt"), str):
-            messages = [{"role": "user", "content": row["prompt"]}]
-        elif isinstance(row.get("messages"), list) and row["messages"]:
-            messages = row["messages"]
-            bad = [
-                m
-                for m in messages
-                if not isinstance(m, dict)
-                or m.get("role") not in ("system", "user", "assistant")
-                or not isinstance(m.get("content"), str)
-            ]
-            if bad:
-                raise ValueError(f"{path}:{n}: each message needs a role (system/user/assistant) and string content")
-            if messages[-1]["role"] != "user":
-                raise ValueError(f"{path}:{n}: the last message must be a user turn to reply to")
+    for line, row in items:
+        messages, problem = _prompt_problem(row)
+        if problem is not None:
+            problems.append((line, problem))
         else:
-            raise ValueError(f"{path}:{n}: expected a 'prompt' string or a non-empty 'messages' list")
-        if "system" in row and not isinstance(row["system"], str):
-            raise ValueError(f"{path}:{n}: 'system' must be a string")
-        rows.append({"row": row, "messages": messages, "system": row.get("system"), "line": n})
+            rows.append({"row": row, "messages": messages, "system": row.get("system"), "line": line})
+    if problems:
+        raise DataError.at(path, problems)
     if not rows:
-        raise ValueError(f"{path}: no prompts found: expected one JSON object per line")
+        raise DataError([f"{path}: no prompts found: expected one JSON object per line"])
     return rows
+
+
+class ReplyFile:
+    """Where ``generate`` writes, made safe: the output is replaced whole at the end or left untouched.
+
+    Opening checks everything that can be checked before a model is loaded: ``output`` is none of ``inputs`` (a link
+    included), not a directory, and its folder takes a new file. Each reply is appended to a journal
+    ``OUTPUT.<random>.partial`` next to the output, and synced, as soon as it exists; :meth:`commit` renames the
+    journal over the output (or a copy in input order, when batches finished out of order). If anything fails
+    before that, the journal stays with every finished reply, and the output is never touched.
+    """
+
+    def __init__(self, output: str | Path, inputs: dict[str, str | Path] | None = None) -> None:
+        self.output = Path(output)
+        self.target = check_output_file(output, inputs)
+        self._fd, self.journal = temp_file(self.target, output)
+        self._size = 0  # journal bytes that hold whole rows
+        self.rows: dict[int, bytes] = {}
+        self._order: list[int] = []
+
+    @staticmethod
+    def _write(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def add(self, index: int, row: dict) -> None:
+        """Append the output row of input row ``index`` to the journal (on disk before this returns)."""
+        line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            self._write(self._fd, line)
+            os.fsync(self._fd)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)  # a cut row is not JSON; the whole ones stay readable
+            raise FileError(
+                f"{self.output}: cannot write the replies ({e.strerror or e}): the {len(self.rows)} finished "
+                f"replies are in {self.journal}"
+            ) from None
+        self._size += len(line)
+        self.rows[index] = line
+        self._order.append(index)
+
+    def commit(self) -> Path:
+        """Rename the rows, in input order, over the output; return the output path."""
+        source = self.journal
+        try:
+            if self._order != sorted(self._order):
+                # Reorder into a second file: the journal stays whole until the output is in place.
+                fd, source = temp_file(self.target, self.output)
+                try:
+                    self._write(fd, b"".join(self.rows[i] for i in sorted(self.rows)))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(source, self.target)
+        except OSError as e:
+            if source != self.journal:
+                source.unlink(missing_ok=True)
+            raise FileError(
+                f"{self.output}: cannot write the replies ({e.strerror or e}): they are in {self.journal}"
+            ) from None
+        os.close(self._fd)
+        self._fd = -1
+        self.journal.unlink(missing_ok=True)
+        return self.output
+
+    def __enter__(self) -> ReplyFile:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._fd = -1
+        if not self.rows:
+            self.journal.unlink(missing_ok=True)
+        elif not isinstance(error, FileError):  # a FileError already says where the replies are
+            log.warning("stopped after %d replies; the finished ones are in %s", len(self.rows), self.journal)
+
+
+def generate_file(
+    chat: ChatModel,
+    prompts: list[dict],
+    out: ReplyFile,
+    sampling: SamplingConfig | None = None,
+    batch_size: int = 8,
+    system: str | None = None,
+) -> Path:
+    """Answer ``prompts`` (from :func:`read_prompts`) in batches and write each input row plus its reply to ``out``.
+
+    Prompts are grouped by system prompt (a row's own, else ``system``, else the model's) so that each batch shares
+    one; rows go to ``out`` as their batch finishes and end up in input order when ``out`` is committed.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["system"] or "", i))
+    with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:
+        for start in range(0, len(order), batch_size):
+            groups: dict[str | None, list[int]] = {}
+            for i in order[start : start + batch_size]:
+                own = prompts[i]["system"]
+                groups.setdefault(own if own is not None else system, []).append(i)
+            for group_system, members in groups.items():
+                replies = chat.generate_batch([prompts[i]["messages"] for i in members], sampling, system=group_system)
+                for i, reply in zip(members, replies, strict=True):
+                    out.add(
+                        i,
+                        {
+                            **prompts[i]["row"],
+                            "reply": reply.text,
+                            "finish_reason": reply.finish_reason,
+                            "usage": {
+                                "prompt_tokens": reply.prompt_tokens,
+                                "completion_tokens": reply.completion_tokens,
+                            },
+                        },
+                    )
+                bar.update(len(members))
+    return out.commit()

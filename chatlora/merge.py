@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 
+from .files import publish_dir, staging_dir
 from .model import ModelError, load_model, load_tokenizer, resolve_model
 from .train import RUN_CARD, read_adapter
 
@@ -16,8 +18,25 @@ __all__ = ["merge"]
 log = logging.getLogger(__name__)
 
 
-def merge(adapter: str | Path, output: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """``base + adapter`` -> one model dir that ``from_pretrained`` (and ``chatlora chat --model``) loads alone."""
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ModelError(f"{output}: is a file: --output must be a folder for the merged model")
+    if output.is_dir() and not overwrite and any(output.iterdir()):
+        raise ModelError(
+            f"{output}: folder is not empty: merge would replace files in it; choose a new or empty --output, "
+            "or pass --overwrite to write into it (its other files are kept)"
+        )
+
+
+def merge(
+    adapter: str | Path, output: str | Path, dtype: torch.dtype = torch.float32, overwrite: bool = False
+) -> Path:
+    """``base + adapter`` -> one model dir that ``from_pretrained`` (and ``chatlora chat --model``) loads alone.
+
+    The model is written to a staging folder next to ``output`` and moved into place when complete, so a failure
+    leaves ``output`` as it was. A non-empty ``output`` is refused unless ``overwrite`` (then the files merge writes
+    are replaced one by one, each atomically, and the folder's other files are kept).
+    """
     from peft import PeftModel
 
     adapter, output = Path(adapter), Path(output)
@@ -32,20 +51,29 @@ def merge(adapter: str | Path, output: str | Path, dtype: torch.dtype = torch.fl
             "merged model's replies can differ slightly from the 4-bit model it was trained against",
             quantized,
         )
-    base = load_model(resolve_model(spec), dtype)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    output.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(output, safe_serialization=True)
-    load_tokenizer(str(adapter)).save_pretrained(output)
-    if card:
-        card = {
-            **card,
-            "merged_from": {
-                "adapter": str(adapter.resolve()),
-                "base_model": card.get("base_model"),
-                "merged_into": "full-precision base" + (f" (trained on a {quantized} base)" if quantized else ""),
-            },
-        }
-        card["base_model"] = {"spec": str(output.resolve()), "resolved": str(output.resolve())}
-        (output / RUN_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    _check_output(output, overwrite)
+    staging = staging_dir(output)  # also proves the folder is writable before the model loads
+    try:
+        base = load_model(resolve_model(spec), dtype)
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        merged.save_pretrained(staging, safe_serialization=True)
+        load_tokenizer(str(adapter)).save_pretrained(staging)
+        if card:
+            card = {
+                **card,
+                "merged_from": {
+                    "adapter": str(adapter.resolve()),
+                    "base_model": card.get("base_model"),
+                    "merged_into": "full-precision base" + (f" (trained on a {quantized} base)" if quantized else ""),
+                },
+            }
+            card["base_model"] = {"spec": str(output.resolve()), "resolved": str(output.resolve())}
+            (staging / RUN_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        publish_dir(staging, output)
+    except OSError as e:
+        raise ModelError(
+            f"{output}: cannot write the merged model ({e.strerror or e}); {output} is unchanged"
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return output

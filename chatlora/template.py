@@ -105,6 +105,10 @@ def _find_end_of_turn(tokenizer) -> tuple[str, int]:
     return tokenizer.eos_token, tokenizer.eos_token_id
 
 
+# Earlier whole turns rendered before each new one when locating it; enough for templates that look back a turn.
+_CONTEXT_TURNS = 2
+
+
 def _prefix_len(prefix: str, full: str, what: str) -> int:
     if not full.startswith(prefix):
         raise TemplateError(
@@ -114,21 +118,69 @@ def _prefix_len(prefix: str, full: str, what: str) -> int:
     return len(prefix)
 
 
+def _spans_by_prefix(messages: list[dict], tokenizer, full: str) -> list[tuple[int, int]]:
+    """``(start, end)`` in ``full`` of each assistant turn, from renderings of every prefix (quadratic, exact)."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start = _prefix_len(render_text(messages[:i], tokenizer, add_generation_prompt=True), full, f"turn {i}")
+            end = _prefix_len(render_text(messages[: i + 1], tokenizer), full, f"turn {i + 1}")
+            spans.append((start, end))
+    return spans
+
+
+def _spans_by_window(messages: list[dict], tokenizer, full: str) -> list[tuple[int, int]] | None:
+    """The spans of :func:`_spans_by_prefix` in linear time, or None where this shortcut cannot vouch for them.
+
+    Each assistant turn is located from a window: the system message, the last ``_CONTEXT_TURNS`` whole turns and
+    the new one. What the window's rendering adds for the new turn (generation prompt, reply) must equal ``full``
+    at the end of the previous turn; that holds for templates that render each turn from the turn and its
+    neighbours. Templates that number turns or rewrite history fail the comparison (or raise) and return None.
+    """
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    spans: list[tuple[int, int]] = []
+    end = 0  # where the previous turn ends in full
+    previous = ""  # the rendering of the previous window, when it equals the next context
+    for n, i in enumerate(assistants):
+        first = assistants[n - 1] + 1 if n else 0  # messages after the previous turn
+        if n <= _CONTEXT_TURNS:
+            context = messages[:first]  # the true prefix: no window yet
+        else:
+            context = head + messages[assistants[n - 1 - _CONTEXT_TURNS] + 1 : first]
+        try:
+            base = previous if n <= _CONTEXT_TURNS else render_text(context, tokenizer)
+            prompt = render_text(context + messages[first:i], tokenizer, add_generation_prompt=True)
+            reply = render_text(context + messages[first : i + 1], tokenizer)
+        except Exception:  # e.g. a template's raise_exception on a window it finds odd: use the exact way
+            return None
+        if not (prompt.startswith(base) and reply.startswith(base)):
+            return None
+        added_prompt, added_reply = prompt[len(base) :], reply[len(base) :]
+        if not (full.startswith(added_prompt, end) and full.startswith(added_reply, end)):
+            return None
+        spans.append((end + len(added_prompt), end + len(added_reply)))
+        end += len(added_reply)
+        previous = reply
+    return spans
+
+
 def _pieces(messages: list[dict], tokenizer, add_generation_prompt: bool) -> list[tuple[str, bool]]:
     """Split the rendering of ``messages`` into consecutive ``(text, trained)`` pieces.
 
     A trained piece is one assistant reply through its end-of-turn token; whatever the template writes after that
-    token (ChatML's newline) belongs to the next, untrained piece.
+    token (ChatML's newline) belongs to the next, untrained piece. The reply spans are the ones found by rendering
+    every prefix of the conversation; :func:`_spans_by_window` finds them in linear time for templates that render
+    turn by turn, and the prefix renderings are the fallback for the others.
     """
     full = render_text(messages, tokenizer, add_generation_prompt=add_generation_prompt)
+    spans = _spans_by_window(messages, tokenizer, full)
+    if spans is None:
+        spans = _spans_by_prefix(messages, tokenizer, full)
     eot, _ = end_of_turn(tokenizer)
     pieces: list[tuple[str, bool]] = []
     pos = 0
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = _prefix_len(render_text(messages[:i], tokenizer, add_generation_prompt=True), full, f"turn {i}")
-        end = _prefix_len(render_text(messages[: i + 1], tokenizer), full, f"turn {i + 1}")
+    for start, end in spans:
         block = full[start:end]
         cut = block.rfind(eot)
         stop = start + cut + len(eot) if cut >= 0 else end

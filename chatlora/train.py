@@ -157,23 +157,55 @@ def _versions() -> dict[str, str]:
 
 
 def read_run_card(adapter_dir: str | Path) -> dict[str, Any]:
-    """The ``chatlora.json`` of a run, or ``{}`` for an adapter trained elsewhere."""
+    """The ``chatlora.json`` of a run, or ``{}`` for an adapter trained elsewhere; ModelError naming a broken one."""
+    from .files import FileError, read_json_object
+
     path = Path(adapter_dir) / RUN_CARD
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        card = read_json_object(path)
+    except FileError as e:
+        raise ModelError(str(e)) from None
+    for key in ("base_model", "template"):  # the parts that loaders index into
+        if key in card and not isinstance(card[key], dict):
+            raise ModelError(f'{path}: "{key}" is {json.dumps(card[key])[:40]}: expected a JSON object')
+    spec = card.get("base_model", {}).get("spec")
+    if spec is not None and not isinstance(spec, str):
+        raise ModelError(f'{path}: "base_model.spec" is {json.dumps(spec)[:40]}: expected the base model as a string')
+    return card
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], str]:
     """Check that ``adapter_dir`` holds a PEFT adapter; return its run card and its base model spec.
 
-    The spec is the run card's (``embedded``, a dir, a hub id), else PEFT's ``base_model_name_or_path``.
+    The spec is the run card's (``embedded``, a dir, a hub id), else PEFT's ``base_model_name_or_path``. A missing,
+    damaged or incomplete file is a ModelError that names it.
     """
+    from .files import FileError, read_json_object
+
     adapter = Path(adapter_dir)
-    if not (adapter / "adapter_config.json").is_file():
+    config_path = adapter / "adapter_config.json"
+    if not config_path.is_file():
         raise ModelError(f"{adapter}: no adapter_config.json here; is this a chatlora output dir?")
+    try:
+        config = read_json_object(config_path)
+    except FileError as e:
+        raise ModelError(str(e)) from None
+    weights = [adapter / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
+    if not any(w.is_file() for w in weights):
+        raise ModelError(
+            f"{adapter}: no adapter weights ({weights[0]} is missing): the run may not have finished; "
+            "use one of its checkpoint-N folders or train again"
+        )
     card = read_run_card(adapter)
     spec = card.get("base_model", {}).get("spec")
     if spec is None:
-        spec = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        spec = config.get("base_model_name_or_path")
+        if not isinstance(spec, str) or not spec:
+            raise ModelError(
+                f'{config_path}: no "base_model_name_or_path": expected the base model the adapter was trained on'
+            )
     return card, spec
 
 
