@@ -402,7 +402,7 @@ def parse_chat_request(
     if served is None:
         raise ApiError(
             404,
-            f"The model '{body.model}' does not exist; served models: {', '.join(models.models)}",
+            f"The model '{body.model[:100]}' does not exist; served models: {', '.join(models.models)}",
             "model",
             "model_not_found",
         )
@@ -648,7 +648,8 @@ class _Guard:
                 None,
                 "unsupported_media_type",
             )
-        if int(headers.get("content-length") or 0) > self.max_body_bytes:  # h11 has checked it is a number
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > self.max_body_bytes):
             return self._too_large()
         return None
 
@@ -925,9 +926,9 @@ def create_app(
 class _Http(H11Protocol):
     """uvicorn's h11 protocol plus what it lacks against slow or hostile clients.
 
-    - A deadline (``read_timeout``) for receiving a whole request, headers and body, counted from the connection's
-      start or the previous response's end: uvicorn's keep-alive timer only covers silence after a response, so a
-      connection that trickles (or never finishes) its headers was held forever.
+    - A deadline (``read_timeout``) for receiving a whole request, headers and body, counted from its first byte
+      (or from the connection's start): uvicorn's keep-alive timer only covers silence after a response, so a
+      connection that sent nothing, or trickled its headers without ever finishing them, was held forever.
     - A cap on open connections (``max_connections``): the ones past it get a 503 and are closed.
     - Header errors answered with their status (431 when the headers are too large, else 400) as OpenAI-shaped JSON,
       and a lingering close after such refusals: closing a socket with unread input makes the kernel send a reset,
@@ -951,17 +952,27 @@ class _Http(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._dropped is None:
-            super().data_received(data)
+        if self._dropped is not None:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self.transport.close()
             return
-        self._dropped += len(data)
-        if self._dropped > LINGER_BYTES:
-            self.transport.close()
+        if self._read_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # the first bytes of the next request on this connection
+        super().data_received(data)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()  # the next request on this connection gets its own deadline
+        self._disarm()
+        super().on_response_complete()  # may start a pipelined request that is already here
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.more_body and not self.transport.is_closing():
+            self._arm()
+
+    def shutdown(self) -> None:
+        if self._dropped is not None:  # refused and lingering: h11 has nothing to close gracefully
+            self.transport.close()
+            return
+        super().shutdown()
 
     def send_400_response(self, msg: str) -> None:  # uvicorn calls it on any h11.RemoteProtocolError
         if len(self.conn.trailing_data[0]) > self.config.h11_max_incomplete_event_size:
@@ -1043,7 +1054,7 @@ def _server_config(
     )
 
 
-def bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port``, or a ValueError that says why not (the port is taken, ...)."""
     sock = None
     try:
@@ -1097,7 +1108,7 @@ def run(
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:  # before the minutes of loading
         raise ValueError("read_timeout, timeout_keep_alive and max_connections must be > 0")
-    sock = bind(host, port)
+    sock = _bind(host, port)
     try:
         models = load_models(adapters, model, base_only, device)
         app = create_app(

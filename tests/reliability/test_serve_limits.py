@@ -255,6 +255,19 @@ def test_connections_whose_requests_never_finish_are_dropped(models, name):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
 
 
+def test_the_read_deadline_spares_idle_keep_alive_connections(models):
+    """Bug: the request deadline ran from the previous response's end, so a keep-alive connection idle for longer
+    than --read-timeout (but within --timeout-keep-alive) was cut with a 408 instead of serving its next request."""
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with BackgroundServer(create_app(models), read_timeout=1, timeout_keep_alive=10) as srv:
+        with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=10) as s:
+            s.sendall(request)
+            assert read_response(s).startswith(b"HTTP/1.1 200 ")
+            time.sleep(1.5)
+            s.sendall(request)
+            assert read_response(s).startswith(b"HTTP/1.1 200 ")
+
+
 def test_connections_past_the_limit_get_503(models):
     """Bug: the number of open connections was unbounded, so idle ones piled up until file descriptors ran out;
     past --max-connections a new one gets a 503 it can read, and service resumes when the others close."""
@@ -429,3 +442,12 @@ def test_serve_flags_reach_the_server(monkeypatch):
     assert main(["serve", "--model", "m", "--allowed-origins", "*"]) == 0 and got["allowed_origins"] == ["*"]
     for bad in (["--max-body-mb", "0"], ["--max-messages", "0"], ["--read-timeout", "-1"], ["--max-connections", "0"]):
         assert main(["serve", "--model", "m", *bad]) == 2, bad
+    monkeypatch.delenv("CHATLORA_ORIGINS")
+    assert main(["serve", "--model", "m"]) == 0  # the flags' defaults are the library's
+    assert (
+        got["max_body_bytes"] == chatlora.serve.MAX_BODY_BYTES and got["max_messages"] == chatlora.serve.MAX_MESSAGES
+    )
+    assert got["read_timeout"] == chatlora.serve.READ_TIMEOUT_S
+    assert got["timeout_keep_alive"] == chatlora.serve.KEEP_ALIVE_S
+    assert got["max_connections"] == chatlora.serve.MAX_CONNECTIONS
+    assert got["allowed_hosts"] == got["allowed_origins"] == []
