@@ -931,8 +931,9 @@ class _Http(H11Protocol):
       connection that sent nothing, or trickled its headers without ever finishing them, was held forever.
     - A cap on open connections (``max_connections``): the ones past it get a 503 and are closed.
     - Header errors answered with their status (431 when the headers are too large, else 400) as OpenAI-shaped JSON,
-      and a lingering close after such refusals: closing a socket with unread input makes the kernel send a reset,
-      which can destroy the answer in flight, so the rest of the request is read and dropped for a moment first.
+      and a lingering close after such refusals (RFC 9112 9.6): closed at once, the socket breaks the pipe of a
+      client still writing its request, and clients that write before they read (urllib3) report that instead of
+      the answer; so the server half-closes and reads and drops the rest for a moment first.
     """
 
     read_timeout: float = READ_TIMEOUT_S

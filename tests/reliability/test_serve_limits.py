@@ -90,6 +90,17 @@ def read_response(s: socket.socket) -> bytes:
         buf += chunk
 
 
+def upload_then_read(srv, head: bytes, size: int) -> bytes:
+    """Send ``head`` and ``size`` more bytes in 64 KiB pieces, as a client that writes its whole request before
+    reading (urllib3/requests do) would, then read the answer. Fails on a broken pipe or reset while writing."""
+    with socket.create_connection(("127.0.0.1", port_of(srv)), timeout=10) as s:
+        s.sendall(head)
+        for _ in range(size // 65536):
+            s.sendall(b"x" * 65536)
+            time.sleep(0.005)
+        return read_response(s)
+
+
 def closed_by_server(s: socket.socket) -> bool:
     """Read until EOF (True), or until the socket's timeout passes with the connection still open (False)."""
     try:
@@ -202,6 +213,11 @@ def test_a_50mb_body_gets_413_not_a_reset(server):
     under the client, which then saw a network error instead of the 413."""
     r = post(server.url, raw=b"x" * 50_000_000)
     assert_openai_error(r, 413, code="request_too_large")
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 10000000\r\n\r\n"
+    )
+    assert upload_then_read(server, head, 10_000_000).startswith(b"HTTP/1.1 413 ")
     assert httpx.get(server.url + "/health").status_code == 200
 
 
@@ -250,9 +266,21 @@ def test_connections_whose_requests_never_finish_are_dropped(models, name):
         finally:
             for s in stalled:
                 s.close()
-        # A request that arrived in time is never cut, however long its reply takes (~ a few seconds here).
-        r = post(srv.url, {"model": name, "messages": HI, "max_tokens": 40, "temperature": 0})
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
+        # A request that arrived in time is never cut, however long its answer takes: here it waits for the busy
+        # model past the deadline.
+        admission = srv.server.config.app.state.admission
+        answers: list = []
+        admission.gate.acquire()
+        try:
+            worker = threading.Thread(
+                target=lambda: answers.append(post(srv.url, {"model": name, "messages": HI, "max_tokens": 4}))
+            )
+            worker.start()
+            time.sleep(2.5)
+        finally:
+            admission.gate.release()
+        worker.join(60)
+        assert answers[0].status_code == 200 and answers[0].json()["usage"]["completion_tokens"] == 4
 
 
 def test_the_read_deadline_spares_idle_keep_alive_connections(models):
@@ -393,9 +421,12 @@ def test_hostile_json_is_a_400_never_a_500(server, name, raw):
 
 
 def test_a_1mb_header_gets_431(server):
-    """Bug: a 1 MB Authorization header reset the connection (the client saw a network error, not an answer)."""
+    """Bug: a 1 MB Authorization header reset the connection (the client saw a network error, not an answer): the
+    server must answer 431 and drain the rest of the header before closing, so the client can finish writing."""
     r = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer " + "x" * 1_000_000}, timeout=30)
     assert_openai_error(r, 431, code="headers_too_large")
+    head = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+    assert upload_then_read(server, head, 1_000_000).startswith(b"HTTP/1.1 431 ")
     assert httpx.get(server.url + "/health").status_code == 200
 
 
