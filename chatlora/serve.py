@@ -944,6 +944,7 @@ class _Http(H11Protocol):
         self._read_timer: asyncio.TimerHandle | None = None
         self._dropped: int | None = None  # bytes read and dropped while lingering; None: not lingering
         if len(self.connections) > self.max_connections:
+            log.warning("refused a connection: %d are open (--max-connections)", len(self.connections) - 1)
             self._refuse(503, "too many open connections; retry shortly", "too_many_connections", "Retry-After: 1")
             return
         self._arm()
@@ -979,7 +980,8 @@ class _Http(H11Protocol):
         if len(self.conn.trailing_data[0]) > self.config.h11_max_incomplete_event_size:
             self._refuse(
                 431,
-                f"the request headers are larger than this server's limit of {MAX_HEADER_BYTES} bytes",
+                f"the request headers are larger than this server's limit of "
+                f"{self.config.h11_max_incomplete_event_size} bytes",
                 "headers_too_large",
             )
         else:
@@ -999,11 +1001,9 @@ class _Http(H11Protocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and (cycle.response_started or not cycle.more_body):
             return  # the request is in and being answered: a long reply is no reason to cut it
-        if self.transport.is_closing():
-            return
-        if cycle is None or cycle.response_complete or not cycle.response_started:
+        if not self.transport.is_closing():  # headers or body still incomplete
             self.transport.write(self._raw(408, "the request did not arrive in time", "request_timeout"))
-        self.transport.close()
+            self.transport.close()
 
     @staticmethod
     def _raw(status: int, message: str, code: str, *headers: str) -> bytes:
