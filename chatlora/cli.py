@@ -312,6 +312,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError("give --adapter DIR (or NAME=DIR, repeatable) or --model M (a base or merged model)")
     if args.max_queue < 0 or args.max_tokens <= 0:
         raise CliError("--max-queue must be >= 0 and --max-tokens > 0")
+    for flag in ("max_body_mb", "max_messages", "read_timeout", "timeout_keep_alive", "max_connections"):
+        if not getattr(args, flag) > 0:
+            raise CliError(f"--{flag.replace('_', '-')} must be > 0")
+    origins = args.allowed_origins if args.allowed_origins is not None else os.environ.get("CHATLORA_ORIGINS", "")
     run(
         adapters=parse_adapters(args.adapter),
         model=args.model,
@@ -323,6 +327,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         log_prompts=args.log_prompts,
         default_max_tokens=args.max_tokens,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_messages=args.max_messages,
+        read_timeout=args.read_timeout,
+        timeout_keep_alive=args.timeout_keep_alive,
+        max_connections=args.max_connections,
+        allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()],
+        allowed_origins=[o.strip() for o in origins.split(",") if o.strip()],
     )
     return 0
 
@@ -433,6 +444,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--max-tokens", type=int, default=256, help="reply limit when a request sets none (default: 256)")
     sv.add_argument("--log-prompts", action="store_true", help="also log request messages (off: prompts stay private)")
+    limits = sv.add_argument_group("limits and guards (see the README's Serve section)")
+    limits.add_argument("--max-body-mb", type=float, default=8, help="larger request bodies get 413 (default: 8)")
+    limits.add_argument(
+        "--max-messages", type=int, default=1000, help="requests with more messages get 400 (default: 1000)"
+    )
+    limits.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30,
+        help="seconds a client has to send a whole request, headers and body; slower ones are dropped (default: 30)",
+    )
+    limits.add_argument(
+        "--timeout-keep-alive", type=float, default=5, help="seconds an idle connection stays open (default: 5)"
+    )
+    limits.add_argument(
+        "--max-connections", type=int, default=128, help="open connections; more get 503 (default: 128)"
+    )
+    limits.add_argument(
+        "--allowed-hosts",
+        default="",
+        metavar="A,B",
+        help="Host names accepted besides IP addresses, localhost and --host ('*': any); checked without --api-key",
+    )
+    limits.add_argument(
+        "--allowed-origins",
+        default=None,
+        metavar="A,B",
+        help="browser origins allowed besides the page's own, globs like http://localhost:* ('*': any), also "
+        "answered with CORS headers (env CHATLORA_ORIGINS)",
+    )
     sv.set_defaults(func=cmd_serve)
     return parser
 

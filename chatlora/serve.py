@@ -4,31 +4,48 @@ One base model is loaded once; each adapter is loaded into it under its own name
 generation is serialized through one FIFO gate (one model, one forward pass at a time); at most ``max_queue``
 requests wait behind the running one, later ones get 503 with ``Retry-After``. Prompts go through
 :meth:`ChatModel.stream`, i.e. the training template, so served prompts are token-exact with training.
+
+Hostile clients meet limits before they cost anything: the body size (413, checked on ``Content-Length`` before a
+byte is read), the number of messages and a byte count against the context (400, before rendering), a deadline for
+receiving a whole request and a cap on open connections (:class:`_Http`), and, without an API key, ``Host`` and
+``Origin`` checks against DNS rebinding and cross-site requests (:class:`_Guard`). Rendering and tokenizing run in a
+worker thread, so a slow one never stalls other requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fnmatch
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .infer import ChatModel, SamplingConfig
 from .model import ModelError, base_quantization, load_model, load_tokenizer, pick_device, resolve_model
@@ -41,6 +58,17 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
+# Defaults of the limits (`chatlora serve` flags of the same names).
+MAX_BODY_BYTES = 8 * 2**20  # --max-body-mb
+MAX_MESSAGES = 1000  # --max-messages
+READ_TIMEOUT_S = 30.0  # --read-timeout: to receive a whole request, headers and body
+KEEP_ALIVE_S = 5.0  # --timeout-keep-alive: idle time between requests on one connection
+MAX_CONNECTIONS = 128  # --max-connections
+MAX_HEADER_BYTES = 16 * 2**10  # request line + headers (h11's default), else 431
+LINGER_S = 2.0  # after refusing a request mid-upload: read and drop its rest this long, so the client sees why
+LINGER_BYTES = 64 * 2**20
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
 
 # ---------------------------------------------------------------- models
 
@@ -52,6 +80,12 @@ class ServedModel:
     name: str
     chat: ChatModel
     adapter: str | None  # PEFT adapter name; None = base model (adapters disabled)
+    max_token_bytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The most text one token can stand for: UTF-8 bytes of the longest vocabulary entry (byte-level entries
+        # like 'Ġ' count 2 for 1, an overestimate). Bounds a prompt's token count from below without tokenizing it.
+        self.max_token_bytes = max((len(t.encode("utf-8")) for t in self.chat.tokenizer.get_vocab()), default=1)
 
 
 @dataclass
@@ -246,102 +280,152 @@ class ChatRequest:
     prompt_ids: list[int]
 
 
-def _number(body: dict, key: str, lo: float, hi: float, integer: bool = False, lo_open: bool = False):
-    value = body.get(key)
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+    ):
+        return "".join(p["text"] for p in value)
+    raise PydanticCustomError("invalid_type", "must be a string (or a list of text parts)")
+
+
+def _stops(value: Any) -> list[str]:
     if value is None:
-        return None
-    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
-        raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'}", key, "invalid_type")
-    if value < lo or value > hi or (lo_open and value == lo):
-        raise ApiError(
-            400, f"'{key}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", key, "invalid_value"
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list) and len(value) <= 4 and all(isinstance(s, str) and s for s in value):
+        return value
+    raise PydanticCustomError("invalid_value", "must be a non-empty string or a list of up to 4 of them")
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Annotated[str, BeforeValidator(_text)]
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    include_usage: bool = False
+
+
+class _ChatBody(BaseModel):
+    """The fields of OpenAI's chat request that chatlora uses (others are ignored). Strict: no "5" for 5."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    model: str = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=10**6)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=1)
+    stop: Annotated[list[str], BeforeValidator(_stops)] = []
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+
+
+def _param(loc: tuple) -> str | None:
+    """Pydantic's ``('messages', 0, 'content')`` -> OpenAI's ``messages[0].content``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out or None
+
+
+def _invalid(e: ValidationError, models: ModelSet) -> ApiError:
+    """The first validation error as an OpenAI-shaped 400 naming the parameter."""
+    err = e.errors(include_url=False)[0]
+    kind, param, msg = err["type"], _param(err["loc"]), err["msg"]
+    if kind == "json_invalid":  # also: nesting past 200 levels, lone surrogates, integers past 4,300 digits
+        return ApiError(400, f"the request body is not valid JSON: {err['ctx']['error']}", None, "invalid_json")
+    if param is None:
+        return ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+    code = "invalid_type" if kind.endswith("_type") else "invalid_value"
+    if kind == "missing":
+        text, code = f"'{param}' is required", "missing_required_parameter"
+    elif kind in ("too_short", "string_too_short"):
+        text, code = f"'{param}' must not be empty", "empty_array" if kind == "too_short" else code
+    elif msg.startswith(("Input should be", "must")):
+        text = f"'{param}' {msg.replace('Input should be', 'must be', 1)}"
+        if kind == "literal_error":
+            text += f"; got {str(err['input'])[:40]!r}"
+    else:
+        text = f"'{param}': {msg}"
+    if param == "model":
+        text += "; served models: " + ", ".join(models.models)
+    return ApiError(400, text, param, code)
+
+
+def _too_long(messages: list[dict], served: ServedModel, ctx: int) -> ApiError | None:
+    """A cheap lower bound on the prompt's tokens (no rendering): every message takes at least one token, and one
+    token stands for at most ``max_token_bytes`` bytes of text."""
+    if len(messages) >= ctx:
+        return ApiError(
+            400,
+            f"This model's maximum context length is {ctx} tokens; {len(messages)} messages take at least one "
+            "token each. Shorten the conversation.",
+            "messages",
+            "context_length_exceeded",
         )
-    return value
+    size = sum(len(m["content"].encode("utf-8")) for m in messages)
+    if size > ctx * served.max_token_bytes:
+        return ApiError(
+            400,
+            f"This model's maximum context length is {ctx} tokens; the messages hold {size} bytes of text, more "
+            f"than {ctx} tokens can (at most {served.max_token_bytes} bytes each). Shorten them.",
+            "messages",
+            "context_length_exceeded",
+        )
+    return None
 
 
-def _content(message: dict, i: int) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: text only
-        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
-            return "".join(texts)
-    raise ApiError(
-        400,
-        f"messages[{i}].content must be a string (or a list of text parts)",
-        f"messages[{i}].content",
-        "invalid_type",
-    )
+def parse_chat_request(
+    raw: bytes | str, models: ModelSet, default_max_tokens: int, max_messages: int = MAX_MESSAGES
+) -> ChatRequest:
+    """Validate a request body and render its prompt; raise :class:`ApiError` naming the bad parameter.
 
-
-def parse_chat_request(body: Any, models: ModelSet, default_max_tokens: int) -> ChatRequest:
-    """Validate a request body; raise :class:`ApiError` naming the bad parameter."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
-    name = body.get("model")
-    if not isinstance(name, str) or not name:
-        raise ApiError(400, "'model' is required: one of " + ", ".join(models.models), "model", "invalid_type")
-    served = models.models.get(name)  # looked up in the configured set only: no path from a request is opened
+    Slow for long conversations (it renders and tokenizes): the server calls it in a worker thread.
+    """
+    try:
+        body = _ChatBody.model_validate_json(raw)
+    except ValidationError as e:
+        raise _invalid(e, models) from None
+    served = models.models.get(body.model)  # looked up in the configured set only: no path from a request is opened
     if served is None:
         raise ApiError(
             404,
-            f"The model '{name}' does not exist; served models: {', '.join(models.models)}",
+            f"The model '{body.model[:100]}' does not exist; served models: {', '.join(models.models)}",
             "model",
             "model_not_found",
         )
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
+    if len(body.messages) > max_messages:
         raise ApiError(
             400,
-            "'messages' must be a non-empty list of {role, content} objects",
+            f"'messages' holds {len(body.messages)} messages; this server takes at most {max_messages} "
+            "(--max-messages)",
             "messages",
-            "invalid_type" if not isinstance(raw, list) else "empty_array",
+            "too_many_messages",
         )
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise ApiError(
-                400, f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]", "invalid_type"
-            )
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ROLES:
-            raise ApiError(
-                400,
-                f"messages[{i}].role must be one of {', '.join(ROLES)}; got {m.get('role')!r}",
-                f"messages[{i}].role",
-                "invalid_value",
-            )
-        messages.append({"role": role, "content": _content(m, i)})
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message must be a user turn to reply to", "messages", "invalid_value")
     ctx = models.context_length
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise ApiError(400, "only n=1 is supported", "n", "invalid_value")
-    temperature = _number(body, "temperature", 0, 2)
-    top_p = _number(body, "top_p", 0, 1, lo_open=True)
-    top_k = _number(body, "top_k", 0, 10**6, integer=True)
-    repetition_penalty = _number(body, "repetition_penalty", 0, 100, lo_open=True)
-    seed = _number(body, "seed", -(2**63), 2**64 - 1, integer=True)
-    key = "max_completion_tokens" if body.get("max_tokens") is None else "max_tokens"
-    max_tokens = _number(body, key, 1, ctx, integer=True)
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop", "invalid_value")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", "stream", "invalid_type")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options", "invalid_type")
+    key = "max_completion_tokens" if body.max_tokens is None else "max_tokens"
+    max_tokens = getattr(body, key)
+    if max_tokens is not None and max_tokens > ctx:
+        raise ApiError(400, f"'{key}' must be at most {ctx} (the model's context length)", key, "invalid_value")
+    too_long = _too_long(messages, served, ctx)
+    if too_long is not None:
+        raise too_long
     try:
         prompt_ids = served.chat.prompt_ids(messages)
     except TemplateError as e:
@@ -357,13 +441,14 @@ def parse_chat_request(body: Any, models: ModelSet, default_max_tokens: int) -> 
     defaults = SamplingConfig()
     sampling = SamplingConfig(
         max_new_tokens=min(max_tokens or default_max_tokens, ctx - len(prompt_ids)),
-        temperature=defaults.temperature if temperature is None else float(temperature),
-        top_p=defaults.top_p if top_p is None else float(top_p),
-        top_k=defaults.top_k if top_k is None else top_k,
-        repetition_penalty=defaults.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
-        seed=None if seed is None else seed % 2**32,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
+        top_k=defaults.top_k if body.top_k is None else body.top_k,
+        repetition_penalty=defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
+        seed=None if body.seed is None else body.seed % 2**32,
     )
-    return ChatRequest(served, messages, sampling, stop, stream, bool(options.get("include_usage")), prompt_ids)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return ChatRequest(served, messages, sampling, body.stop, bool(body.stream), include_usage, prompt_ids)
 
 
 # ---------------------------------------------------------------- generation
@@ -505,24 +590,133 @@ class _Auth:
         await self.app(scope, receive, send)
 
 
+class _Guard:
+    """ASGI middleware in front of the app: the body size cap (413), JSON-only POSTs (415) and, when ``hosts`` /
+    ``origins`` are given, the ``Host`` and ``Origin`` checks (403) that stop DNS rebinding and cross-site requests.
+
+    ``hosts``: names accepted besides IP addresses (a rebinding page needs a domain name, never an IP literal);
+    ``None`` accepts any. ``origins``: glob patterns (``http://localhost:*``) accepted besides the server's own
+    origin; ``None`` accepts any. A request without ``Origin`` (any non-browser client) passes.
+    """
+
+    def __init__(self, app, max_body_bytes: int, hosts: set[str] | None, origins: list[str] | None) -> None:
+        self.app, self.max_body_bytes, self.hosts, self.origins = app, max_body_bytes, hosts, origins
+
+    def _host_ok(self, host: str | None) -> bool:
+        if self.hosts is None or host is None:
+            return True
+        name = host.strip().lower()
+        name = name[1 : name.find("]")] if name.startswith("[") else name.rpartition(":")[0] if ":" in name else name
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name.rstrip(".") in self.hosts
+
+    def _origin_ok(self, origin: str | None, host: str | None) -> bool:
+        if self.origins is None or origin is None:
+            return True
+        if host is not None and origin.partition("://")[2].lower() == host.strip().lower():
+            return True  # same origin: the page at /
+        return any(fnmatch.fnmatchcase(origin, p) for p in self.origins)
+
+    def _check(self, scope) -> ApiError | None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin = headers.get("host"), headers.get("origin")
+        if not self._host_ok(host):
+            return ApiError(
+                403,
+                f"Host {host!r} is not allowed (DNS rebinding guard): call the server by IP or localhost, or start "
+                "it with --allowed-hosts NAME",
+                None,
+                "host_not_allowed",
+                kind="permission_error",
+            )
+        if not self._origin_ok(origin, host):
+            return ApiError(
+                403,
+                f"Origin {origin!r} is not allowed (cross-site request guard); start the server with "
+                "--allowed-origins ORIGIN (or CHATLORA_ORIGINS) to allow it",
+                None,
+                "origin_not_allowed",
+                kind="permission_error",
+            )
+        media = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if scope["method"] == "POST" and media != "application/json":
+            return ApiError(
+                415,
+                f"send the body as JSON with 'Content-Type: application/json' (got {media or 'none'!r})",
+                None,
+                "unsupported_media_type",
+            )
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > self.max_body_bytes):
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> ApiError:
+        return ApiError(
+            413,
+            f"the request body is larger than this server's limit of {self.max_body_bytes} bytes (--max-body-mb)",
+            None,
+            "request_too_large",
+        )
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        err = self._check(scope)
+        if err is not None:
+            # No 'Connection: close': uvicorn then reads and drops the rest of an upload, and the client gets the
+            # answer instead of a reset.
+            await JSONResponse(err.body(), err.status, err.headers)(scope, receive, send)
+            return
+        received = 0
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:  # a chunked body has no Content-Length to check up front
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
 def create_app(
     models: ModelSet,
     api_key: str | None = None,
     max_queue: int = 16,
     log_prompts: bool = False,
     default_max_tokens: int = 256,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_messages: int = MAX_MESSAGES,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
 ):
     """The FastAPI app: ``/v1/models``, ``/v1/chat/completions`` (SSE streaming), ``/health`` and the page at ``/``.
 
     Args:
         models: what :func:`load_models` returned.
-        api_key: if set, every ``/v1/*`` call needs ``Authorization: Bearer <api_key>``.
+        api_key: if set, every ``/v1/*`` call needs ``Authorization: Bearer <api_key>``, and ``/health`` says only
+            ``{"status": "ok"}``. Without one, ``Host`` must be an IP address, localhost or in ``allowed_hosts``,
+            and a browser's ``Origin`` must be the server's own or match ``allowed_origins``.
         max_queue: requests that may wait behind the running one; more get 503 with ``Retry-After``.
         log_prompts: also log the request's messages (off by default: prompts may be private).
         default_max_tokens: reply length limit for requests that give no ``max_tokens``.
+        max_body_bytes: larger request bodies get 413.
+        max_messages: requests with more messages get 400.
+        allowed_hosts: more ``Host`` names to accept (``"*"``: any).
+        allowed_origins: ``Origin`` patterns to accept and answer with CORS headers, e.g. ``http://localhost:*``
+            (``"*"``: any).
     """
     if max_queue < 0:
         raise ValueError("max_queue must be >= 0")
+    if max_body_bytes <= 0 or max_messages <= 0:
+        raise ValueError("max_body_bytes and max_messages must be > 0")
     app = FastAPI(title="chatlora", docs_url=None, redoc_url=None, openapi_url=None)
     admission = Admission(max_queue)
     app.state.models = models
@@ -550,8 +744,10 @@ def create_app(
         log.exception("internal error")
         return error_response(ApiError(500, "internal server error", None, "internal_error", kind="server_error"))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
+        if key_bytes is not None:  # only liveness: what is served and how busy it is are for key holders
+            return {"status": "ok"}
         return {
             "status": "ok",
             "models": list(models.models),
@@ -559,7 +755,7 @@ def create_app(
             "capacity": admission.capacity,
         }
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return HTMLResponse(resources.files("chatlora").joinpath("web/index.html").read_text(encoding="utf-8"))
 
@@ -579,12 +775,12 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        raw = await request.body()
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-        req = parse_chat_request(body, models, default_max_tokens)
+            raw = await request.body()
+        except ClientDisconnect:  # e.g. dropped by the read timeout mid-body
+            raise ApiError(499, "client closed the request", None, "cancelled") from None
+        # Off the event loop: rendering a long conversation may take a while, and /health must not wait for it.
+        req = await run_in_threadpool(parse_chat_request, raw, models, default_max_tokens, max_messages)
         info = request.scope["state"].setdefault("log", {})
         info.update(model=req.model.name, stream=req.stream, prompt_tokens=len(req.prompt_ids))
         if log_prompts:
@@ -704,11 +900,183 @@ def create_app(
 
     if key_bytes is not None:
         app.add_middleware(_Auth, key=key_bytes)
-    app.add_middleware(_AccessLog)  # outermost: 401s are logged too
+    origins = [o for o in allowed_origins if o]
+    if origins:  # outside _Auth: a browser's preflight carries no key
+        if "*" in origins:
+            app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+        else:
+            regex = "|".join(fnmatch.translate(o) for o in origins)
+            app.add_middleware(CORSMiddleware, allow_origin_regex=regex, allow_methods=["*"], allow_headers=["*"])
+    # With a key, neither rebinding nor a cross-site page gets anywhere without it: Host and Origin go unchecked.
+    hosts = (
+        None if key_bytes is not None or "*" in allowed_hosts else {*LOCAL_HOSTS, *(h.lower() for h in allowed_hosts)}
+    )
+    app.add_middleware(
+        _Guard,
+        max_body_bytes=max_body_bytes,
+        hosts=hosts,
+        origins=None if key_bytes is not None or "*" in origins else origins,
+    )
+    app.add_middleware(_AccessLog)  # outermost: refusals and 401s are logged too
     return app
 
 
 # ---------------------------------------------------------------- running
+
+
+class _Http(H11Protocol):
+    """uvicorn's h11 protocol plus what it lacks against slow or hostile clients.
+
+    - A deadline (``read_timeout``) for receiving a whole request, headers and body, counted from its first byte
+      (or from the connection's start): uvicorn's keep-alive timer only covers silence after a response, so a
+      connection that sent nothing, or trickled its headers without ever finishing them, was held forever.
+    - A cap on open connections (``max_connections``): the ones past it get a 503 and are closed.
+    - Header errors answered with their status (431 when the headers are too large, else 400) as OpenAI-shaped JSON,
+      and a lingering close after such refusals (RFC 9112 9.6): closed at once, the socket breaks the pipe of a
+      client still writing its request, and clients that write before they read (urllib3) report that instead of
+      the answer; so the server half-closes and reads and drops the rest for a moment first.
+    """
+
+    read_timeout: float = READ_TIMEOUT_S
+    max_connections: int = MAX_CONNECTIONS
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._dropped: int | None = None  # bytes read and dropped while lingering; None: not lingering
+        if len(self.connections) > self.max_connections:
+            log.warning("refused a connection: %d are open (--max-connections)", len(self.connections) - 1)
+            self._refuse(503, "too many open connections; retry shortly", "too_many_connections", "Retry-After: 1")
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._dropped is not None:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self.transport.close()
+            return
+        if self._read_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()  # the first bytes of the next request on this connection
+        super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        self._disarm()
+        super().on_response_complete()  # may start a pipelined request that is already here
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.more_body and not self.transport.is_closing():
+            self._arm()
+
+    def shutdown(self) -> None:
+        if self._dropped is not None:  # refused and lingering: h11 has nothing to close gracefully
+            self.transport.close()
+            return
+        super().shutdown()
+
+    def send_400_response(self, msg: str) -> None:  # uvicorn calls it on any h11.RemoteProtocolError
+        if len(self.conn.trailing_data[0]) > self.config.h11_max_incomplete_event_size:
+            self._refuse(
+                431,
+                f"the request headers are larger than this server's limit of "
+                f"{self.config.h11_max_incomplete_event_size} bytes",
+                "headers_too_large",
+            )
+        else:
+            self._refuse(400, "invalid HTTP request", "invalid_http_request")
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and (cycle.response_started or not cycle.more_body):
+            return  # the request is in and being answered: a long reply is no reason to cut it
+        if not self.transport.is_closing():  # headers or body still incomplete
+            self.transport.write(self._raw(408, "the request did not arrive in time", "request_timeout"))
+            self.transport.close()
+
+    @staticmethod
+    def _raw(status: int, message: str, code: str, *headers: str) -> bytes:
+        body = json.dumps(ApiError(status, message, None, code).body()).encode()
+        head = [
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *headers,
+        ]
+        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+    def _refuse(self, status: int, message: str, code: str, *headers: str) -> None:
+        """Answer outside h11 (its state is an error, or no request was read yet), then close gracefully."""
+        self._disarm()
+        self.transport.write(self._raw(status, message, code, *headers))
+        self._dropped = 0
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client reads the answer and an end of stream, while we drain its input
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def _server_config(
+    app,
+    host: str,
+    port: int,
+    read_timeout: float = READ_TIMEOUT_S,
+    timeout_keep_alive: float = KEEP_ALIVE_S,
+    max_connections: int = MAX_CONNECTIONS,
+    graceful_s: int = 5,
+):
+    import uvicorn
+
+    if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:
+        raise ValueError("read_timeout, timeout_keep_alive and max_connections must be > 0")
+    protocol = type("HttpProtocol", (_Http,), {"read_timeout": read_timeout, "max_connections": max_connections})
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        ws="none",
+        timeout_keep_alive=timeout_keep_alive,  # type: ignore[arg-type]  # a float works (loop.call_later)
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=graceful_s,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, or a ValueError that says why not (the port is taken, ...)."""
+    sock = None
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart past TIME_WAIT
+        sock.bind(addr)
+        return sock
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        why = (
+            "the address is already in use (is another server running?)"
+            if e.errno == errno.EADDRINUSE
+            else e.strerror or str(e)
+        )
+        raise ValueError(f"cannot serve on {where}: {why}; pick another --port or --host") from None
 
 
 def run(
@@ -722,33 +1090,67 @@ def run(
     max_queue: int = 16,
     log_prompts: bool = False,
     default_max_tokens: int = 256,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_messages: int = MAX_MESSAGES,
+    read_timeout: float = READ_TIMEOUT_S,
+    timeout_keep_alive: float = KEEP_ALIVE_S,
+    max_connections: int = MAX_CONNECTIONS,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
 ) -> None:
-    """Load the models and serve them with uvicorn until interrupted (see :func:`create_app` for the options)."""
+    """Load the models and serve them with uvicorn until interrupted (see :func:`create_app` for the options).
+
+    The port is taken before the models load: a busy port fails at once, with a ValueError saying so.
+    ``read_timeout``, ``timeout_keep_alive`` and ``max_connections``: see :class:`_Http`.
+    """
     import uvicorn
 
     api_key = api_key or os.environ.get("CHATLORA_API_KEY") or None
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in LOCAL_HOSTS and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
-    models = load_models(adapters, model, base_only, device)
-    app = create_app(
-        models, api_key=api_key, max_queue=max_queue, log_prompts=log_prompts, default_max_tokens=default_max_tokens
-    )
-    log.info("serving %s on http://%s:%d (web chat at /, OpenAI API at /v1)", ", ".join(models.models), host, port)
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=5)
+    if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:  # before the minutes of loading
+        raise ValueError("read_timeout, timeout_keep_alive and max_connections must be > 0")
+    sock = _bind(host, port)
+    try:
+        models = load_models(adapters, model, base_only, device)
+        app = create_app(
+            models,
+            api_key=api_key,
+            max_queue=max_queue,
+            log_prompts=log_prompts,
+            default_max_tokens=default_max_tokens,
+            max_body_bytes=max_body_bytes,
+            max_messages=max_messages,
+            allowed_hosts=[host, *allowed_hosts],  # the name the server was started with is the user's own
+            allowed_origins=allowed_origins,
+        )
+        bound = sock.getsockname()[1]
+        url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
+        log.info("serving %s on %s (web chat at /, OpenAI API at /v1)", ", ".join(models.models), url)
+        config = _server_config(app, host, port, read_timeout, timeout_keep_alive, max_connections)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class BackgroundServer:
     """Run an app with uvicorn in a daemon thread on a free localhost port (for tests and benchmarks).
 
-    Use as a context manager; ``url`` is ``http://127.0.0.1:PORT``.
+    Use as a context manager; ``url`` is ``http://127.0.0.1:PORT``. The keyword options are :func:`run`'s.
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        app,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        read_timeout: float = READ_TIMEOUT_S,
+        timeout_keep_alive: float = KEEP_ALIVE_S,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         import uvicorn
 
-        config = uvicorn.Config(
-            app, host=host, port=port, access_log=False, log_level="warning", timeout_graceful_shutdown=2
-        )
+        config = _server_config(app, host, port, read_timeout, timeout_keep_alive, max_connections, graceful_s=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""
