@@ -60,10 +60,6 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from(args: argparse.Namespace) -> TrainConfig:
-    if args.config is not None:
-        from .files import check_input_file
-
-        check_input_file(args.config, "a YAML file")  # a pipe or device would block or never end the YAML read
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     return load_config(args.config, overrides)
 

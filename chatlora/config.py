@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 class ConfigError(ValueError):
     """A config file or flag is invalid; the message names the key."""
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -128,6 +133,7 @@ class TrainConfig:
     save_steps: int = _f(200, "checkpoint (adapter + optimizer + scheduler + RNG) every N steps")
     save_total_limit: int = _f(2, "keep the last K checkpoints")
     resume: str | None = _f(None, "resume from a checkpoint dir, or 'latest' in output_dir")
+    overwrite: bool = _f(False, "replace the run already in output_dir (its checkpoints, adapter, metrics, card)")
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):
@@ -144,11 +150,42 @@ class TrainConfig:
             (self.quantize in (None, "4bit"), "quantize", "must be 4bit (or unset)"),
             (self.max_memory_gib is None or self.max_memory_gib > 0, "max_memory_gib", "must be > 0"),
             (self.packing_strategy in ("pack", "bucket"), "packing_strategy", "must be pack or bucket"),
-            (self.lr > 0, "lr", "must be > 0"),
+            (_finite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0"),
             (self.lora_r > 0, "lora_r", "must be > 0"),
+            (
+                _finite(self.lora_alpha) and self.lora_alpha > 0,
+                "lora_alpha",
+                "must be > 0 (0 trains an adapter that does nothing)",
+            ),
             (0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
-            (self.val_size is None or self.val_size >= 0, "val_size", "must be >= 0"),
-            (self.epochs > 0 or self.max_steps > 0, "epochs", "must be > 0 unless max_steps is set"),
+            (
+                _finite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+                "warmup_ratio",
+                "must be in [0, 1): a share of the steps",
+            ),
+            (_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be a finite number >= 0"),
+            (_finite(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "must be a finite number >= 0"),
+            (
+                self.val_size is None or (_finite(self.val_size) and self.val_size >= 0),
+                "val_size",
+                "must be >= 0",
+            ),
+            (
+                _finite(self.epochs) and (self.epochs > 0 or self.max_steps > 0),
+                "epochs",
+                "must be > 0 unless max_steps is set",
+            ),
+            (self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be > 0, or -1 for all epochs"),
+            (self.logging_steps > 0, "logging_steps", "must be > 0"),
+            (self.eval_steps >= 0, "eval_steps", "must be >= 0 (0: only at the end)"),
+            (self.save_steps > 0, "save_steps", "must be > 0"),
+            (self.save_total_limit > 0, "save_total_limit", "must be > 0"),
+            (
+                self.packing_strategy != "bucket" or self.tokens_per_batch is not None,
+                "packing_strategy",
+                "bucket needs --tokens-per-batch",
+            ),
+            (not (self.resume and self.overwrite), "overwrite", "and --resume contradict each other: pick one"),
             (self.dtype in ("auto", "bf16", "fp16", "fp32"), "dtype", "must be auto, bf16, fp16 or fp32"),
             (
                 self.format in ("auto", "alpaca", "messages", "sharegpt"),
@@ -181,56 +218,120 @@ _AUTO = {"val_size", "packing", "tokens_per_batch", "logits_at_labels", "liger",
 
 def field_type(f: dataclasses.Field) -> type:
     """The plain type of a config field (``str | None`` -> ``str``, ``list[str]`` -> ``list``)."""
-    hints = typing.get_type_hints(TrainConfig)
-    t = hints[f.name]
+    t = _hint(f)
     if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
         t = next(a for a in typing.get_args(t) if a is not type(None))
     return typing.get_origin(t) or t
 
 
-def _coerce(name: str, value: Any, kind: type) -> Any:
-    # PyYAML reads `1e-4` (no dot) as a string; accept it as the number it obviously is.
-    if value is None or kind in (str, list) or isinstance(value, kind):
-        return value
+def _hint(f: dataclasses.Field) -> Any:
+    return typing.get_type_hints(TrainConfig)[f.name]
+
+
+def _optional(f: dataclasses.Field) -> bool:
+    t = _hint(f)
+    return (isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union) and type(None) in typing.get_args(
+        t
+    )
+
+
+_EXPECTED = {str: "a string", list: "a list of strings", bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _coerce(where: str, name: str, value: Any, kind: type, optional: bool) -> Any:
+    """One config value, checked against its field's type; ``where`` prefixes errors (``FILE: `key``` or a flag)."""
+
+    def bad(expected: str | None = None) -> ConfigError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return ConfigError(f"{where}: expected {expected or _EXPECTED[kind]}, got {shown}")
+
+    if value is None:
+        if optional:
+            return None
+        raise bad()
     if isinstance(value, str) and value.strip().lower() == "auto" and name in _AUTO:
         return None
+    if name == "resume" and isinstance(value, bool):
+        return "latest" if value else None
+    if name == "columns" and isinstance(value, dict):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise bad("a mapping of field names to field names")
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if kind is list:
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            return value
+        raise bad("a list of strings (or one comma-separated string)")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+            return False
+        raise bad()
+    # numbers: PyYAML reads `1e-4` (no dot) as a string; accept it as the number it obviously is
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise bad()
     try:
-        if kind is bool:
-            if str(value).lower() in ("true", "yes", "1"):
-                return True
-            if str(value).lower() in ("false", "no", "0"):
-                return False
-            raise ValueError(value)
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"`{name}`: expected {kind.__name__}, got {value!r}") from None
+        number = float(value) if kind is float or isinstance(value, float) else int(value)
+    except (TypeError, ValueError, OverflowError):
+        if kind is int and isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad() from None
+        else:
+            raise bad() from None
+    if not math.isfinite(number):
+        raise bad("a finite number")
+    if kind is int:
+        if isinstance(number, float) and not number.is_integer():
+            raise bad()
+        return int(number)
+    return float(number)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """YAML file (optional) + overrides (flags win) -> validated :class:`TrainConfig`."""
+    """YAML file (optional) + overrides (flags win) -> validated :class:`TrainConfig`. Errors name the file and
+    key (``FILE: `key`: expected ...``) or the flag."""
+    from .files import FileError, read_input
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+            text = read_input(path, "a YAML file").decode("utf-8-sig")
+            loaded = yaml.safe_load(text)
+        except FileError as e:
+            raise ConfigError(str(e)) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text: save the config as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer past Python's 4300-digit limit
+            raise ConfigError(f"{path}: unreadable value in YAML: {str(e).splitlines()[0][:200]}") from None
+        loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(loaded).__name__}")
-        values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        where = f"{path}: " if path else ""
-        raise ConfigError(
-            f"{where}unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}"
-        )
-    for name, value in values.items():
-        values[name] = _coerce(name, value, field_type(fields[name]))
+        unknown = sorted(str(k) for k in loaded if k not in fields)
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(fields))}"
+            )
+        for name, value in loaded.items():
+            f = fields[name]
+            values[name] = _coerce(f"{path}: `{name}`", name, value, field_type(f), _optional(f))
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in fields:
+            raise ConfigError(f"unknown config key {name}; known keys: {', '.join(sorted(fields))}")
+        f = fields[name]
+        values[name] = _coerce(f"`--{name.replace('_', '-')}`", name, value, field_type(f), _optional(f))
     try:
         return TrainConfig(**values)
     except TypeError as e:

@@ -22,6 +22,7 @@ from .kernels import apply_liger, label_only_loss
 from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
 from .packing import PackedDataset, collate_buckets, collate_packed
 from .plan import RunPlan, auto_val_count, make_plan, read_shape
+from .rundir import begin_save, check_output_dir, clear_previous_run, find_resume, mark_complete, rotate
 from .template import IGNORE_INDEX, encode_conversation, end_of_turn, with_system
 
 __all__ = [
@@ -302,13 +303,24 @@ def _trainer_callback(metrics_path: Path):
 
         def _write(self, row: dict) -> None:
             with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row, allow_nan=False) + "\n")
+                f.write(json.dumps(_finite(row), allow_nan=False) + "\n")
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
                 self.bar.close()
 
     return RunLogger()
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: a non-finite number (an fp16 overflow's grad norm) is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def whole_run(metrics_path: Path, end_time: float) -> dict[str, Any]:
@@ -370,7 +382,7 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool, plan: Run
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # rotated by ChatloraTrainer, among complete checkpoints only
         eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
         eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
         report_to="none",
@@ -438,21 +450,6 @@ class TrainResult:
     split: Split | None = field(repr=False, default=None)
 
 
-def _resume_checkpoint(cfg: TrainConfig) -> str | None:
-    if not cfg.resume:
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if cfg.resume == "latest":
-        found = get_last_checkpoint(cfg.output_dir) if Path(cfg.output_dir).is_dir() else None
-        if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-* folder in {cfg.output_dir} to resume from")
-        return found
-    if not (Path(cfg.resume) / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume {cfg.resume}: not a checkpoint folder (no trainer_state.json)")
-    return cfg.resume
-
-
 def _trim_metrics(metrics_path: Path, checkpoint: str | None) -> None:
     """On resume, drop log lines written after the checkpoint so the curve continues without duplicates."""
     if not metrics_path.exists():
@@ -480,8 +477,9 @@ def _collator(pad_id: int, label_index: bool, strategy: str = "pack"):
     return collate_any
 
 
-def _trainer_class(label_only: bool):
+def _trainer_class(label_only: bool, keep_checkpoints: int):
     from transformers import Trainer
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class ChatloraTrainer(Trainer):
         """Counts packed batches' real tokens on the CPU (the stock count syncs the GPU every micro-step) and,
@@ -508,6 +506,20 @@ def _trainer_class(label_only: bool):
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # mirrors Trainer.compute_loss's DDP rescale
             return loss
+
+        def _save_checkpoint(self, model, trial):
+            # the Trainer writes checkpoint-N file by file: flag it as being saved, mark it complete once every file
+            # is on disk, and only then rotate (rotation of incomplete folders is ours, not the Trainer's)
+            run_dir = Path(self._get_output_dir(trial=trial))
+            ckpt = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if self.args.should_save:
+                begin_save(ckpt)
+            super()._save_checkpoint(model, trial)
+            if self.args.world_size > 1:
+                self.accelerator.wait_for_everyone()  # FSDP ranks write their own shards
+            if self.args.should_save:
+                mark_complete(ckpt, self.state.global_step)
+                rotate(run_dir, keep_checkpoints)
 
         def log(self, logs, *args, **kwargs):
             # every rank logs at the same steps, so summing the ranks' token counts here costs one small
@@ -584,7 +596,7 @@ def make_trainer(
         )
     else:
         train_set = _ListDataset(train_ex)
-    return _trainer_class(label_only)(
+    return _trainer_class(label_only, cfg.save_total_limit)(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -692,8 +704,12 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     """
     from transformers import set_seed
 
+    out = Path(cfg.output_dir)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:  # before anything is loaded or written: never clobber another run by accident
+        check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+    checkpoint = find_resume(out, cfg.resume)
     run = prepare_run(cfg)
-    checkpoint = _resume_checkpoint(cfg)
     for line in run.lines():
         log.info("%s", line)
     if not run.plan.fits and run.device.type == "cuda":
@@ -708,7 +724,8 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     model = prepare_model(cfg, run.model_path, device, precision, plan)
     trainable, total = model.get_nb_trainable_parameters()
 
-    out = Path(cfg.output_dir)
+    if rank0 and cfg.overwrite and not checkpoint:
+        clear_previous_run(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS
     args = training_args(cfg, precision, device, bool(run.val_ex), plan)
@@ -734,7 +751,7 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
         plot_path = plot_loss_curve(metrics_path, out / LOSS_PLOT)
         card = _run_card(cfg, run, trainer, args, metrics_path, ended, eval_loss, logger, (trainable, total))
         (out / RUN_CARD).write_text(
-            json.dumps(card, ensure_ascii=False, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+            json.dumps(_finite(card), ensure_ascii=False, indent=2, allow_nan=False) + "\n", encoding="utf-8"
         )
     return TrainResult(out, card, metrics_path, plot_path, trainer.model, run.tokenizer, run.split)
 
