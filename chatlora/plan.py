@@ -443,9 +443,9 @@ def make_plan(
     per_step = cfg.batch_size * cfg.grad_accum
     if padded:
         candidates = [(cfg.grad_accum, _padded_batch(examples, cfg.batch_size, cfg.grad_accum))]
-    elif cfg.tokens_per_batch is not None or cfg.packing_strategy == "bucket":
-        budget = cfg.tokens_per_batch or 4096
-        plan = plan_batches([len(ex["input_ids"]) for ex in examples], cfg.max_length, budget, cfg.order_seed)
+    elif cfg.tokens_per_batch is not None:  # also the bucket strategy, which needs a budget
+        lengths = [len(ex["input_ids"]) for ex in examples]
+        plan = plan_batches(lengths, cfg.max_length, cfg.tokens_per_batch, cfg.order_seed)
         candidates = [(cfg.grad_accum, _packed_batch(examples, plan, "tokens", cfg.grad_accum))]
     else:
         lengths = [len(ex["input_ids"]) for ex in examples]

@@ -589,7 +589,7 @@ def make_trainer(
         train_set: torch.utils.data.Dataset = PackedDataset(
             train_ex,
             cfg.max_length,
-            tokens_per_batch=(cfg.tokens_per_batch or 4096) if plan.batches.mode == "tokens" else None,
+            tokens_per_batch=cfg.tokens_per_batch if plan.batches.mode == "tokens" else None,
             seed=cfg.order_seed,
             strategy=cfg.packing_strategy,
             n_batches=plan.batches.micro_batches_per_epoch if plan.batches.mode == "steps" else None,
@@ -705,10 +705,6 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     from transformers import set_seed
 
     out = Path(cfg.output_dir)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if rank0:  # before anything is loaded or written: never clobber another run by accident
-        check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
-    checkpoint = find_resume(out, cfg.resume)
     run = prepare_run(cfg)
     for line in run.lines():
         log.info("%s", line)
@@ -718,6 +714,10 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
             f"{run.plan.available_gib:.1f} GiB available. "
             + ("Would fit: " + "; ".join(run.plan.alternatives) if run.plan.alternatives else "")
         )
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:  # before weights load or anything is written: never clobber another run by accident
+        check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+    checkpoint = find_resume(out, cfg.resume)
     plan, device, precision = run.plan, run.device, run.precision
 
     set_seed(cfg.seed)
