@@ -74,8 +74,8 @@ class Quant:
     """One ``--quant`` choice: the GGML type of the 2-D weights and what the parity check demands of it.
 
     Attributes:
-        exact: greedy replies must equal the adapter's token for token (lossless enough: f32, f16).
-        min_top1: share of reply tokens whose top-1 prediction must agree with the adapter's under teacher forcing.
+        min_top1: share of reply tokens whose top-1 prediction must agree with the fp32 adapter's under teacher
+            forcing (the rounding's cost; conversion errors are caught exactly, see :func:`check_export`).
         embeddings: type of ``token_embd``/``output``; 4/5-bit types keep them at q8_0, as llama.cpp's own
             4/5-bit mixes keep the output layer at higher precision.
     """
@@ -83,7 +83,6 @@ class Quant:
     name: str
     qtype: gguf.GGMLQuantizationType
     file_type: gguf.LlamaFileType
-    exact: bool
     min_top1: float
     embeddings: gguf.GGMLQuantizationType | None = None
 
@@ -91,14 +90,14 @@ class Quant:
 QUANTS: dict[str, Quant] = {
     q.name: q
     for q in (
-        Quant("f32", _Q.F32, _F.ALL_F32, True, 0.99),
-        Quant("f16", _Q.F16, _F.MOSTLY_F16, True, 0.99),
-        Quant("bf16", _Q.BF16, _F.MOSTLY_BF16, False, 0.95),
-        Quant("q8_0", _Q.Q8_0, _F.MOSTLY_Q8_0, False, 0.95),
-        Quant("q5_1", _Q.Q5_1, _F.MOSTLY_Q5_1, False, 0.85, _Q.Q8_0),
-        Quant("q5_0", _Q.Q5_0, _F.MOSTLY_Q5_0, False, 0.85, _Q.Q8_0),
-        Quant("q4_1", _Q.Q4_1, _F.MOSTLY_Q4_1, False, 0.80, _Q.Q8_0),
-        Quant("q4_0", _Q.Q4_0, _F.MOSTLY_Q4_0, False, 0.80, _Q.Q8_0),
+        Quant("f32", _Q.F32, _F.ALL_F32, 0.99),
+        Quant("f16", _Q.F16, _F.MOSTLY_F16, 0.99),
+        Quant("bf16", _Q.BF16, _F.MOSTLY_BF16, 0.95),
+        Quant("q8_0", _Q.Q8_0, _F.MOSTLY_Q8_0, 0.95),
+        Quant("q5_1", _Q.Q5_1, _F.MOSTLY_Q5_1, 0.85, _Q.Q8_0),
+        Quant("q5_0", _Q.Q5_0, _F.MOSTLY_Q5_0, 0.85, _Q.Q8_0),
+        Quant("q4_1", _Q.Q4_1, _F.MOSTLY_Q4_1, 0.80, _Q.Q8_0),
+        Quant("q4_0", _Q.Q4_0, _F.MOSTLY_Q4_0, 0.80, _Q.Q8_0),
     )
 }
 LORA_QUANTS = ("f32", "f16")
@@ -122,6 +121,8 @@ class Check:
 
 @dataclass
 class ExportResult:
+    """What :func:`export` wrote (the GGUF file first) and the parity check's rows (empty with ``check=False``)."""
+
     output_dir: Path
     files: list[Path]
     checks: list[Check] = field(default_factory=list)
@@ -793,11 +794,6 @@ def render_go_template(template: str, conversations: list[list[dict]], system: s
 # ---------------------------------------------------------------- export
 
 
-def _file_size(path: Path) -> str:
-    size = path.stat().st_size
-    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
-
-
 def export(
     adapter: str | Path | None = None,
     output: str | Path = "",
@@ -819,6 +815,8 @@ def export(
         overwrite: allow writing into a non-empty ``output``; without it a non-empty ``output`` is an error.
         check: run :func:`check_export` afterwards (``samples`` held-out prompts, ``max_new_tokens`` per reply).
     """
+    if not str(output):
+        raise ModelError("--output DIR is required")
     src = _open_source(adapter, model)
     spec = _quant(quant) if not lora_only else None
     if lora_only and src.kind != "adapter":
@@ -826,13 +824,10 @@ def export(
     if lora_only and quant not in LORA_QUANTS:
         raise ModelError(f"--lora-only writes {' or '.join(LORA_QUANTS)}, not {quant}")
     out = Path(output)
-    if not str(output):
-        raise ModelError("--output DIR is required")
     if out.resolve() == src.path.resolve():
         raise ModelError("--output must differ from the adapter/model directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ModelError(f"{out}: exists and is not empty; choose another --output or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
 
     # Everything that can refuse the model is checked before its weights are loaded.
     from transformers import AutoConfig
@@ -845,6 +840,7 @@ def export(
     eot_text, _ = end_of_turn(src.tokenizer)
     stops = [src.tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(src.tokenizer)]
     template = ollama_template(src.tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
     reference = None
     manifest: dict[str, Any] = {
         "chatlora_version": __version__,

@@ -81,10 +81,14 @@ def test_modelfile_round_trip_renders_like_training():
 
 
 def test_position_dependent_template_is_refused():
-    """Guards against writing a TEMPLATE that only matches training on some conversations (here: turn numbers)."""
-    numbered = "{% for m in messages %}{{ loop.index|string + '. ' + m['content'] + '<|im_end|>' }}{% endfor %}"
-    with pytest.raises(TemplateError, match="cannot write the chat template as an Ollama TEMPLATE: "):
-        ollama_template(make_tokenizer(numbered))
+    """Guards against writing a TEMPLATE that only matches training on short conversations (here: from turn 4 on)."""
+    late = (
+        "{% for m in messages %}{% if loop.index > 3 %}{{ '[late]' }}{% endif %}"
+        "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    with pytest.raises(TemplateError, match="cannot write the chat template as an Ollama TEMPLATE: it is not a fixed"):
+        ollama_template(make_tokenizer(late))
 
 
 @needs_go
