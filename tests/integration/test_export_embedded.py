@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 HUANHUAN = ROOT / "data" / "huanhuan.json"
-CHECK = ("--samples", "4", "--max-new-tokens", "24")
+CHECK = ("--samples", "8", "--max-new-tokens", "12")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -30,16 +30,16 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    """Sixteen short Huanhuan records, four of them held out, trained for four steps."""
+    """Twenty-four short Huanhuan records, eight of them held out, trained for four steps."""
     records = json.loads(HUANHUAN.read_text(encoding="utf-8"))
-    short = sorted(records[:400], key=lambda r: len(r["instruction"]) + len(r["output"]))[:16]
+    short = sorted(records[:400], key=lambda r: len(r["instruction"]) + len(r["output"]))[:24]
     tmp = tmp_path_factory.mktemp("export-embedded")
     data = write_jsonl(tmp / "few.jsonl", short)
     out = tmp / "run"
     proc = cli(
         "train",
         *("--data", str(data), "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4"),
-        *("--val-size", "4", "--lr", "2e-3", "--lora-dropout", "0", "--max-length", "128"),
+        *("--val-size", "8", "--lr", "2e-3", "--lora-dropout", "0", "--max-length", "128"),
         *("--logging-steps", "1", "--eval-steps", "1000", "--save-steps", "1000"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
