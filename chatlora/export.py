@@ -979,10 +979,10 @@ def check_export(
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if _source is None:
         path = Path(source or manifest["source"]["path"])
-        kind = "adapter" if (path / "adapter_config.json").is_file() else "model"
         if not path.is_dir():
             raise ModelError(f"{path}: the export's source is gone; pass it with --adapter/--model")
-        _source = _open_source(path if kind == "adapter" else None, path if kind == "model" else None)
+        adapter = (path / "adapter_config.json").is_file()
+        _source = _open_source(path if adapter else None, None if adapter else path)
     src = _source
     gguf_path = directory / manifest["gguf"]
     if not gguf_path.is_file():
@@ -1006,11 +1006,14 @@ def check_export(
 
 
 def _check_model(src: _Source, gguf_path: Path, manifest, convs, described, max_new_tokens, ref):
-    meta, tensors = _meta(gguf_path)
+    try:
+        meta, tensors = _meta(gguf_path)
+        model, gtok = _load_gguf(gguf_path.parent, gguf_path.name)
+    except Exception as e:  # whatever breaks the reload, the table must say so rather than crash
+        return [Check("model config", "FAIL", f"the GGUF does not load: {type(e).__name__}: {e}")], None
     reference = ref if ref is not None else _reference_model(src)
-    model, gtok = _load_gguf(gguf_path.parent, gguf_path.name)
     spec = QUANTS[manifest["quant"]]
-    checks = [_check_config(reference.config, model.config, meta, tensors, spec)]
+    checks = [_check_config(reference.config, model.config, meta, tensors)]
     checks.append(_check_tokenizer(src.tokenizer, gtok, convs))
     checks.append(_check_gguf_template(src.tokenizer, gtok, meta, convs))
     checks.append(_check_bos(src.tokenizer, gtok, meta, convs))
@@ -1022,7 +1025,7 @@ def _check_model(src: _Source, gguf_path: Path, manifest, convs, described, max_
     return checks + replies, expected
 
 
-def _check_config(ref_config, config, meta, tensors, spec: Quant) -> Check:
+def _check_config(ref_config, config, meta, tensors) -> Check:
     fields = (
         "hidden_size",
         "num_hidden_layers",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -255,6 +256,15 @@ def test_double_bos_is_caught(llama_f16, tmp_path):
     set_gguf_field(out / "run-f16.gguf", "tokenizer.ggml.add_bos_token", lambda v: np.array([1], dtype=v.dtype))
     bad = failed(check_export(out, samples=2, max_new_tokens=8))
     assert "starts with 2 BOS tokens ('<|im_start|>')" in bad["BOS once"]
+
+
+def test_unloadable_gguf_is_a_failed_row(llama_f16, tmp_path, capsys):
+    """Guards against a truncated or corrupt GGUF crashing the check instead of failing it with the reason."""
+    out = broken_copy(llama_f16, tmp_path)
+    path = out / "run-f16.gguf"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(["export", "--check", str(out), "--samples", "2", "--max-new-tokens", "8"]) == 1
+    assert re.search(r"\nmodel config +FAIL +the GGUF does not load: ", capsys.readouterr().out)
 
 
 @pytest.mark.parametrize(
