@@ -339,6 +339,17 @@ def test_lora_only_gguf(llama_run, tmp_path):
     assert "top-1 agreement" in failed(check_export(result.output_dir, samples=2, max_new_tokens=8))
 
 
+def test_lora_only_converts_rslora_alpha(llama_run, tmp_path):
+    """Guards against writing rsLoRA's alpha as is: llama.cpp scales by alpha / r, rsLoRA by alpha / sqrt(r)."""
+    run = tmp_path / "rslora"
+    shutil.copytree(llama_run, run)
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    result = export(run, tmp_path / "lora", lora_only=True, max_new_tokens=8)
+    assert gguf.GGUFReader(result.files[0]).fields["adapter.lora.alpha"].contents() == 16.0  # 8 * sqrt(4)
+    assert result.passed, failed(result.checks)
+
+
 def test_refuses_to_overwrite_output(llama_run, llama_f16):
     """Guards against overwriting a user's folder (house rule: nothing is lost without being asked)."""
     with pytest.raises(ModelError, match="exists and is not empty; choose another --output or pass --overwrite"):
