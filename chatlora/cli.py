@@ -26,7 +26,7 @@ def _quiet_libraries() -> None:
     # packed micro-batches vary in shape; expandable segments keep the CUDA caching allocator from fragmenting
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("transformers", "peft", "accelerate", "torch", "httpx", "urllib3"):
+    for name in ("transformers", "peft", "accelerate", "torch", "httpx", "urllib3", "gguf"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import transformers
@@ -257,6 +257,53 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import check_export, export, format_checks
+
+    if args.samples <= 0 or args.max_new_tokens <= 0:
+        raise CliError("--samples and --max-new-tokens must be > 0")
+    if args.check:
+        if args.output or args.lora_only or args.quant or args.overwrite:
+            raise CliError(
+                "--check DIR checks an existing export; it takes no --output, --quant, --lora-only, --overwrite"
+            )
+        checks = check_export(
+            args.check, source=args.adapter or args.model, samples=args.samples, max_new_tokens=args.max_new_tokens
+        )
+        print(format_checks(checks))
+        failed = [c.name for c in checks if c.failed]
+        print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'parity: all checks passed'}")
+        return 1 if failed else 0
+    if not args.output:
+        raise CliError("--output DIR is required (or --check DIR to check an existing export)")
+    result = export(
+        args.adapter,
+        args.output,
+        model=args.model,
+        quant=args.quant or "f16",
+        lora_only=args.lora_only,
+        overwrite=args.overwrite,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+    )
+    for path in result.files:
+        print(f"wrote {path}  ({path.stat().st_size / 2**20:.1f} MiB)")
+    print()
+    print(format_checks(result.checks))
+    failed = [c.name for c in result.checks if c.failed]
+    if failed:
+        print(
+            f"\nFAILED: {', '.join(failed)}: the export does not behave like the adapter (files kept for inspection)"
+        )
+        return 1
+    print("\nparity: all checks passed")
+    if (result.output_dir / "Modelfile").is_file():
+        print(f"ollama:    cd {result.output_dir} && ollama create {result.output_dir.name} -f Modelfile")
+    if not args.lora_only:
+        print(f"llama.cpp: llama-cli -m {result.files[0]} --jinja -cnv")
+    return 0
+
+
 def _print_eval(result) -> None:
     loss, tuned, base = result.loss, result.replies["tuned"], result.replies["base"]
     print(
@@ -397,6 +444,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="write into a non-empty --output, replacing the files merge writes"
     )
     mg.set_defaults(func=cmd_merge)
+
+    ex = sub.add_parser("export", help="export to GGUF + Ollama Modelfile and prove it replies like the adapter")
+    ex.add_argument("--adapter", help="a chatlora output dir (adapter + run card)")
+    ex.add_argument("--model", help="a merged model dir (chatlora merge) instead of an adapter")
+    ex.add_argument("--output", help="folder for the GGUF file, Modelfile and manifest (must be empty or new)")
+    ex.add_argument("--format", default="gguf", choices=["gguf"], help="(default: gguf)")
+    ex.add_argument(
+        "--quant",
+        default=None,
+        help="weight type: f16 (default), f32, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (--lora-only: f16 or f32)",
+    )
+    ex.add_argument("--lora-only", action="store_true", help="write the adapter alone as a llama.cpp LoRA GGUF")
+    ex.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output")
+    ex.add_argument("--check", metavar="DIR", help="only run the parity check on an existing export folder")
+    ex.add_argument("--samples", type=int, default=8, help="held-out prompts the parity check uses (default: 8)")
+    ex.add_argument("--max-new-tokens", type=int, default=48, help="greedy reply length compared (default: 48)")
+    ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="compare base and tuned model on held-out conversations; write a report")
     ev.add_argument("--adapter", required=True, help="a chatlora output dir (adapter + run card)")

@@ -11,9 +11,23 @@ import torch
 
 from .files import publish_dir, staging_dir
 from .model import ModelError, load_model, load_tokenizer, resolve_model
+from .template import stop_token_ids
 from .train import RUN_CARD, read_adapter
 
-__all__ = ["merge"]
+__all__ = ["merge", "set_generation_stops"]
+
+
+def set_generation_stops(model, tokenizer) -> None:
+    """Make ``generation_config`` stop where chat generation does: at the end-of-turn token (then EOS).
+
+    A base model's config often names only its pretraining EOS (Yi: 2, while replies end with ``<|im_end|>`` = 7),
+    so a merged model would never stop in runtimes that read ``generation_config.json``.
+    """
+    ids = stop_token_ids(tokenizer)
+    model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +70,10 @@ def merge(
     try:
         base = load_model(resolve_model(spec), dtype)
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        tokenizer = load_tokenizer(str(adapter))
+        set_generation_stops(merged, tokenizer)
         merged.save_pretrained(staging, safe_serialization=True)
-        load_tokenizer(str(adapter)).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         if card:
             card = {
                 **card,

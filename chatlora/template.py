@@ -20,6 +20,7 @@ __all__ = [
     "end_of_turn",
     "ensure_chat_template",
     "render_text",
+    "stop_token_ids",
     "with_system",
 ]
 
@@ -89,6 +90,12 @@ def end_of_turn(tokenizer) -> tuple[str, int]:
         return cached[1]
     _EOT_CACHE[tokenizer] = (key, found := _find_end_of_turn(tokenizer))
     return found
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """What generation must stop at: the end-of-turn token, then the tokenizer's EOS when it is another token."""
+    _, eot = end_of_turn(tokenizer)
+    return list(dict.fromkeys(i for i in (eot, tokenizer.eos_token_id) if i is not None))
 
 
 def _find_end_of_turn(tokenizer) -> tuple[str, int]:
