@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import TrainConfig
@@ -11,7 +14,9 @@ from .train import TrainResult, train
 if TYPE_CHECKING:
     from .eval import EvalResult
 
-__all__ = ["eval_held_out", "quickstart"]
+__all__ = ["eval_held_out", "free_output_dir", "quickstart"]
+
+log = logging.getLogger(__name__)
 
 
 def eval_held_out(
@@ -28,7 +33,25 @@ def eval_held_out(
     )
 
 
+def free_output_dir(out: Path) -> Path:
+    """``out`` if it is free (missing or empty), else the first free ``out-2``, ``out-3``, ..."""
+    candidate, n = out, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        n += 1
+        candidate = out.with_name(f"{out.name}-{n}")
+    return candidate
+
+
 def quickstart(cfg: TrainConfig, eval_samples: int = 32) -> tuple[TrainResult, EvalResult | None]:
-    """Train, then evaluate base vs tuned on ``eval_samples`` held-out records (greedy replies, loss, chrF, ...)."""
+    """Train, then evaluate base vs tuned on ``eval_samples`` held-out records (greedy replies, loss, chrF, ...).
+
+    Run again, the demo keeps the earlier run: it trains into the next free ``OUTPUT-N`` folder (unless told to
+    resume or overwrite), so ``make quickstart`` always ends in success without touching a finished adapter.
+    """
+    if not cfg.resume and not cfg.overwrite:
+        free = free_output_dir(Path(cfg.output_dir))
+        if free != Path(cfg.output_dir):
+            log.info("%s already holds a run: this one goes to %s", cfg.output_dir, free)
+            cfg = dataclasses.replace(cfg, output_dir=str(free))
     result = train(cfg)
     return result, eval_held_out(result, eval_samples)

@@ -261,3 +261,8 @@ def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys):
     assert printed.count("PASS  ") + printed.count("FAIL  ") == 3
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["source"]["records"] == 4 and metrics["settings"]["max_new_tokens"] == 64
+    # run again (a newcomer's second `make quickstart`): succeeds beside the first run, which stays as it was
+    card = (out / "chatlora.json").read_bytes()
+    assert main(args) == 0
+    assert (out / "chatlora.json").read_bytes() == card
+    assert (tmp_path / "qs-2" / "chatlora.json").is_file() and "qs-2" in capsys.readouterr().out
