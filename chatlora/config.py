@@ -56,7 +56,9 @@ class TrainConfig:
     # optimisation
     epochs: float = _f(1.0, "training epochs (ignored when max_steps > 0)")
     max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
-    batch_size: int = _f(8, "conversations per micro-batch (with packing: per step, see grad_accum)")
+    batch_size: int = _f(
+        8, "conversations per micro-batch (packed: a step holds batch_size x grad_accum conversations on average)"
+    )
     grad_accum: int = _f(1, "micro-batches per optimizer step: a step trains on batch_size x grad_accum conversations")
     lr: float = _f(2e-4, "peak learning rate")
     lr_scheduler: str = _f("cosine", "learning-rate schedule (any HF Trainer scheduler name)")
