@@ -436,6 +436,11 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
     for gname, encoded, qtype in _gguf_tensors(model, spec):
         # f32/f16 arrays carry their type; quantized ones are bytes whose GGML type must be named
         writer.add_tensor(gname, encoded, raw_dtype=None if qtype in (_Q.F32, _Q.F16) else qtype)
+    return _finish_gguf(writer, tmp, path)
+
+
+def _finish_gguf(writer, tmp: Path, path: Path) -> Path:
+    """Write header, metadata and tensors to ``tmp``, then move it into place: a GGUF appears whole or not at all."""
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -524,14 +529,7 @@ def write_lora_gguf(adapter: str | Path, path: str | Path, quant: str = "f16") -
             b = _permute(b, heads)  # W' = W + s B A: permuting W's rows is permuting B's
         writer.add_tensor(gname + ".lora_a", a.astype(dtype))
         writer.add_tensor(gname + ".lora_b", b.astype(dtype))
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, path)
-    return path
+    return _finish_gguf(writer, tmp, path)
 
 
 # ---------------------------------------------------------------- Ollama: TEMPLATE in Go text/template, Modelfile
