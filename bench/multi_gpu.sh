@@ -17,7 +17,7 @@ MODEL=bench/workload/yi-6b-shape
 [ -f "$MODEL/config.json" ] || $PY -c "import sys; sys.path.insert(0, 'bench'); import train_speed as t; t.yi6b_dir(t.load_workload()[1])"
 COMMON=(--model "$MODEL" --random-init --data data/huanhuan.json --val-size 0 --max-steps "$STEPS"
         --packing --tokens-per-batch 4608 --lora-dropout 0 --logging-steps 5 --save-steps 100000 --dtype bf16
-        --lr 1e-4 --warmup-ratio 0)
+        --lr 1e-4 --warmup-ratio 0 --overwrite)
 run() {  # name, launcher... (the train flags follow)
   local name=$1; shift
   echo "== $name"
