@@ -471,7 +471,7 @@ def make_plan(
             precision,
             quantize,
             batches.max_tokens,
-            batches.max_labels if label_only else batches.max_tokens,
+            batches.max_labels,
             checkpointing=memory_mode or cfg.gradient_checkpointing,
             compiled=compiled,
             liger=liger,

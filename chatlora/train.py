@@ -212,7 +212,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], str]:
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     """Training loss (and held-out loss points) against step, from ``metrics.jsonl``; None if nothing to plot."""
-    rows = [json.loads(line) for line in Path(metrics_path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = _read_metrics(Path(metrics_path))
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train and not evals:
@@ -303,7 +303,7 @@ def _trainer_callback(metrics_path: Path):
 
         def _write(self, row: dict) -> None:
             with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(_finite(row), allow_nan=False) + "\n")
+                f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -312,14 +312,14 @@ def _trainer_callback(metrics_path: Path):
     return RunLogger()
 
 
-def _finite(value: Any) -> Any:
+def _json_safe(value: Any) -> Any:
     """JSON has no NaN or Infinity: a non-finite number (an fp16 overflow's grad norm) is written as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [_json_safe(v) for v in value]
     return value
 
 
@@ -751,7 +751,7 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
         plot_path = plot_loss_curve(metrics_path, out / LOSS_PLOT)
         card = _run_card(cfg, run, trainer, args, metrics_path, ended, eval_loss, logger, (trainable, total))
         (out / RUN_CARD).write_text(
-            json.dumps(_finite(card), ensure_ascii=False, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+            json.dumps(_json_safe(card), ensure_ascii=False, indent=2, allow_nan=False) + "\n", encoding="utf-8"
         )
     return TrainResult(out, card, metrics_path, plot_path, trainer.model, run.tokenizer, run.split)
 
