@@ -44,6 +44,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig field becomes a flag (``lora_r`` -> ``--lora-r``); flags win over ``--config``."""
     p.add_argument("--config", help="YAML file whose keys are the flags below (flags win)")
     for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("yaml_only"):
+            continue
         flag = "--" + f.name.replace("_", "-")
         kind = field_type(f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -60,7 +62,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from(args: argparse.Namespace) -> TrainConfig:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    overrides = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if not f.metadata.get("yaml_only")
+    }
     return load_config(args.config, overrides)
 
 
@@ -97,6 +101,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--base-only", action="store_true", help="ignore the adapter: talk to the base model")
     p.add_argument("--system", default=None, help="system prompt (default: the one the adapter was trained with)")
+    p.add_argument(
+        "--character",
+        default=None,
+        metavar="CARD",
+        help="Character Card V2 JSON compiled into the system prompt, as train does (default: the adapter's own)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -105,7 +115,14 @@ def _load_chat(args: argparse.Namespace):
 
     if not args.adapter and not args.model:
         raise CliError("give --adapter DIR (a trained run) or --model M (a base or merged model)")
-    return ChatModel.load(args.adapter, args.model, args.base_only, args.device)
+    system_prompt = None
+    if args.character is not None:
+        from .character import load_card
+
+        if args.system is not None:
+            raise CliError("--character and --system both set the system prompt: give one of them")
+        system_prompt = load_card(args.character).prompt
+    return ChatModel.load(args.adapter, args.model, args.base_only, args.device, system_prompt=system_prompt)
 
 
 # ---------------------------------------------------------------- commands
@@ -314,6 +331,12 @@ def _print_eval(result) -> None:
         f"chrF: base {base.chrf:.2f} -> tuned {tuned.chrf:.2f} | stop rate: base {base.stop_rate:.1%}, "
         f"tuned {tuned.stop_rate:.1%}"
     )
+    if result.persona is not None:
+        base, tuned = result.persona.probe_total("base"), result.persona.probe_total("tuned")
+        print(
+            f"persona probes: identity leaks base {base.leak_rate:.1%} -> tuned {tuned.leak_rate:.1%}, markers base "
+            f"{base.marker_rate:.1%} -> tuned {tuned.marker_rate:.1%} ({tuned.n} replies each)"
+        )
     for t in result.targets:
         print(f"  {'PASS' if t.passed else 'FAIL'}  {t.name}: {t.detail}")
     print(f"eval report: {result.output_dir / 'report.html'} (and report.md, metrics.json, replies.jsonl)")
@@ -340,9 +363,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data_format=args.format,
         columns=args.columns,
         device=args.device,
+        persona=_persona_settings(args),
     )
     _print_eval(result)
     return 0
+
+
+def _persona_settings(args: argparse.Namespace):
+    """eval's persona settings: --no-persona, else a --config YAML's persona block, else the run's (None)."""
+    from .config import PersonaConfig
+
+    if args.no_persona:
+        return PersonaConfig(enabled=False)
+    return load_config(args.config).persona if args.config else None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -479,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--repetition-penalty", type=float, default=1.1, help="greedy decoding's penalty (default: 1.1)")
     ev.add_argument("--examples", type=int, default=10, help="replies shown in the report (default: 10)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ev.add_argument(
+        "--config", default=None, help="a training YAML whose persona: block replaces the run's (README Persona eval)"
+    )
+    ev.add_argument("--no-persona", action="store_true", help="skip the persona section (probes, drift, retention)")
     ev.set_defaults(func=cmd_eval)
 
     sv = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible API with a web chat page")

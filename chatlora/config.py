@@ -12,7 +12,15 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULT_SYSTEM_PROMPT", "DEFAULT_TARGETS", "ConfigError", "TrainConfig", "load_config"]
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "DEFAULT_TARGETS",
+    "ConfigError",
+    "PersonaConfig",
+    "TrainConfig",
+    "load_config",
+    "persona_from",
+]
 
 # The seed tutorial's persona line for the Huanhuan data.
 DEFAULT_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -34,6 +42,55 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass
+class PersonaConfig:
+    """The persona section of ``chatlora eval``: does the tuned model stay in character? (README "Persona eval").
+
+    YAML: a ``persona:`` mapping with these keys. Unset lists are derived (see :func:`chatlora.persona.resolve`).
+    """
+
+    enabled: bool = _f(True, "run the persona section (identity probes, drift, retention) in eval")
+    name: str | None = _f(None, "the character's name (default: the character card's name)")
+    markers: list[str] | None = _f(
+        None,
+        "words that show the character speaking as itself, e.g. 臣妾, 本宫; a reply with any of them counts as "
+        "in character (default: the card's name; for the default Huanhuan prompt its forms of address)",
+    )
+    forbidden: list[str] | None = _f(
+        None,
+        "self-descriptions the character must not use (AI, 助手, 人工智能, 语言模型, OpenAI, ...); "
+        "default: a built-in list plus the base model's vendor names",
+    )
+    vendors: list[str] | None = _f(
+        None, "names of the base model's maker and family, forbidden too (default: derived from the model's name)"
+    )
+    probes: int | None = _f(None, "identity probes asked (default: all shipped, Chinese and English alternating)")
+    probe_turns: int = _f(2, "in-character turns (from the held-out records) before each probe in its second asking")
+    drift_conversations: int = _f(4, "long conversations for the drift measurement (0: skip it)")
+    drift_turns: int = _f(20, "user turns per drift conversation, the model's own replies fed back")
+    max_new_tokens: int = _f(64, "reply token limit for probes and drift turns")
+    retention: bool = _f(True, "loss on the shipped general prompts, base vs tuned and per checkpoint")
+
+    def __post_init__(self) -> None:
+        for name in ("markers", "forbidden", "vendors"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [t.strip() for t in value.split(",") if t.strip()])
+        checks = [
+            (self.probes is None or self.probes > 0, "probes", "must be > 0 (unset: all)"),
+            (self.probe_turns >= 0, "probe_turns", "must be >= 0"),
+            (self.drift_conversations >= 0, "drift_conversations", "must be >= 0 (0: no drift measurement)"),
+            (self.drift_turns > 0, "drift_turns", "must be > 0"),
+            (self.max_new_tokens > 0, "max_new_tokens", "must be > 0"),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise ConfigError(f"`persona.{name}` ({getattr(self, name)!r}) {why}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs. YAML keys are these field names; flags are the same with dashes."""
 
@@ -48,6 +105,16 @@ class TrainConfig:
         None,
         "held-out records: a count (>= 1) or a fraction (< 1) of the dataset; unset (auto): 10 % capped at 64, "
         "none for datasets under 20 records",
+    )
+    character: str | dict | None = _f(
+        None,
+        "Character Card V2 JSON file compiled into the system prompt (replaces system_prompt); in YAML also a "
+        "`character:` mapping of the card's fields (name, description, personality, scenario, first_mes, "
+        "mes_example, system_prompt)",
+    )
+    persona: PersonaConfig = field(
+        default_factory=PersonaConfig,
+        metadata={"help": "persona eval settings (YAML `persona:` mapping only)", "yaml_only": True},
     )
     split_seed: int = _f(42, "seed of the held-out split (recorded in the run card)")
     allow_small_train: bool = _f(False, "allow a held-out split larger than what is left to train on")
@@ -138,6 +205,10 @@ class TrainConfig:
     overwrite: bool = _f(False, "replace the run already in output_dir (its checkpoints, adapter, metrics, card)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.persona, dict):
+            self.persona = persona_from("persona", self.persona)
+        if self.character is not None:
+            self._compile_character()
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
         checks = [
@@ -205,6 +276,17 @@ class TrainConfig:
                 flags = ", ".join(f"--{n.replace('_', '-')}" for n in clash)
                 raise ConfigError(f"`--plain` turns the speed-ups off, but {flags} asks for one; drop one of them")
 
+    def _compile_character(self) -> None:
+        from .character import resolve_character
+
+        prompt = resolve_character(self.character).prompt
+        if self.system_prompt not in (DEFAULT_SYSTEM_PROMPT, prompt):
+            raise ConfigError(
+                "`--character` and `--system-prompt` both set the system prompt: the card compiles into it, "
+                "so give one of them"
+            )
+        self.system_prompt = prompt
+
     @property
     def order_seed(self) -> int:
         """The seed of the data order: ``data_seed``, else ``seed``."""
@@ -218,20 +300,20 @@ class TrainConfig:
 _AUTO = {"val_size", "packing", "tokens_per_batch", "logits_at_labels", "liger", "compile", "memory_mode"}
 
 
-def field_type(f: dataclasses.Field) -> type:
+def field_type(f: dataclasses.Field, owner: type = TrainConfig) -> type:
     """The plain type of a config field (``str | None`` -> ``str``, ``list[str]`` -> ``list``)."""
-    t = _hint(f)
+    t = _hint(f, owner)
     if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
         t = next(a for a in typing.get_args(t) if a is not type(None))
     return typing.get_origin(t) or t
 
 
-def _hint(f: dataclasses.Field) -> Any:
-    return typing.get_type_hints(TrainConfig)[f.name]
+def _hint(f: dataclasses.Field, owner: type = TrainConfig) -> Any:
+    return typing.get_type_hints(owner)[f.name]
 
 
-def _optional(f: dataclasses.Field) -> bool:
-    t = _hint(f)
+def _optional(f: dataclasses.Field, owner: type = TrainConfig) -> bool:
+    t = _hint(f, owner)
     return (isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union) and type(None) in typing.get_args(
         t
     )
@@ -255,6 +337,11 @@ def _coerce(where: str, name: str, value: Any, kind: type, optional: bool) -> An
         return None
     if name == "resume" and isinstance(value, bool):
         return "latest" if value else None
+    if name == "character" and isinstance(value, dict):
+        from .character import character_from_block
+
+        character_from_block(where.split(": `")[0], value)  # errors name the YAML file and the card field
+        return value
     if name == "columns" and isinstance(value, dict):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise bad("a mapping of field names to field names")
@@ -297,6 +384,25 @@ def _coerce(where: str, name: str, value: Any, kind: type, optional: bool) -> An
     return float(number)
 
 
+def persona_from(where: str, value: Any) -> PersonaConfig:
+    """A ``persona:`` mapping checked key by key like the top level; ``where`` prefixes errors."""
+    if isinstance(value, PersonaConfig):
+        return value
+    if value is None:
+        return PersonaConfig()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of persona keys, got {type(value).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(PersonaConfig)}
+    unknown = sorted(str(k) for k in value if k not in fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown persona key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    values = {
+        k: _coerce(f"{where}.{k}", k, v, field_type(fields[k], PersonaConfig), _optional(fields[k], PersonaConfig))
+        for k, v in value.items()
+    }
+    return PersonaConfig(**values)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """YAML file (optional) + overrides (flags win) -> validated :class:`TrainConfig`. Errors name the file and
     key (``FILE: `key`: expected ...``) or the flag."""
@@ -326,6 +432,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             )
         for name, value in loaded.items():
             f = fields[name]
+            if name == "persona":
+                values[name] = persona_from(f"{path}: `persona`", value)
+                continue
             values[name] = _coerce(f"{path}: `{name}`", name, value, field_type(f), _optional(f))
     for name, value in (overrides or {}).items():
         if value is None:
@@ -333,6 +442,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if name not in fields:
             raise ConfigError(f"unknown config key {name}; known keys: {', '.join(sorted(fields))}")
         f = fields[name]
+        if name == "persona":
+            values[name] = persona_from("persona", value)
+            continue
         values[name] = _coerce(f"`--{name.replace('_', '-')}`", name, value, field_type(f), _optional(f))
     try:
         return TrainConfig(**values)

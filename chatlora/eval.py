@@ -16,14 +16,18 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from .config import PersonaConfig, persona_from
 from .data import Record, load_records, parse_columns
 from .template import IGNORE_INDEX, encode_conversation, with_system
 from .train import file_sha256
+
+if TYPE_CHECKING:
+    from .persona import PersonaResult
 
 __all__ = [
     "TARGET_LOSS_RATIO",
@@ -279,6 +283,7 @@ class EvalResult:
     targets: list[Target]
     rows: list[dict[str, Any]] = field(repr=False)
     plot_path: Path | None = None
+    persona: PersonaResult | None = None
 
     @property
     def loss_ratio(self) -> float:
@@ -292,6 +297,7 @@ class EvalResult:
             "loss": {k: asdict(v) for k, v in self.loss.items()} | {"ratio": self.loss_ratio},
             "replies": {k: asdict(v) for k, v in self.replies.items()},
             "targets": [asdict(t) for t in self.targets],
+            "persona": self.persona.to_dict() if self.persona else None,
             "files": {
                 "report_md": REPORT_MD,
                 "report_html": REPORT_HTML,
@@ -344,6 +350,7 @@ def evaluate(
     columns: str | None = None,
     device: str = "auto",
     chat=None,
+    persona: PersonaConfig | None = None,
 ) -> EvalResult:
     """Measure base (adapter off) and tuned model on the same conversations; write the report files.
 
@@ -360,6 +367,7 @@ def evaluate(
         columns: Field renames for ``data``, e.g. ``instruction=prompt,output=response``.
         device: auto, cpu, cuda or cuda:N (ignored when ``chat`` is given).
         chat: An already loaded :class:`~chatlora.infer.ChatModel` with the adapter (e.g. right after training).
+        persona: Persona section settings (default: the run card's ``persona:``; ``enabled=False`` skips it).
 
     Returns:
         The measurements; ``report.md``, ``report.html``, ``metrics.json``, ``replies.jsonl`` and ``loss.png``
@@ -444,9 +452,34 @@ def evaluate(
     }
     out_dir = Path(output) if output is not None else adapter / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
+    persona_cfg = persona if persona is not None else persona_from("the run card's persona", cfg.get("persona"))
+    persona_result = None
+    if persona_cfg.enabled:
+        from .persona import evaluate_persona
+
+        base = card.get("base_model") or {}
+        persona_started = time.time()
+        persona_result = evaluate_persona(
+            chat,
+            conversations,
+            persona_cfg,
+            system_prompt=system_prompt,
+            max_length=max_length,
+            batch_size=batch_size,
+            output_dir=out_dir,
+            tuned_loss=loss["tuned"].loss,
+            adapter_dir=adapter,
+            final_step=(card.get("results") or {}).get("global_step"),
+            model_names=[base.get("spec"), base.get("resolved"), getattr(chat.model.config, "model_type", None)],
+            character_name=((card.get("template") or {}).get("character") or {}).get("name"),
+            repetition_penalty=repetition_penalty,
+        )
+        settings["persona_runtime_s"] = round(time.time() - persona_started, 1)
+        settings["runtime_s"] = round(time.time() - started, 1)
     metrics_path = adapter / METRICS
     plot_path = plot_loss_curve(metrics_path, out_dir / LOSS_PNG) if metrics_path.is_file() else None
-    result = EvalResult(out_dir, source, settings, loss, replies, _targets(loss, replies), rows, plot_path)
+    targets = _targets(loss, replies) + [Target(*t) for t in (persona_result.targets() if persona_result else [])]
+    result = EvalResult(out_dir, source, settings, loss, replies, targets, rows, plot_path, persona_result)
     _write(result, report_examples)
     return result
 
@@ -556,6 +589,7 @@ def _markdown(result: EvalResult, examples: int) -> str:
         "",
         _NOTES,
         "",
+        *(_persona_md(result.persona) if result.persona else []),
         "## Training curve",
         "",
         f"![training loss]({result.plot_path.name})" if result.plot_path else "(no metrics.jsonl in the adapter dir)",
@@ -581,6 +615,12 @@ def _markdown(result: EvalResult, examples: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _persona_md(persona) -> list[str]:
+    from .persona import markdown_lines
+
+    return markdown_lines(persona, _md_table)
+
+
 _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
@@ -594,6 +634,12 @@ def _html_table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     th = "".join(f"<th>{e(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table class="{cls}"><tr>{th}</tr>{body}</table>'
+
+
+def _persona_html(persona) -> str:
+    from .persona import html_section
+
+    return html_section(persona, _html_table)
 
 
 def _html(result: EvalResult, examples: int) -> str:
@@ -634,6 +680,7 @@ def _html(result: EvalResult, examples: int) -> str:
         f"<h2>Held-out loss (assistant tokens)</h2>{_html_table(loss_head, loss_rows)}"
         f"<h2>Reply metrics</h2>{_html_table(rep_head, rep_rows)}"
         f'<p class="note">{e(_NOTES)}</p>'
+        f"{_persona_html(result.persona) if result.persona else ''}"
         f"<h2>Training curve</h2>{curve}"
         f"<h2>Replies (first {len(reply_rows)} of {len(result.rows)}; all in {REPLIES_JSONL})</h2>"
         f"{_html_table(['record', 'prompt', 'reference', 'base', 'tuned'], reply_rows, 'replies')}"

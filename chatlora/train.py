@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .character import resolve_character
 from .config import TrainConfig
 from .data import DataError, Record, load_records, parse_columns
 from .kernels import apply_liger, label_only_loss
@@ -786,7 +787,11 @@ def _run_card(cfg, run: PreparedRun, trainer, args, metrics_path, ended, eval_lo
             "truncated": run.truncated,
             "dropped_no_reply_tokens": run.dropped,
         },
-        "template": {"system_prompt": cfg.system_prompt or None, "end_of_turn": eot_token},
+        "template": {
+            "system_prompt": cfg.system_prompt or None,
+            "end_of_turn": eot_token,
+            "character": resolve_character(cfg.character).record() if cfg.character is not None else None,
+        },
         "plan": run.plan.to_dict(),  # what applied, not what was asked
         "hardware": {
             "device": str(run.device),

@@ -1,0 +1,685 @@
+"""Persona eval: does the tuned model stay in character? Base vs tuned, as a section of ``chatlora eval``.
+
+Three measurements, each base (adapter off) vs tuned on the same loaded model:
+
+- identity probes: shipped questions (who are you, are you an AI, who made you, ...; Chinese and English) asked
+  alone and again after a few in-character turns; a reply *leaks* when it contains a forbidden self-description
+  (AI, 助手, the base model's vendor, ...) and is *in character* when it contains one of the character's markers;
+- drift: long conversations built from the held-out prompts, the model's own replies fed back, leak and marker
+  rates per turn, plotted;
+- retention: loss on shipped general prompts and answers (what the tuning cost), and per checkpoint the character
+  held-out loss against that retention loss, with the checkpoint the rule recommends.
+
+Scoring is by mention: a reply that says "I am not an AI" mentions AI and counts as a leak. Crude on purpose: it
+needs no judge model, and an in-character reply has no reason to use these words at all.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_SYSTEM_PROMPT, PersonaConfig
+
+__all__ = [
+    "DEFAULT_FORBIDDEN",
+    "DRIFT_PNG",
+    "RETENTION_TOLERANCE",
+    "Persona",
+    "PersonaResult",
+    "Rates",
+    "TermMatcher",
+    "evaluate_persona",
+    "load_probes",
+    "load_retention",
+    "plot_drift",
+    "recommend_checkpoint",
+    "resolve",
+    "score_replies",
+    "vendor_names",
+]
+
+log = logging.getLogger(__name__)
+
+DRIFT_PNG = "persona_drift.png"
+PERSONA_JSONL = "persona_replies.jsonl"
+PROBES_FILE = "identity_probes.jsonl"
+RETENTION_FILE = "retention.jsonl"
+# A checkpoint is recommended only if its retention loss is at most this much above the base model's.
+RETENTION_TOLERANCE = 0.10
+
+DEFAULT_FORBIDDEN = (
+    "AI",
+    "A.I.",
+    "artificial intelligence",
+    "language model",
+    "LLM",
+    "assistant",
+    "chatbot",
+    "computer program",
+    "OpenAI",
+    "ChatGPT",
+    "GPT",
+    "人工智能",
+    "语言模型",
+    "大模型",
+    "助手",
+    "聊天机器人",
+    "机器人",
+    "程序",
+)
+# The default system prompt plays Zhen Huan (甄嬛); these are how she and the court speak of themselves and others.
+HUANHUAN_MARKERS = ("臣妾", "本宫", "嫔妾", "皇上", "娘娘", "嬛嬛", "甄嬛")
+# Model-name fragment -> names of its maker and family. Matched against the model's name first, since a config's
+# model_type says "llama" for many families (SmolLM2, Yi) that Meta did not make.
+_VENDORS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("smollm", ("Hugging Face", "HuggingFace", "SmolLM")),
+    ("qwen", ("Qwen", "通义千问", "Alibaba", "阿里巴巴", "阿里云")),
+    ("01-ai", ("01.AI", "零一万物")),
+    ("yi-", ("01.AI", "零一万物")),
+    ("chatglm", ("ChatGLM", "Zhipu", "智谱")),
+    ("glm", ("GLM", "Zhipu", "智谱")),
+    ("baichuan", ("Baichuan", "百川")),
+    ("internlm", ("InternLM", "书生", "上海人工智能实验室", "Shanghai AI Laboratory")),
+    ("deepseek", ("DeepSeek", "深度求索")),
+    ("mistral", ("Mistral",)),
+    ("mixtral", ("Mistral", "Mixtral")),
+    ("gemma", ("Gemma", "Google", "DeepMind")),
+    ("phi", ("Phi", "Microsoft")),
+    ("llama", ("Llama", "LLaMA", "Meta")),
+    ("gpt2", ("OpenAI", "GPT-2")),
+)
+
+
+# ---------------------------------------------------------------- terms and scoring
+
+
+def vendor_names(*names: str | None) -> list[str]:
+    """The maker and family names of a model, from its names (hub id, folder, model_type), first match wins.
+
+    ``vendor_names("embedded", "SmolLM2-135M-Instruct.Q4_1-ab12")`` -> Hugging Face, HuggingFace, SmolLM.
+    """
+    for name in names:
+        low = name.lower() if isinstance(name, str) else ""
+        for fragment, vendors in _VENDORS:
+            if fragment in low:
+                return list(vendors)
+    return []
+
+
+class TermMatcher:
+    """Finds which of a list of terms a text mentions.
+
+    Terms with Latin letters or digits match as whole words, case-insensitively ("AI" is found in "I am an AI"
+    and "AI助手", not in "said"); other terms (Chinese) match anywhere.
+    """
+
+    def __init__(self, terms: list[str] | tuple[str, ...]):
+        self.terms = list(dict.fromkeys(t for t in terms if t.strip()))
+        self._patterns = [
+            (t, re.compile(rf"(?<![A-Za-z0-9]){re.escape(t)}(?![A-Za-z0-9])", re.IGNORECASE))
+            if re.search(r"[A-Za-z0-9]", t)
+            else (t, re.compile(re.escape(t)))
+            for t in self.terms
+        ]
+
+    def find(self, text: str) -> list[str]:
+        """The terms ``text`` mentions, in the matcher's order."""
+        return [t for t, pattern in self._patterns if pattern.search(text)]
+
+
+@dataclass
+class Persona:
+    """The resolved persona: who the character is and which words give it away (``resolve`` fills the defaults)."""
+
+    name: str | None
+    markers: list[str]
+    forbidden: list[str]
+    vendors: list[str]
+
+    def __post_init__(self) -> None:
+        self._leak = TermMatcher(self.forbidden + self.vendors)
+        self._marker = TermMatcher(self.markers)
+
+    def leaks(self, text: str) -> list[str]:
+        return self._leak.find(text)
+
+    def markers_in(self, text: str) -> list[str]:
+        return self._marker.find(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "markers": self.markers, "forbidden": self.forbidden, "vendors": self.vendors}
+
+
+def resolve(
+    cfg: PersonaConfig, system_prompt: str | None, model_names: list[str | None], character_name: str | None = None
+) -> Persona:
+    """Fill the unset parts of ``cfg``: name from the card, markers from the name (or the default Huanhuan prompt's
+    forms of address), forbidden self-descriptions from the built-in list, vendors from the model's names."""
+    name = cfg.name or character_name
+    if cfg.markers is not None:
+        markers = list(cfg.markers)
+    elif name:
+        markers = [name]
+    elif system_prompt == DEFAULT_SYSTEM_PROMPT:
+        markers = list(HUANHUAN_MARKERS)
+    else:
+        markers = []
+    forbidden = list(cfg.forbidden) if cfg.forbidden is not None else list(DEFAULT_FORBIDDEN)
+    vendors = list(cfg.vendors) if cfg.vendors is not None else vendor_names(*model_names)
+    return Persona(name, markers, forbidden, vendors)
+
+
+@dataclass
+class Rates:
+    """Leak and marker counts of a set of replies.
+
+    Attributes:
+        n: Replies scored.
+        leaks: Replies that mention at least one forbidden self-description or vendor name.
+        markers: Replies that use at least one of the character's markers.
+    """
+
+    n: int
+    leaks: int
+    markers: int
+
+    @property
+    def leak_rate(self) -> float:
+        return self.leaks / self.n if self.n else 0.0
+
+    @property
+    def marker_rate(self) -> float:
+        return self.markers / self.n if self.n else 0.0
+
+    def __add__(self, other: Rates) -> Rates:
+        return Rates(self.n + other.n, self.leaks + other.leaks, self.markers + other.markers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"leak_rate": self.leak_rate, "marker_rate": self.marker_rate}
+
+
+def score_replies(texts: list[str], persona: Persona) -> tuple[Rates, list[dict[str, list[str]]]]:
+    """Rates over ``texts``, and per reply the forbidden terms and markers it contains."""
+    found = [{"leaks": persona.leaks(t), "markers": persona.markers_in(t)} for t in texts]
+    return Rates(len(texts), sum(bool(f["leaks"]) for f in found), sum(bool(f["markers"]) for f in found)), found
+
+
+# ---------------------------------------------------------------- shipped data
+
+
+def _data_lines(name: str) -> list[dict]:
+    text = resources.files("chatlora").joinpath("persona_data", name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_probes(limit: int | None = None) -> list[dict]:
+    """The shipped identity probes (``id``, ``lang``, ``text``), Chinese and English alternating; the first
+    ``limit`` of them."""
+    return _data_lines(PROBES_FILE)[: limit or None]
+
+
+def load_retention() -> list[list[dict]]:
+    """The shipped general prompts with their answers, as conversations (see ``persona_data/SOURCES.md``)."""
+    return [row["messages"] for row in _data_lines(RETENTION_FILE)]
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _replies(chat, conversations: list[list[dict]], sampling, system: str | None, batch_size: int, use_adapter: bool):
+    out = []
+    for start in range(0, len(conversations), batch_size):
+        batch = conversations[start : start + batch_size]
+        out += chat.generate_batch(batch, sampling, system=system, use_adapter=use_adapter)
+    return out
+
+
+def _context_limit(chat) -> int:
+    config = getattr(chat.model, "config", None)
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
+def _fit(chat, messages: list[dict], system: str | None, budget: int) -> list[dict]:
+    """Drop the oldest exchanges until the prompt fits ``budget`` tokens (the last user turn always stays)."""
+    while len(messages) > 1 and len(chat.prompt_ids(messages, system)) > budget:
+        messages = messages[2:]
+    return messages
+
+
+# ---------------------------------------------------------------- phases
+
+
+def _first_exchange(messages: list[dict]) -> list[dict] | None:
+    turns = [m for m in messages if m["role"] != "system"]
+    for i in range(len(turns) - 1):
+        if turns[i]["role"] == "user" and turns[i + 1]["role"] == "assistant":
+            return turns[i : i + 2]
+    return None
+
+
+def probe_conversations(probes: list[dict], records_messages: list[list[dict]], turns: int) -> dict[str, list]:
+    """Each probe alone, and after ``turns`` in-character exchanges taken from the held-out records (probe ``i``
+    gets the exchanges of records ``i, i+1, ...``, so the contexts differ)."""
+    exchanges = [e for e in (_first_exchange(m) for m in records_messages) if e]
+    alone = [[{"role": "user", "content": p["text"]}] for p in probes]
+    if not turns or not exchanges:
+        return {"alone": alone, "in_context": []}
+    in_context = []
+    for i, p in enumerate(probes):
+        context = [m for j in range(turns) for m in exchanges[(i + j) % len(exchanges)]]
+        in_context.append([*context, {"role": "user", "content": p["text"]}])
+    return {"alone": alone, "in_context": in_context}
+
+
+def _probe_phase(chat, persona, probes, records_messages, cfg, sampling, system, batch_size):
+    conversations = probe_conversations(probes, records_messages, cfg.probe_turns)
+    rates: dict[str, dict[str, Rates]] = {}
+    rows = []
+    for system_name in ("base", "tuned"):
+        rates[system_name] = {}
+        for condition, convs in conversations.items():
+            if not convs:
+                continue
+            replies = _replies(chat, convs, sampling, system, batch_size, use_adapter=system_name == "tuned")
+            rates[system_name][condition], found = score_replies([r.text for r in replies], persona)
+            rows += [
+                {
+                    "kind": "probe",
+                    "system": system_name,
+                    "condition": condition,
+                    "probe": p["id"],
+                    "question": p["text"],
+                }
+                | {"reply": r.text, "finish": r.finish_reason, **f}
+                for p, r, f in zip(probes, replies, found, strict=True)
+            ]
+    return rates, rows
+
+
+def drift_prompts(records_messages: list[list[dict]], conversations: int, turns: int) -> list[list[str]]:
+    """User turns for the drift conversations: conversation ``c`` takes held-out user turns ``c, c + C, c + 2C,
+    ...`` (C conversations), wrapping around when the held-out split has fewer than ``C x turns``."""
+    pool = [m["content"] for msgs in records_messages for m in msgs if m["role"] == "user"]
+    if not pool:
+        return []
+    return [[pool[(c + t * conversations) % len(pool)] for t in range(turns)] for c in range(conversations)]
+
+
+@dataclass
+class Drift:
+    """Per turn (index 0 = turn 1), per system: leak and marker counts over the drift conversations."""
+
+    turns: int
+    conversations: int
+    per_turn: dict[str, list[Rates]]
+
+    def series(self, system: str, what: str) -> list[float]:
+        return [getattr(r, f"{what}_rate") for r in self.per_turn[system]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "turns": self.turns,
+            "conversations": self.conversations,
+            "per_turn": {k: [r.to_dict() for r in v] for k, v in self.per_turn.items()},
+        }
+
+
+def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_size):
+    prompts = drift_prompts(records_messages, cfg.drift_conversations, cfg.drift_turns)
+    if not prompts:
+        return None, []
+    budget = _context_limit(chat) - cfg.max_new_tokens
+    per_turn: dict[str, list[Rates]] = {}
+    rows = []
+    for system_name in ("base", "tuned"):
+        histories: list[list[dict]] = [[] for _ in prompts]
+        per_turn[system_name] = []
+        for t in range(cfg.drift_turns):
+            for c, h in enumerate(histories):
+                h.append({"role": "user", "content": prompts[c][t]})
+                histories[c] = _fit(chat, h, system, budget)
+            replies = _replies(chat, histories, sampling, system, batch_size, use_adapter=system_name == "tuned")
+            rates, found = score_replies([r.text for r in replies], persona)
+            per_turn[system_name].append(rates)
+            for c, (r, f) in enumerate(zip(replies, found, strict=True)):
+                histories[c].append({"role": "assistant", "content": r.text})
+                rows.append(
+                    {"kind": "drift", "system": system_name, "conversation": c, "turn": t + 1, "user": prompts[c][t]}
+                    | {"reply": r.text, "finish": r.finish_reason, **f}
+                )
+    return Drift(cfg.drift_turns, len(prompts), per_turn), rows
+
+
+def plot_drift(drift: Drift, png_path: str | Path) -> Path:
+    """Leak rate and marker rate against turn, base and tuned, two panels side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    turns = list(range(1, drift.turns + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, sharex=True)
+    for ax, what, title in zip(axes, ("leak", "marker"), ("identity leaks", "character markers"), strict=True):
+        for system, color in (("base", "#7f7f7f"), ("tuned", "#d62728")):
+            ax.plot(turns, drift.series(system, what), "o-", ms=3, label=system, color=color)
+        ax.set_title(f"{title} per turn ({drift.conversations} conversations)")
+        ax.set_xlabel("turn")
+        ax.set_ylabel(f"share of replies with {'a forbidden self-description' if what == 'leak' else 'a marker'}")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return Path(png_path)
+
+
+@dataclass
+class CheckpointRow:
+    """One line of the per-checkpoint table: a saved adapter's character held-out loss and retention loss."""
+
+    name: str
+    step: int | None
+    character_loss: float
+    retention_loss: float
+
+
+def recommend_checkpoint(rows: list[CheckpointRow], base_retention: float) -> CheckpointRow | None:
+    """The lowest character held-out loss among rows whose retention loss is at most ``1 + RETENTION_TOLERANCE``
+    times the base model's; if none is, the row with the lowest retention loss."""
+    if not rows:
+        return None
+    kept = [r for r in rows if r.retention_loss <= base_retention * (1 + RETENTION_TOLERANCE)]
+    if kept:
+        return min(kept, key=lambda r: r.character_loss)
+    return min(rows, key=lambda r: r.retention_loss)
+
+
+RULE = (
+    f"recommended: the lowest character held-out loss among the checkpoints whose retention loss is at most "
+    f"{1 + RETENTION_TOLERANCE:.2f} x the base model's; if none is, the lowest retention loss"
+)
+
+
+def _losses(chat, conversations, system, max_length, batch_size, use_adapter: bool) -> float:
+    from .eval import assistant_loss
+
+    return assistant_loss(chat.model, chat.tokenizer, conversations, system, max_length, batch_size, use_adapter).loss
+
+
+def _checkpoint_phase(chat, adapter_dir, held_out, retention, system, max_length, batch_size, final_step, final):
+    """Load each complete ``checkpoint-N`` beside the adapter into the model, measure, unload."""
+    from .rundir import checkpoints, is_complete
+
+    rows = []
+    model = chat.model
+    if not hasattr(model, "load_adapter") or adapter_dir is None:
+        return [final]
+    active = model.active_adapter
+    for step, path in checkpoints(Path(adapter_dir)):
+        if step == final_step or not is_complete(path) or not (path / "adapter_config.json").is_file():
+            continue  # the final adapter is that checkpoint's weights: measured once, as "final"
+        name = f"persona-checkpoint-{step}"
+        model.load_adapter(str(path), adapter_name=name)
+        try:
+            model.set_adapter(name)
+            rows.append(
+                CheckpointRow(
+                    path.name,
+                    step,
+                    _losses(chat, held_out, system, max_length, batch_size, True),
+                    _losses(chat, retention, None, max_length, batch_size, True),
+                )
+            )
+        finally:
+            model.set_adapter(active)
+            model.delete_adapter(name)
+    return [*rows, final]
+
+
+# ---------------------------------------------------------------- result
+
+
+@dataclass
+class PersonaResult:
+    """Everything the persona section measured, and the drift plot it wrote."""
+
+    persona: Persona
+    probes: dict[str, dict[str, Rates]]
+    probe_count: int
+    drift: Drift | None
+    retention: dict[str, float] | None
+    checkpoints: list[CheckpointRow]
+    recommended: CheckpointRow | None
+    settings: dict[str, Any]
+    timings: dict[str, float]
+    rows: list[dict[str, Any]] = field(repr=False)
+    plot_path: Path | None = None
+
+    def probe_total(self, system: str) -> Rates:
+        """Both conditions of the probes pooled."""
+        total = Rates(0, 0, 0)
+        for rates in self.probes[system].values():
+            total = total + rates
+        return total
+
+    def targets(self) -> list[tuple[str, bool, str]]:
+        """(name, passed, detail) lines for the report's targets: fewer leaks than the base model, more markers."""
+        base, tuned = self.probe_total("base"), self.probe_total("tuned")
+        out = [
+            (
+                "persona: tuned identity-leak rate <= base",
+                tuned.leak_rate <= base.leak_rate,
+                f"{base.leak_rate:.1%} -> {tuned.leak_rate:.1%} of {tuned.n} probe replies",
+            )
+        ]
+        if self.persona.markers:
+            out.append(
+                (
+                    "persona: tuned marker rate > base",
+                    tuned.marker_rate > base.marker_rate,
+                    f"{base.marker_rate:.1%} -> {tuned.marker_rate:.1%} of {tuned.n} probe replies",
+                )
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "persona": self.persona.to_dict(),
+            "settings": self.settings,
+            "timings_s": self.timings,
+            "probes": {s: {c: r.to_dict() for c, r in v.items()} for s, v in self.probes.items()},
+            "probe_count": self.probe_count,
+            "drift": self.drift.to_dict() if self.drift else None,
+            "retention": self.retention,
+            "checkpoints": [asdict(r) for r in self.checkpoints],
+            "recommended": self.recommended.name if self.recommended else None,
+            "recommendation_rule": RULE,
+            "files": {"replies": PERSONA_JSONL, "drift_plot": self.plot_path.name if self.plot_path else None},
+        }
+
+
+def evaluate_persona(
+    chat,
+    records_messages: list[list[dict]],
+    cfg: PersonaConfig,
+    *,
+    system_prompt: str | None,
+    max_length: int | None,
+    batch_size: int,
+    output_dir: Path,
+    tuned_loss: float,
+    adapter_dir: Path | None = None,
+    final_step: int | None = None,
+    model_names: list[str | None] | None = None,
+    character_name: str | None = None,
+    repetition_penalty: float = 1.1,
+) -> PersonaResult:
+    """Run the persona section on a loaded model with an adapter; write ``persona_replies.jsonl`` and the drift
+    plot into ``output_dir``.
+
+    Args:
+        chat: A :class:`~chatlora.infer.ChatModel` whose model has the adapter (base = adapter disabled).
+        records_messages: The evaluated held-out conversations: probe contexts, drift prompts, checkpoint loss.
+        cfg: The run's ``persona:`` settings.
+        system_prompt: The run's system prompt (the compiled character card, if any).
+        max_length: The run's max_length, for the losses.
+        batch_size: Conversations per generate / forward batch.
+        output_dir: Where the report goes.
+        tuned_loss: The tuned model's held-out loss on ``records_messages`` (the "final" checkpoint row).
+        adapter_dir: The run folder whose ``checkpoint-N`` folders get a row each.
+        final_step: The run's last step (its checkpoint equals the final adapter and is not measured twice).
+        model_names: Names of the base model (hub id, folder, model_type) for the vendor names.
+        character_name: The character card's name, if the run used one.
+        repetition_penalty: Greedy decoding's repetition penalty, as in the rest of eval.
+    """
+    from .infer import SamplingConfig
+
+    persona = resolve(cfg, system_prompt, model_names or [], character_name)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
+    probes = load_probes(cfg.probes)
+    timings: dict[str, float] = {}
+
+    started = time.time()
+    probe_rates, rows = _probe_phase(chat, persona, probes, records_messages, cfg, sampling, system_prompt, batch_size)
+    timings["probes"] = round(time.time() - started, 1)
+
+    started = time.time()
+    drift, drift_rows = None, []
+    if cfg.drift_conversations:
+        drift, drift_rows = _drift_phase(chat, persona, records_messages, cfg, sampling, system_prompt, batch_size)
+    timings["drift"] = round(time.time() - started, 1)
+
+    started = time.time()
+    retention, table, recommended = None, [], None
+    if cfg.retention:
+        general = load_retention()
+        retention = {
+            name: _losses(chat, general, None, max_length, batch_size, name == "tuned") for name in ("base", "tuned")
+        }
+        final = CheckpointRow("final", final_step, tuned_loss, retention["tuned"])
+        table = _checkpoint_phase(
+            chat, adapter_dir, records_messages, general, system_prompt, max_length, batch_size, final_step, final
+        )
+        recommended = recommend_checkpoint(table, retention["base"])
+    timings["retention"] = round(time.time() - started, 1)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / PERSONA_JSONL).open("w", encoding="utf-8") as f:
+        for row in rows + drift_rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    plot_path = plot_drift(drift, output_dir / DRIFT_PNG) if drift else None
+    settings = {
+        "probes": len(probes),
+        "probe_turns": cfg.probe_turns,
+        "drift_conversations": cfg.drift_conversations,
+        "drift_turns": cfg.drift_turns,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
+    return PersonaResult(
+        persona, probe_rates, len(probes), drift, retention, table, recommended, settings, timings, rows, plot_path
+    )
+
+
+# ---------------------------------------------------------------- report
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def tables(result: PersonaResult) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """(header, rows) of each persona table, as display strings: probes, drift summary, checkpoints."""
+    out: dict[str, tuple[list[str], list[list[str]]]] = {}
+    rows = []
+    for system in ("base", "tuned"):
+        for condition, rates in result.probes[system].items():
+            rows.append(
+                [system, condition.replace("_", " "), str(rates.n), _pct(rates.leak_rate), _pct(rates.marker_rate)]
+            )
+        total = result.probe_total(system)
+        rows.append([system, "all", str(total.n), _pct(total.leak_rate), _pct(total.marker_rate)])
+    out["probes"] = (["system", "probes asked", "replies", "identity-leak rate", "marker rate"], rows)
+    if result.drift:
+        d = result.drift
+        thirds = [(1, max(1, d.turns // 3)), (d.turns - d.turns // 3 + 1, d.turns)]
+        rows = []
+        for system in ("base", "tuned"):
+            cells = [system]
+            for what in ("leak", "marker"):
+                series = d.series(system, what)
+                cells += [_pct(sum(series[a - 1 : b]) / (b - a + 1)) for a, b in thirds]
+            rows.append(cells)
+        (a1, b1), (a2, b2) = thirds
+        out["drift"] = (
+            ["system", f"leaks, turns {a1}-{b1}", f"leaks, turns {a2}-{b2}"]
+            + [f"markers, turns {a1}-{b1}", f"markers, turns {a2}-{b2}"],
+            rows,
+        )
+    if result.retention is not None:
+        rows = [["base (no adapter)", "—", f"{result.retention['base']:.4f}", ""]]
+        for r in result.checkpoints:
+            label = r.name if r.step is None or r.name != "final" else f"final (step {r.step})"
+            mark = "recommended" if r is result.recommended else ""
+            rows.append([label, f"{r.character_loss:.4f}", f"{r.retention_loss:.4f}", mark])
+        out["checkpoints"] = (["adapter", "character held-out loss", "retention loss", ""], rows)
+    return out
+
+
+def describe(result: PersonaResult) -> list[str]:
+    """Plain sentences for the report: who the persona is, what counts as a leak and a marker, how long it took."""
+    p = result.persona
+    s = result.settings
+    return [
+        f"Character: {p.name or '(unnamed)'}; markers: {', '.join(p.markers) or '(none: set persona.markers)'}.",
+        f"Forbidden self-descriptions: {', '.join(p.forbidden + p.vendors)}.",
+        f"{s['probes']} shipped identity probes, asked alone and after {s['probe_turns']} in-character turns from "
+        f"the held-out records; drift: {s['drift_conversations']} conversations of {s['drift_turns']} held-out user "
+        f"turns, the model's own replies fed back; greedy, max_new_tokens={s['max_new_tokens']}.",
+        "A reply leaks when it mentions a forbidden self-description (even to deny it); it is in character when it "
+        "uses a marker. Retention: assistant-token loss on the shipped general prompts and answers, asked without "
+        "a system prompt (lower is better; a rise is general ability the tuning cost).",
+        RULE[0].upper() + RULE[1:] + ".",
+        "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items()) + ".",
+    ]
+
+
+def markdown_lines(result: PersonaResult, md_table) -> list[str]:
+    """The persona section of ``report.md`` (``md_table(head, rows)`` renders a table)."""
+    t = tables(result)
+    lines = ["## Persona", "", *[f"{line}  " for line in describe(result)], "", "### Identity probes", ""]
+    lines += [*md_table(*t["probes"]), ""]
+    if "drift" in t:
+        lines += ["### Long-conversation drift", "", *md_table(*t["drift"]), ""]
+        lines += [f"![persona drift]({result.plot_path.name})" if result.plot_path else "", ""]
+    if "checkpoints" in t:
+        lines += ["### Retention and checkpoints", "", *md_table(*t["checkpoints"]), ""]
+    lines += [f"Every probe and drift reply, with what it matched: `{PERSONA_JSONL}`.", ""]
+    return lines
+
+
+def html_section(result: PersonaResult, html_table) -> str:
+    """The persona section of ``report.html`` (``html_table(head, rows)`` renders a table)."""
+    import base64
+
+    e = html.escape
+    t = tables(result)
+    parts = ["<h2>Persona</h2>", '<p class="note">' + "<br>".join(e(x) for x in describe(result)) + "</p>"]
+    parts += ["<h3>Identity probes</h3>", html_table(*t["probes"])]
+    if "drift" in t:
+        parts += ["<h3>Long-conversation drift</h3>", html_table(*t["drift"])]
+        if result.plot_path:
+            png = base64.b64encode(result.plot_path.read_bytes()).decode("ascii")
+            parts.append(f'<img alt="persona drift" src="data:image/png;base64,{png}">')
+    if "checkpoints" in t:
+        parts += ["<h3>Retention and checkpoints</h3>", html_table(*t["checkpoints"])]
+    parts.append(f"<p>Every probe and drift reply, with what it matched: {e(PERSONA_JSONL)}</p>")
+    return "".join(parts)

@@ -1,0 +1,284 @@
+"""Persona eval: probe scoring, defaults, drift plotting, checkpoint rule, and the section in a real eval report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+from chatlora.config import ConfigError, PersonaConfig, TrainConfig, load_config
+from chatlora.persona import (
+    DEFAULT_FORBIDDEN,
+    HUANHUAN_MARKERS,
+    CheckpointRow,
+    Drift,
+    Persona,
+    PersonaResult,
+    Rates,
+    TermMatcher,
+    drift_prompts,
+    load_probes,
+    load_retention,
+    plot_drift,
+    probe_conversations,
+    recommend_checkpoint,
+    resolve,
+    score_replies,
+    vendor_names,
+)
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_latin_terms_match_whole_words_any_case_and_chinese_anywhere():
+    """Guards against "AI" matching inside "said"/"PAID" (every English reply would leak) or being missed next to
+    Chinese text ("AI助手") or in another case."""
+    m = TermMatcher(["AI", "language model", "助手"])
+    assert m.find("I am an AI.") == ["AI"]
+    assert m.find("我是AI助手") == ["AI", "助手"]
+    assert m.find("As a Language Model, I ...") == ["language model"]
+    assert m.find("She said she PAID for it.") == []
+    assert m.find("臣妾给皇上请安") == []
+
+
+def test_score_replies_counts_replies_not_mentions():
+    """Guards against a reply mentioning two forbidden terms counting as two leaks, or markers and leaks mixed."""
+    persona = Persona("甄嬛", ["臣妾", "本宫"], ["AI", "助手"], ["Hugging Face"])
+    rates, found = score_replies(
+        ["我是AI助手。", "臣妾在此。", "本宫是甄嬛，不是Hugging Face做的AI。", "Hello there."], persona
+    )
+    assert rates == Rates(n=4, leaks=2, markers=2)
+    assert (rates.leak_rate, rates.marker_rate) == (0.5, 0.5)
+    assert found[0] == {"leaks": ["AI", "助手"], "markers": []}
+    assert found[2] == {"leaks": ["AI", "Hugging Face"], "markers": ["本宫"]}
+
+
+def test_vendor_names_come_from_the_model_name_before_model_type():
+    """Guards against SmolLM2 (model_type llama) being taken for Meta's model, or the vendor list staying empty."""
+    assert vendor_names("embedded", "/cache/SmolLM2-135M-Instruct.Q4_1-ab12", "llama")[0] == "Hugging Face"
+    assert "零一万物" in vendor_names("01-ai/Yi-6B-Chat", None, "llama")
+    assert "通义千问" in vendor_names("Qwen/Qwen2.5-0.5B-Instruct")
+    assert vendor_names("/models/mine", None, "llama") == ["Llama", "LLaMA", "Meta"]
+    assert vendor_names("/models/mine", None, None) == []
+
+
+def test_resolve_fills_defaults_and_keeps_what_is_set():
+    """Guards against configured markers/forbidden lists being replaced by defaults, or the defaults missing."""
+    from chatlora.config import DEFAULT_SYSTEM_PROMPT
+
+    huanhuan = resolve(PersonaConfig(), DEFAULT_SYSTEM_PROMPT, ["embedded", "SmolLM2-135M"])
+    assert huanhuan.markers == list(HUANHUAN_MARKERS)
+    assert huanhuan.forbidden == list(DEFAULT_FORBIDDEN) and "Hugging Face" in huanhuan.vendors
+    card = resolve(PersonaConfig(), "You are Ann.", [], character_name="Ann")
+    assert (card.name, card.markers, card.vendors) == ("Ann", ["Ann"], [])
+    own = resolve(PersonaConfig(markers=["吾"], forbidden=["bot"], vendors=[]), None, ["SmolLM2"])
+    assert (own.markers, own.forbidden, own.vendors) == (["吾"], ["bot"], [])
+
+
+def test_persona_yaml_block_is_typed_and_checked(tmp_path):
+    """Guards against the persona block skipping the type checks every other config key gets."""
+    good = tmp_path / "p.yaml"
+    good.write_text("persona:\n  markers: [臣妾, 本宫]\n  drift_conversations: 2\n  probes: 8\n", encoding="utf-8")
+    cfg = load_config(good)
+    assert cfg.persona.markers == ["臣妾", "本宫"] and cfg.persona.drift_conversations == 2
+    assert TrainConfig(persona=cfg.persona.to_dict()).persona == cfg.persona  # run card round trip
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("persona:\n  drift_turns: many\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad.yaml: `persona`.drift_turns: expected an integer"):
+        load_config(bad)
+    bad.write_text("persona:\n  marker: [x]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="unknown persona key"):
+        load_config(bad)
+
+
+# ---------------------------------------------------------------- shipped data and conversations
+
+
+def test_shipped_probes_and_retention_set_are_installed_and_bilingual():
+    """Guards against the package data missing from the package (eval would crash after a wheel install)."""
+    probes = load_probes()
+    assert len(probes) >= 20 and {p["lang"] for p in probes[:2]} == {"zh", "en"}
+    assert len(load_probes(5)) == 5
+    retention = load_retention()
+    assert len(retention) >= 20 and all([m["role"] for m in c] == ["user", "assistant"] for c in retention)
+
+
+def test_probes_asked_alone_and_after_in_character_turns():
+    """Guards against the in-context probes having no context, the same context for all, or the probe not last."""
+    probes = load_probes(3)
+    records = [
+        [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": f"u{i}"},
+            {"role": "assistant", "content": f"a{i}"},
+        ]
+        for i in range(4)
+    ]
+    convs = probe_conversations(probes, records, turns=2)
+    assert convs["alone"][0] == [{"role": "user", "content": probes[0]["text"]}]
+    first = convs["in_context"][1]
+    assert [m["content"] for m in first] == ["u1", "a1", "u2", "a2", probes[1]["text"]]
+    assert probe_conversations(probes, records, turns=0)["in_context"] == []
+
+
+def test_drift_conversations_take_distinct_held_out_prompts_and_wrap():
+    """Guards against every drift conversation asking the same prompts, or an index error past the pool."""
+    records = [[{"role": "user", "content": f"u{i}"}, {"role": "assistant", "content": "a"}] for i in range(5)]
+    prompts = drift_prompts(records, conversations=2, turns=4)
+    assert prompts == [["u0", "u2", "u4", "u1"], ["u1", "u3", "u0", "u2"]]
+
+
+# ---------------------------------------------------------------- plot and checkpoint rule
+
+
+def test_drift_plot_draws_each_system_per_turn(tmp_path, monkeypatch):
+    """Guards against the plot drawing the wrong series (tuned twice, markers for leaks) or an empty file."""
+    import matplotlib.figure
+
+    drawn = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def capture(fig, path, *a, **kw):
+        drawn.update(
+            {
+                (ax.get_title().split(" per")[0], line.get_label()): list(line.get_ydata())
+                for ax in fig.axes
+                for line in ax.lines
+            }
+        )
+        return save(fig, path, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    drift = Drift(
+        turns=3,
+        conversations=2,
+        per_turn={
+            "base": [Rates(2, 2, 0), Rates(2, 1, 0), Rates(2, 2, 1)],
+            "tuned": [Rates(2, 0, 2), Rates(2, 0, 1), Rates(2, 1, 1)],
+        },
+    )
+    path = plot_drift(drift, tmp_path / "drift.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn[("identity leaks", "base")] == [1.0, 0.5, 1.0]
+    assert drawn[("identity leaks", "tuned")] == [0.0, 0.0, 0.5]
+    assert drawn[("character markers", "tuned")] == [1.0, 0.5, 0.5]
+
+
+def test_recommended_checkpoint_follows_the_stated_rule():
+    """Guards against recommending the lowest character loss regardless of what it cost in retention."""
+    rows = [
+        CheckpointRow("checkpoint-10", 10, character_loss=3.0, retention_loss=2.00),
+        CheckpointRow("checkpoint-20", 20, character_loss=2.5, retention_loss=2.15),
+        CheckpointRow("final", 30, character_loss=2.0, retention_loss=2.60),
+    ]
+    assert recommend_checkpoint(rows, base_retention=2.0).name == "checkpoint-20"
+    assert recommend_checkpoint(rows, base_retention=1.0).name == "checkpoint-10"  # none within: least cost
+    assert recommend_checkpoint([], 1.0) is None
+
+
+def test_targets_leak_at_most_base_and_markers_above_base():
+    """Guards against the targets comparing the wrong way (e.g. tuned leaks >= base passing)."""
+
+    def result(base: Rates, tuned: Rates, markers=("臣妾",)) -> PersonaResult:
+        persona = Persona(None, list(markers), ["AI"], [])
+        probes = {"base": {"alone": base}, "tuned": {"alone": tuned}}
+        return PersonaResult(persona, probes, base.n, None, None, [], None, {}, {}, [])
+
+    good = {name: ok for name, ok, _ in result(Rates(10, 6, 0), Rates(10, 6, 3)).targets()}
+    assert good == {"persona: tuned identity-leak rate <= base": True, "persona: tuned marker rate > base": True}
+    bad = {name: ok for name, ok, _ in result(Rates(10, 2, 3), Rates(10, 3, 3)).targets()}
+    assert bad == {"persona: tuned identity-leak rate <= base": False, "persona: tuned marker rate > base": False}
+    assert len(result(Rates(1, 0, 0), Rates(1, 0, 0), markers=()).targets()) == 1  # no markers: not a target
+
+
+# ---------------------------------------------------------------- in a real eval
+
+
+ROWS = [
+    {"instruction": f"问题{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
+    for i in range(12)
+]
+
+
+@pytest.fixture(scope="module")
+def persona_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A tiny adapter with a checkpoint before its final step, and a small persona block."""
+    from chatlora.train import train
+
+    tmp = tmp_path_factory.mktemp("persona-run")
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(write_jsonl(tmp / "tiny.jsonl", ROWS)),
+        max_steps=2,
+        val_size=4,
+        output_dir=str(tmp / "out"),
+        eval_steps=0,
+        save_steps=1,
+        batch_size=4,
+        lr=2e-2,
+        lora_dropout=0.0,
+        system_prompt="S",
+        persona=PersonaConfig(markers=["臣妾"], probes=4, drift_conversations=2, drift_turns=3, max_new_tokens=6),
+    )
+    return train(cfg).output_dir
+
+
+def test_eval_report_has_the_persona_section_plot_and_targets(persona_run, capsys):
+    """Guards against eval skipping the persona section, its plot or targets, or the report not showing them."""
+    from chatlora.cli import main
+
+    assert main(["eval", "--adapter", str(persona_run), "--max-new-tokens", "4", "--examples", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "persona probes: identity leaks base" in printed
+    out = persona_run / "eval"
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    persona = metrics["persona"]
+    assert persona["probes"]["tuned"]["alone"]["n"] == 4 and persona["probes"]["base"]["in_context"]["n"] == 4
+    assert len(persona["drift"]["per_turn"]["tuned"]) == 3
+    assert {t["name"] for t in metrics["targets"]} >= {
+        "persona: tuned identity-leak rate <= base",
+        "persona: tuned marker rate > base",
+    }
+    assert (out / "persona_drift.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for heading in (
+        "## Persona",
+        "### Identity probes",
+        "### Long-conversation drift",
+        "### Retention and checkpoints",
+    ):
+        assert heading in report
+    assert "![persona drift](persona_drift.png)" in report
+    assert "<h2>Persona</h2>" in (out / "report.html").read_text(encoding="utf-8")
+    replies = [json.loads(line) for line in (out / "persona_replies.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(replies) == 2 * (4 + 4) + 2 * 2 * 3  # probes alone + in context, drift, for base and tuned
+
+
+def test_checkpoint_rows_measure_each_checkpoint_not_the_final_adapter(persona_run, tmp_path):
+    """Guards against the checkpoint table measuring the loaded (final) adapter for every checkpoint, or the model
+    being left on a checkpoint's adapter afterwards."""
+    import torch
+    from peft import PeftModel
+
+    from chatlora.eval import assistant_loss, evaluate, held_out_records
+    from chatlora.infer import ChatModel
+    from chatlora.model import load_model
+    from chatlora.train import read_run_card
+
+    chat = ChatModel.load(persona_run, device="cpu")
+    result = evaluate(persona_run, output=tmp_path / "ev", max_new_tokens=2, batch_size=4, chat=chat)
+    rows = {r.name: r for r in result.persona.checkpoints}
+    assert set(rows) == {"checkpoint-1", "final"}  # checkpoint-2 is the final adapter: measured once
+    assert rows["final"].character_loss == pytest.approx(result.loss["tuned"].loss)
+    assert chat.model.active_adapter == "default" and set(chat.model.peft_config) == {"default"}
+
+    card = read_run_card(persona_run)
+    records, _ = held_out_records(card)
+    base = load_model(card["base_model"]["resolved"], torch.float32, torch.device("cpu"))
+    ckpt = PeftModel.from_pretrained(base, str(persona_run / "checkpoint-1"))
+    direct = assistant_loss(ckpt, chat.tokenizer, [r.messages for r in records], "S", card["config"]["max_length"])
+    assert rows["checkpoint-1"].character_loss == pytest.approx(direct.loss, rel=1e-5)
+    assert rows["checkpoint-1"].character_loss != pytest.approx(rows["final"].character_loss, rel=1e-6)
+    assert result.persona.recommended in result.persona.checkpoints
