@@ -610,7 +610,8 @@ def tables(result: PersonaResult) -> dict[str, tuple[list[str], list[list[str]]]
     out["probes"] = (["system", "probes asked", "replies", "identity-leak rate", "marker rate"], rows)
     if result.drift:
         d = result.drift
-        thirds = [(1, max(1, d.turns // 3)), (d.turns - d.turns // 3 + 1, d.turns)]
+        k = max(1, d.turns // 3)  # first and last third of the turns (one turn each when there are few)
+        thirds = [(1, k), (d.turns - k + 1, d.turns)]
         rows = []
         for system in ("base", "tuned"):
             cells = [system]

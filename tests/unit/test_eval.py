@@ -11,10 +11,11 @@ import pytest
 import sacrebleu
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import write_jsonl
 
 from chatlora.cli import main
-from chatlora.config import TrainConfig
+from chatlora.config import PersonaConfig, TrainConfig
 from chatlora.eval import bleu, chrf, distinct_n, mean_length, reply_metrics, stop_rate
 from chatlora.train import train
 
@@ -69,6 +70,9 @@ ROWS = [
 ]
 
 
+SMALL_PERSONA = PersonaConfig(probes=2, drift_conversations=1, drift_turns=2, max_new_tokens=4)
+
+
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny adapter trained enough (high lr) that tuned and base losses differ."""
@@ -87,6 +91,7 @@ def run(tiny_model_dir, tmp_path_factory) -> Path:
         lr=2e-2,
         lora_dropout=0.0,
         system_prompt=SYSTEM,
+        persona=SMALL_PERSONA,  # the persona section's own tests are in test_persona.py
     )
     return train(cfg).output_dir
 
@@ -162,10 +167,10 @@ def test_report_has_sections_targets_curve_and_replies(evaluated):
     assert metrics["replies"]["tuned"]["stop_rate"] < 0.99
     assert "**FAIL** tuned stop rate >= 99%" in md
     assert "![training loss](loss.png)" in md and (evaluated / "loss.png").stat().st_size > 0
-    assert md.count("### ") == 2  # --examples 2
+    assert md.split("## Replies")[1].count("### ") == 2  # --examples 2
     html = (evaluated / "report.html").read_text()
     assert 'src="data:image/png;base64,' in html and "loss.png" not in html.split("<h2>Training curve</h2>")[1][:200]
-    assert html.count('class="fail"') + html.count('class="pass"') == 3
+    assert html.count('class="fail"') + html.count('class="pass"') == 3 + 1  # + persona leaks (no markers for "S")
 
 
 def test_eval_on_a_data_file_takes_its_first_records(run, tmp_path, capsys):
@@ -231,8 +236,12 @@ def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys):
     """Guards against the quickstart skipping its eval step or printing no headline numbers / no report."""
     data = write_jsonl(tmp_path / "tiny.jsonl", ROWS)
     out = tmp_path / "qs"
+    config = tmp_path / "small-persona.yaml"
+    config.write_text(yaml.safe_dump({"persona": SMALL_PERSONA.to_dict()}), encoding="utf-8")
     args = [
         "quickstart",
+        "--config",
+        str(config),
         "--model",
         str(tiny_model_dir),
         "--data",
@@ -258,7 +267,7 @@ def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "held-out loss: base" in printed and "ratio" in printed
     assert "chrF: base" in printed and "stop rate: base" in printed
-    assert printed.count("PASS  ") + printed.count("FAIL  ") == 3
+    assert printed.count("PASS  ") + printed.count("FAIL  ") == 5  # 3 + the persona section's 2
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["source"]["records"] == 4 and metrics["settings"]["max_new_tokens"] == 64
     # run again (a newcomer's second `make quickstart`): succeeds beside the first run, which stays as it was
