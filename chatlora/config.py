@@ -67,6 +67,11 @@ class PersonaConfig:
     probe_turns: int = _f(2, "in-character turns (from the held-out records) before each probe in its second asking")
     drift_conversations: int = _f(4, "long conversations for the drift measurement (0: skip it)")
     drift_turns: int = _f(20, "user turns per drift conversation, the model's own replies fed back")
+    drift_context: int | None = _f(
+        None,
+        "tokens a drift turn may hold, prompt + reply; the oldest exchanges are dropped to fit, the system prompt "
+        "stays (default: the model's context length)",
+    )
     max_new_tokens: int = _f(64, "reply token limit for probes and drift turns")
     retention: bool = _f(True, "loss on the shipped general prompts, base vs tuned and per checkpoint")
 
@@ -81,6 +86,11 @@ class PersonaConfig:
             (self.drift_conversations >= 0, "drift_conversations", "must be >= 0 (0: no drift measurement)"),
             (self.drift_turns > 0, "drift_turns", "must be > 0"),
             (self.max_new_tokens > 0, "max_new_tokens", "must be > 0"),
+            (
+                self.drift_context is None or self.drift_context > self.max_new_tokens,
+                "drift_context",
+                "must be > max_new_tokens (room for a prompt and its reply)",
+            ),
         ]
         for ok, name, why in checks:
             if not ok:

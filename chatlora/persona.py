@@ -336,7 +336,7 @@ def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_s
     prompts = drift_prompts(records_messages, cfg.drift_conversations, cfg.drift_turns)
     if not prompts:
         return None, []
-    budget = _context_limit(chat) - cfg.max_new_tokens
+    budget = min(_context_limit(chat), cfg.drift_context or _context_limit(chat)) - cfg.max_new_tokens
     per_turn: dict[str, list[Rates]] = {}
     rows = []
     for system_name in ("base", "tuned"):
@@ -582,6 +582,7 @@ def evaluate_persona(
         "probe_turns": cfg.probe_turns,
         "drift_conversations": cfg.drift_conversations,
         "drift_turns": cfg.drift_turns,
+        "drift_context": min(_context_limit(chat), cfg.drift_context or _context_limit(chat)),
         "max_new_tokens": cfg.max_new_tokens,
     }
     return PersonaResult(
@@ -644,7 +645,8 @@ def describe(result: PersonaResult) -> list[str]:
         f"Forbidden self-descriptions: {', '.join(p.forbidden + p.vendors)}.",
         f"{s['probes']} shipped identity probes, asked alone and after {s['probe_turns']} in-character turns from "
         f"the held-out records; drift: {s['drift_conversations']} conversations of {s['drift_turns']} held-out user "
-        f"turns, the model's own replies fed back; greedy, max_new_tokens={s['max_new_tokens']}.",
+        f"turns, the model's own replies fed back (oldest exchanges dropped past {s['drift_context']} tokens); "
+        f"greedy, max_new_tokens={s['max_new_tokens']}.",
         "A reply leaks when it mentions a forbidden self-description (even to deny it); it is in character when it "
         "uses a marker. Retention: assistant-token loss on the shipped general prompts and answers, asked without "
         "a system prompt (lower is better; a rise is general ability the tuning cost).",

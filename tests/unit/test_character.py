@@ -171,3 +171,11 @@ def test_compiled_prompt_reaches_train_run_card_and_chat_identically(tiny_model_
     # chat --character CARD on the bare base model talks with the same system prompt
     args = build_parser().parse_args(["chat", "--model", str(tiny_model_dir), "--character", str(card)])
     assert _load_chat(args).prompt_ids(record.messages[:-1]) == prompt
+
+
+def test_the_shipped_example_card_loads():
+    """Guards against the README's example card (configs/huanhuan-card.json) going stale against the parser."""
+    root = Path(__file__).resolve().parents[2]
+    character = load_card(root / "configs" / "huanhuan-card.json")
+    assert character.name == "甄嬛" and character.prompt.startswith("现在你要扮演皇帝身边的女人--甄嬛。")
+    assert "{{" not in character.prompt and "<START>" not in character.prompt

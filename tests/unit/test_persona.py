@@ -96,8 +96,16 @@ def test_persona_yaml_block_is_typed_and_checked(tmp_path):
 # ---------------------------------------------------------------- shipped data and conversations
 
 
-def test_shipped_probes_and_retention_set_are_installed_and_bilingual():
-    """Guards against the package data missing from the package (eval would crash after a wheel install)."""
+def test_shipped_probes_and_retention_set_are_package_data_and_bilingual():
+    """Guards against the probe/retention files missing from the built package (eval would crash after a wheel
+    install: the editable install of the tests would not notice) or the probes losing a language."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["chatlora"]
+    for name in ("identity_probes.jsonl", "retention.jsonl", "SOURCES.md"):
+        assert any(fnmatch.fnmatch(f"persona_data/{name}", pattern) for pattern in patterns), name
     probes = load_probes()
     assert len(probes) >= 20 and {p["lang"] for p in probes[:2]} == {"zh", "en"}
     assert len(load_probes(5)) == 5
