@@ -47,6 +47,10 @@ COLUMNS = {
     "sharegpt": ("conversations", "system"),
 }
 CANONICAL_COLUMNS = tuple(dict.fromkeys(name for names in COLUMNS.values() for name in names))
+# Function-calling fields and roles (OpenAI, ShareGPT/LLaMA-Factory, Llama-3): refused, never silently dropped.
+TOOL_FIELDS = ("tools", "functions", "tool_calls", "function_call")
+TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
+NO_TOOLS = "function calling is not supported: chatlora trains plain system/user/assistant conversations (drop it)"
 MAX_SHOWN_PROBLEMS = 50
 
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
@@ -504,9 +508,11 @@ def _normalize_list(
             value = item[role_key]
             # containers by type only: a deeply nested one would overflow json.dumps
             shown = _type_name(value) if isinstance(value, (list, dict)) else json.dumps(value, ensure_ascii=False)
-            errors.append(f"{where}.{role_key} is {shown}: expected one of {allowed}")
+            hint = " (function calling is not supported)" if value in TOOL_ROLES else ""
+            errors.append(f"{where}.{role_key} is {shown}: expected one of {allowed}{hint}")
         else:
             role = role_map[item[role_key]]
+        errors += [f'{where} has "{k}": {NO_TOOLS}' for k in TOOL_FIELDS if k in item]
         content = item.get(content_key)
         if content_key not in item:
             errors.append(f'{where} has no "{content_key}": expected a string')
@@ -638,6 +644,7 @@ def load_records(path: str | Path, format: str = "auto", columns: dict[str, str]
             problems.add(line, f"record is in {found} format: expected {fmt} format ({origin})")
             continue
         messages, errors = _NORMALIZERS[fmt](obj, cols)
+        errors = [f'record has "{k}": {NO_TOOLS}' for k in TOOL_FIELDS if k in obj] + errors
         for error in errors:
             problems.add(line, error)
         if not errors:

@@ -331,6 +331,7 @@ class _ChatBody(BaseModel):
     stop: Annotated[list[str], BeforeValidator(_stops)] = []
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
+    tools: list | None = None  # refused when not empty: chatlora models are tuned for plain chat
 
 
 def _param(loc: tuple) -> str | None:
@@ -407,6 +408,8 @@ def parse_chat_request(
             "model",
             "model_not_found",
         )
+    if body.tools:
+        raise ApiError(400, "'tools' is not supported: this server does plain chat", "tools", "unsupported_parameter")
     if len(body.messages) > max_messages:
         raise ApiError(
             400,

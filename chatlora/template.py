@@ -21,6 +21,7 @@ __all__ = [
     "ensure_chat_template",
     "render_text",
     "stop_token_ids",
+    "takes_system",
     "with_system",
 ]
 
@@ -66,14 +67,63 @@ def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def _apply(messages: list[dict], tokenizer, add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE,
+        )
+    except JinjaError as e:  # raise_exception() in the template (e.g. Gemma's strict user/model alternation)
+        roles = "/".join(m["role"] for m in messages[:8]) + ("/..." if len(messages) > 8 else "")
+        raise TemplateError(f"the chat template refuses the conversation {roles}: {e}") from None
+
+
 def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
-    """Render messages to text with the tokenizer's chat template (ChatML when it has none)."""
-    return tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in messages],
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        chat_template=getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE,
-    )
+    """Render messages to text with the tokenizer's chat template (ChatML when it has none).
+
+    A template without a system role (Gemma-2 raises on one, others drop it) gets the system prompt folded into
+    the first user turn, ``system + "\n\n" + user``, as Gemma-3's template does itself.
+
+    Raises:
+        TemplateError: The template refuses the conversation (its ``raise_exception``), or there is no user turn
+            right after a system prompt the template cannot take.
+    """
+    if messages and messages[0]["role"] == "system" and not takes_system(tokenizer):
+        messages = _fold_system(messages)
+    return _apply(messages, tokenizer, add_generation_prompt)
+
+
+_SYSTEM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def takes_system(tokenizer) -> bool:
+    """Whether the chat template writes a system message (rather than raising on it or dropping it)."""
+    key = getattr(tokenizer, "chat_template", None)
+    cached = _SYSTEM_CACHE.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        probe = [{"role": "system", "content": _PROBE}, {"role": "user", "content": "x"}]
+        found = _PROBE in _apply(probe, tokenizer, add_generation_prompt=True)
+    except TemplateError:
+        found = False
+    _SYSTEM_CACHE[tokenizer] = (key, found)
+    return found
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    system, rest = messages[0]["content"], messages[1:]
+    if not rest or rest[0]["role"] != "user":
+        raise TemplateError(
+            "the chat template has no system role and the system prompt is not followed by a user turn to fold it "
+            "into"
+        )
+    content = f"{system}\n\n{rest[0]['content']}" if system else rest[0]["content"]
+    return [{"role": "user", "content": content}, *rest[1:]]
 
 
 _EOT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

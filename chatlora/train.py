@@ -23,7 +23,7 @@ from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_devi
 from .packing import PackedDataset, collate_buckets, collate_packed
 from .plan import RunPlan, auto_val_count, make_plan, read_shape
 from .rundir import begin_save, check_output_dir, clear_previous_run, find_resume, mark_complete, rotate
-from .template import IGNORE_INDEX, encode_conversation, end_of_turn, with_system
+from .template import IGNORE_INDEX, TemplateError, encode_conversation, end_of_turn, with_system
 
 __all__ = [
     "RUN_CARD",
@@ -100,12 +100,16 @@ def split_records(records: list[Record], val_size: float | None, seed: int, allo
     return Split(train, val, dropped, rule)
 
 
-def encode_records(records: list[Record], tokenizer, system_prompt: str | None, max_length: int):
+def encode_records(records: list[Record], tokenizer, system_prompt: str | None, max_length: int, source="data"):
     """Encode records for training. Returns the examples, how many were truncated, and the records dropped because
-    not one trained token survived the cut (their prompt alone is longer than ``max_length``)."""
+    not one trained token survived the cut (their prompt alone is longer than ``max_length``). A record the chat
+    template refuses raises a DataError naming ``source`` and its line."""
     examples, truncated, empty = [], 0, []
     for r in records:
-        enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length)
+        try:
+            enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length)
+        except TemplateError as e:
+            raise DataError([f"{source}:{r.line}: {e}"]) from None
         truncated += enc.truncated
         if all(label == IGNORE_INDEX for label in enc.labels):
             empty.append(r)
@@ -653,8 +657,8 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     system_prompt = cfg.system_prompt or None
-    train_ex, train_trunc, train_empty = encode_records(split.train, tokenizer, system_prompt, cfg.max_length)
-    val_ex, val_trunc, val_empty = encode_records(split.val, tokenizer, system_prompt, cfg.max_length)
+    train_ex, train_trunc, train_empty = encode_records(split.train, tokenizer, system_prompt, cfg.max_length, cfg.data)
+    val_ex, val_trunc, val_empty = encode_records(split.val, tokenizer, system_prompt, cfg.max_length, cfg.data)
     if train_trunc or val_trunc:
         log.warning(
             "%d training and %d held-out conversations were longer than max_length=%d and were cut",
