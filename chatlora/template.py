@@ -119,8 +119,7 @@ def _fold_system(messages: list[dict]) -> list[dict]:
     system, rest = messages[0]["content"], messages[1:]
     if not rest or rest[0]["role"] != "user":
         raise TemplateError(
-            "the chat template has no system role and the system prompt is not followed by a user turn to fold it "
-            "into"
+            "the chat template has no system role and the system prompt is not followed by a user turn to fold it into"
         )
     content = f"{system}\n\n{rest[0]['content']}" if system else rest[0]["content"]
     return [{"role": "user", "content": content}, *rest[1:]]

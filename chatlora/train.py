@@ -657,7 +657,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     system_prompt = cfg.system_prompt or None
-    train_ex, train_trunc, train_empty = encode_records(split.train, tokenizer, system_prompt, cfg.max_length, cfg.data)
+    train_ex, train_trunc, train_empty = encode_records(
+        split.train, tokenizer, system_prompt, cfg.max_length, cfg.data
+    )
     val_ex, val_trunc, val_empty = encode_records(split.val, tokenizer, system_prompt, cfg.max_length, cfg.data)
     if train_trunc or val_trunc:
         log.warning(

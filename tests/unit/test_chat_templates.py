@@ -246,7 +246,9 @@ def test_chat_and_stream_stop_at_the_end_of_turn(run):
     stream = chat.stream(HI, sampling)
     assert "".join(stream) == "hi" and stream.reply == reply
     # the prompt is the training one: the run's system prompt (or, for Qwen, the template's default)
-    assert chat.prompt_ids(HI) == encode_prompt(with_system(HI, None if family == "qwen" else HUANHUAN), chat.tokenizer)
+    assert chat.prompt_ids(HI) == encode_prompt(
+        with_system(HI, None if family == "qwen" else HUANHUAN), chat.tokenizer
+    )
 
 
 def test_generate_file_stops_at_the_end_of_turn(run, tmp_path):
@@ -313,7 +315,9 @@ def test_a_record_the_template_refuses_is_named_by_file_and_line(tmp_path):
     from chatlora.train import prepare_run
 
     model_dir = make_scripted_model_dir(tmp_path / "model", "gemma2")
-    good = [{"messages": [{"role": "user", "content": f"问{i}"}, {"role": "assistant", "content": "hi"}]} for i in range(9)]
+    good = [
+        {"messages": [{"role": "user", "content": f"问{i}"}, {"role": "assistant", "content": "hi"}]} for i in range(9)
+    ]
     bad = {"messages": [CONV[0], CONV[0], CONV[1]]}
     data = write_jsonl(tmp_path / "d.jsonl", [*good, bad])
     with pytest.raises(DataError) as e:
