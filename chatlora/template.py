@@ -101,14 +101,19 @@ _SYSTEM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def takes_system(tokenizer) -> bool:
-    """Whether the chat template writes a system message (rather than raising on it or dropping it)."""
+    """Whether the chat template writes a system message, both in a prompt and in a conversation that ends on a
+    reply (training's); Gemma-2 raises on one, Mistral's v3 template writes it into the last user turn only."""
     key = getattr(tokenizer, "chat_template", None)
     cached = _SYSTEM_CACHE.get(tokenizer)
     if cached is not None and cached[0] == key:
         return cached[1]
+    probe = [
+        {"role": "system", "content": _PROBE},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y"},
+    ]
     try:
-        probe = [{"role": "system", "content": _PROBE}, {"role": "user", "content": "x"}]
-        found = _PROBE in _apply(probe, tokenizer, add_generation_prompt=True)
+        found = _PROBE in _apply(probe[:2], tokenizer, True) and _PROBE in _apply(probe, tokenizer, False)
     except TemplateError:
         found = False
     _SYSTEM_CACHE[tokenizer] = (key, found)

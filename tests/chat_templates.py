@@ -11,6 +11,8 @@ text (tool prompts are shortened):
 * ``gemma2``: Gemma-2-it. No system role (the template raises on one), strict user/model alternation,
   ``<end_of_turn>`` closes turns while EOS is ``<eos>``.
 * ``gemma3``: Gemma-3-it. Folds the system prompt into the first user turn itself.
+* ``mistral``: Mistral-7B-Instruct-v0.3. Writes the system prompt into the last user turn only (so never in a
+  conversation that ends on a reply), a space before each reply, EOS closes turns, no generation prompt.
 """
 
 from __future__ import annotations
@@ -122,6 +124,23 @@ GEMMA3_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
 
+MISTRAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/"
+    "user/assistant/...') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- else %}{{- ' ' + message['content'] | trim + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
 _QWEN_SPECIALS = {
     "eos_token": "<|im_end|>",
     "pad_token": "<|endoftext|>",
@@ -139,13 +158,18 @@ _GEMMA_SPECIALS = {
     "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
 }
 
+_MISTRAL_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "additional_special_tokens": ["[INST]", "[/INST]"]}
+
 # family -> (chat template, special tokens, end-of-turn token)
 FAMILIES = {
     "qwen": (QWEN_TEMPLATE, _QWEN_SPECIALS, "<|im_end|>"),
     "llama3": (LLAMA3_TEMPLATE, _LLAMA3_SPECIALS, "<|eot_id|>"),
     "gemma2": (GEMMA2_TEMPLATE, _GEMMA_SPECIALS, "<end_of_turn>"),
     "gemma3": (GEMMA3_TEMPLATE, _GEMMA_SPECIALS, "<end_of_turn>"),
+    "mistral": (MISTRAL_TEMPLATE, _MISTRAL_SPECIALS, "</s>"),
 }
+# what the template writes between the generation prompt and the reply's text
+REPLY_LEAD = {"mistral": " "}
 
 
 def family_tokenizer(family: str):

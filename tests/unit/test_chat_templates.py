@@ -1,5 +1,5 @@
-"""Chat templates that are not plain ChatML (tests/chat_templates.py: Qwen2.5, Llama-3.1, Gemma-2, Gemma-3 shapes),
-token by token and end to end: train, chat, generate, eval and serve on a tiny scripted model per template."""
+"""Chat templates that are not plain ChatML (tests/chat_templates.py: Qwen2.5, Llama-3.1, Gemma-2/3, Mistral v0.3
+shapes), token by token, and end to end: train, chat, generate, eval and serve on a tiny scripted model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from chat_templates import FAMILIES, QWEN_DEFAULT_SYSTEM, family_tokenizer, make_scripted_model_dir
+from chat_templates import FAMILIES, QWEN_DEFAULT_SYSTEM, REPLY_LEAD, family_tokenizer, make_scripted_model_dir
 from conftest import write_jsonl
 
 from chatlora.config import DEFAULT_SYSTEM_PROMPT, TrainConfig
@@ -55,10 +55,10 @@ def test_only_replies_and_their_end_of_turn_are_trained(family, system):
     """Guards against cutting the trained span at EOS instead of the template's end-of-turn token (Gemma's
     '<end_of_turn>\\n' would train the newline after it), and against training a default or folded system prompt."""
     tok = family_tokenizer(family)
-    eot = eot_of(family)
+    eot, lead = eot_of(family), REPLY_LEAD.get(family, "")
     conv = with_system(CONV, system)
     enc = encode_conversation(conv, tok)
-    assert trained_text(tok, enc) == f"家父是大理寺少卿甄远道。{eot}皇上万福金安。{eot}"
+    assert trained_text(tok, enc) == f"{lead}家父是大理寺少卿甄远道。{eot}{lead}皇上万福金安。{eot}"
     for token, label in zip(enc.input_ids, enc.labels, strict=True):
         assert label in (token, IGNORE_INDEX)
     assert enc.labels.count(tok.convert_tokens_to_ids(eot)) == 2  # the token itself, not its characters
@@ -78,8 +78,8 @@ def test_long_conversations_mask_every_turn(family):
     for k in range(7):
         conv += [{"role": "user", "content": f" 问{k}\n"}, {"role": "assistant", "content": f"答{k}"}]
     enc = encode_conversation(conv, tok)
-    eot = eot_of(family)
-    assert trained_text(tok, enc) == "".join(f"答{k}{eot}" for k in range(7))
+    eot, lead = eot_of(family), REPLY_LEAD.get(family, "")
+    assert trained_text(tok, enc) == "".join(f"{lead}答{k}{eot}" for k in range(7))
     assert tok.decode(enc.input_ids) == render_text(conv, tok)
 
 
@@ -92,7 +92,7 @@ def test_end_of_turn_and_stop_tokens_come_from_the_template(family):
     eot_id = tok.convert_tokens_to_ids(eot)
     assert end_of_turn(tok) == (eot, eot_id)
     assert stop_token_ids(tok) == list(dict.fromkeys([eot_id, tok.eos_token_id]))
-    if family != "qwen":
+    if family not in ("qwen", "mistral"):
         assert eot_id != tok.eos_token_id
 
 
@@ -165,6 +165,20 @@ def test_system_prompt_is_folded_into_the_first_user_turn_when_the_template_has_
     ).replace("{% for message in messages %}", "{% for message in messages if message['role'] != 'system' %}")
     assert not takes_system(dropping)
     assert HUANHUAN in render_text(conv, dropping)
+
+
+def test_system_prompt_written_only_into_a_final_user_turn_is_folded_into_the_first():
+    """Guards against taking Mistral v0.3's template at its word: it writes the system prompt into the last user
+    turn only, so never in a training conversation (which ends on a reply), while every prompt would have it."""
+    tok = family_tokenizer("mistral")
+    assert not takes_system(tok)
+    conv = with_system(CONV, HUANHUAN)
+    assert render_text(conv, tok) == f"<s>[INST] {HUANHUAN}\n\n你是谁？[/INST] 家父是大理寺少卿甄远道。</s>" + (
+        "[INST] 皇上驾到！[/INST] 皇上万福金安。</s>"
+    )
+    enc = encode_conversation(conv, tok)
+    prompt = encode_prompt(conv[:3], tok)
+    assert enc.input_ids[: len(prompt)] == prompt and HUANHUAN in tok.decode(prompt)
 
 
 def test_template_refusals_are_template_errors():
