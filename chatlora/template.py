@@ -3,6 +3,10 @@
 Both come from the same code path (:func:`_pieces`), so the prompt a tuned model sees at inference is a byte-exact
 (and token-exact) prefix of what it was trained on. Labels are ``-100`` everywhere except the assistant replies,
 which include their end-of-turn token (``<|im_end|>`` for ChatML) so the model learns to stop.
+
+Nothing about the model family is assumed: the end-of-turn token is read off the template (:func:`end_of_turn`),
+a template's own default system prompt is left to it, a system prompt it cannot take is folded into the first user
+turn (:func:`takes_system`), and a template's refusal (``raise_exception``) is a :class:`TemplateError`.
 """
 
 from __future__ import annotations
@@ -85,8 +89,8 @@ def _apply(messages: list[dict], tokenizer, add_generation_prompt: bool) -> str:
 def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
     """Render messages to text with the tokenizer's chat template (ChatML when it has none).
 
-    A template without a system role (Gemma-2 raises on one, others drop it) gets the system prompt folded into
-    the first user turn, ``system + "\n\n" + user``, as Gemma-3's template does itself.
+    A template that cannot take a system message (see :func:`takes_system`) gets the system prompt folded into the
+    first user turn, ``system + "\n\n" + user``, as Gemma-3's template does itself.
 
     Raises:
         TemplateError: The template refuses the conversation (its ``raise_exception``), or there is no user turn
@@ -102,7 +106,7 @@ _SYSTEM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def takes_system(tokenizer) -> bool:
     """Whether the chat template writes a system message, both in a prompt and in a conversation that ends on a
-    reply (training's); Gemma-2 raises on one, Mistral's v3 template writes it into the last user turn only."""
+    reply (training's). Gemma-2's raises on one, some drop it, Mistral v0.3's writes it into a final user turn only."""
     key = getattr(tokenizer, "chat_template", None)
     cached = _SYSTEM_CACHE.get(tokenizer)
     if cached is not None and cached[0] == key:
