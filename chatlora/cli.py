@@ -10,13 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, field_type, load_config
+from .config import TrainConfig, field_type, load_config
+from .errors import ChatloraError, CliError
 
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
 
 
 def _quiet_libraries() -> None:
@@ -539,20 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (:class:`~chatlora.errors.ChatloraError`) exits 2 with its message on stderr;
+    anything else is a bug in chatlora and keeps its traceback."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from .data import DataError
-    from .model import ModelError
-    from .template import TemplateError
-
     try:
         return args.func(args)
-    except DataError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_USAGE
-    except (CliError, ConfigError, ModelError, TemplateError, FileNotFoundError, ValueError) as e:
-        print(f"chatlora: error: {e}", file=sys.stderr)
+    except ChatloraError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

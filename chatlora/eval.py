@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Record, load_records, parse_columns
+from .errors import ConfigError, DataError, ModelError
 from .template import IGNORE_INDEX, encode_conversation, with_system
 from .train import file_sha256
 
@@ -203,7 +204,7 @@ def assistant_loss(
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("no assistant tokens to evaluate (empty data, or every reply cut by max_length)")
+        raise DataError(["no assistant tokens to evaluate (empty data, or every reply cut by max_length)"])
     loss = total / count
     return LossResult(loss, math.exp(loss) if loss < 100 else None, count)
 
@@ -219,10 +220,10 @@ def held_out_records(card: dict[str, Any], max_samples: int | None = None) -> tu
     """
     ds = card.get("dataset") or {}
     if "val_indices" not in ds or "path" not in ds:
-        raise ValueError("the run card records no held-out split (dataset.val_indices); pass --data PATH")
+        raise ModelError("the run card records no held-out split (dataset.val_indices); pass --data PATH")
     path = Path(ds["path"])
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the run's dataset is gone; pass --data PATH to evaluate another file")
+        raise DataError([f"{path}: the run's dataset is gone; pass --data PATH to evaluate another file"])
     sha = file_sha256(path)
     if ds.get("sha256") and sha != ds["sha256"]:
         log.warning(
@@ -236,7 +237,7 @@ def held_out_records(card: dict[str, Any], max_samples: int | None = None) -> tu
     by_index = {r.index: r for r in records}
     missing = [i for i in ds["val_indices"] if i not in by_index]
     if missing:
-        raise ValueError(f"{path}: held-out indices {missing[:5]} are not in the file (was it changed?)")
+        raise DataError([f"{path}: held-out indices {missing[:5]} are not in the file (was it changed?)"])
     picked = [by_index[i] for i in ds["val_indices"]][: max_samples or None]
     source = {
         "kind": "held-out",
@@ -370,23 +371,23 @@ def evaluate(
 
     adapter = Path(adapter)
     if max_samples is not None and max_samples <= 0:
-        raise ValueError("max_samples must be > 0")
+        raise ConfigError("max_samples must be > 0")
     if batch_size <= 0 or max_new_tokens <= 0:
-        raise ValueError("batch_size and max_new_tokens must be > 0")
+        raise ConfigError("batch_size and max_new_tokens must be > 0")
     card = read_run_card(adapter)
     if data is not None:
         records, source = _file_records(data, data_format, columns, max_samples)
     elif not card:
-        raise ValueError(f"{adapter}: no chatlora.json run card, so no held-out split is known; pass --data PATH")
+        raise ModelError(f"{adapter}: no chatlora.json run card, so no held-out split is known; pass --data PATH")
     else:
         records, source = held_out_records(card, max_samples)
     if not records:
-        raise ValueError("no records to evaluate")
+        raise DataError(["no records to evaluate"])
 
     if chat is None:
         chat = ChatModel.load(adapter, device=device)
     if not chat.has_adapter:
-        raise ValueError(f"{adapter}: the loaded model has no LoRA adapter to compare against its base")
+        raise ModelError(f"{adapter}: the loaded model has no LoRA adapter to compare against its base")
     cfg = card.get("config") or {}
     system_prompt = (card.get("template") or {}).get("system_prompt", chat.system_prompt)
     max_length = cfg.get("max_length")

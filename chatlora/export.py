@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import DataError
 from .infer import SamplingConfig
 from .merge import set_generation_stops
 from .model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer, resolve_model
@@ -892,7 +893,7 @@ def _conversations(src: _Source, samples: int) -> tuple[list[list[dict]], str]:
     try:
         records, _ = held_out_records(src.card, samples)
         why = "the run card's held-out split is empty"
-    except (ValueError, FileNotFoundError) as e:
+    except (DataError, ModelError) as e:  # no usable held-out split: fall back to built-in prompts
         records, why = [], str(e)
     if not records:
         convs = [[{"role": "user", "content": p}] for p in _BUILTIN_PROMPTS[:samples]]

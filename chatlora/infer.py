@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .data import DataError, read_json_file
+from .data import read_json_file
+from .errors import ConfigError, DataError
 from .files import FileError, check_output_file, temp_file
 from .model import base_quantization, load_model, load_tokenizer, pick_device, resolve_model
 from .template import encode_prompt, end_of_turn, with_system
@@ -389,7 +390,7 @@ def generate_file(
     from tqdm.auto import tqdm
 
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        raise ConfigError(f"batch_size must be > 0, got {batch_size}")
     order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["system"] or "", i))
     with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:
         for start in range(0, len(order), batch_size):

@@ -47,6 +47,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .errors import ConfigError
 from .infer import ChatModel, SamplingConfig
 from .model import ModelError, base_quantization, load_model, load_tokenizer, pick_device, resolve_model
 from .template import TemplateError
@@ -105,9 +106,9 @@ def parse_adapters(specs: Sequence[str]) -> dict[str, Path]:
         if not sep or Path(spec).is_dir():
             name, path = Path(spec).name, spec
         if not _NAME.match(name):
-            raise ValueError(f"--adapter {spec}: name {name!r} must be letters, digits, '.', '_' or '-' (NAME=DIR)")
+            raise ConfigError(f"--adapter {spec}: name {name!r} must be letters, digits, '.', '_' or '-' (NAME=DIR)")
         if name in out:
-            raise ValueError(f"--adapter {spec}: the name {name!r} is used twice; give NAME=DIR")
+            raise ConfigError(f"--adapter {spec}: the name {name!r} is used twice; give NAME=DIR")
         out[name] = Path(path)
     return out
 
@@ -714,9 +715,9 @@ def create_app(
             (``"*"``: any).
     """
     if max_queue < 0:
-        raise ValueError("max_queue must be >= 0")
+        raise ConfigError("max_queue must be >= 0")
     if max_body_bytes <= 0 or max_messages <= 0:
-        raise ValueError("max_body_bytes and max_messages must be > 0")
+        raise ConfigError("max_body_bytes and max_messages must be > 0")
     app = FastAPI(title="chatlora", docs_url=None, redoc_url=None, openapi_url=None)
     admission = Admission(max_queue)
     app.state.models = models
@@ -1040,7 +1041,7 @@ def _server_config(
     import uvicorn
 
     if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:
-        raise ValueError("read_timeout, timeout_keep_alive and max_connections must be > 0")
+        raise ConfigError("read_timeout, timeout_keep_alive and max_connections must be > 0")
     protocol = type("HttpProtocol", (_Http,), {"read_timeout": read_timeout, "max_connections": max_connections})
     return uvicorn.Config(
         app,
@@ -1057,7 +1058,7 @@ def _server_config(
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port``, or a ValueError that says why not (the port is taken, ...)."""
+    """A socket bound to ``host:port``, or a ConfigError that says why not (the port is taken, ...)."""
     sock = None
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(
@@ -1076,7 +1077,7 @@ def _bind(host: str, port: int) -> socket.socket:
             if e.errno == errno.EADDRINUSE
             else e.strerror or str(e)
         )
-        raise ValueError(f"cannot serve on {where}: {why}; pick another --port or --host") from None
+        raise ConfigError(f"cannot serve on {where}: {why}; pick another --port or --host") from None
 
 
 def run(
@@ -1100,7 +1101,7 @@ def run(
 ) -> None:
     """Load the models and serve them with uvicorn until interrupted (see :func:`create_app` for the options).
 
-    The port is taken before the models load: a busy port fails at once, with a ValueError saying so.
+    The port is taken before the models load: a busy port fails at once, with a ConfigError saying so.
     ``read_timeout``, ``timeout_keep_alive`` and ``max_connections``: see :class:`_Http`.
     """
     import uvicorn
@@ -1109,7 +1110,7 @@ def run(
     if host not in LOCAL_HOSTS and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:  # before the minutes of loading
-        raise ValueError("read_timeout, timeout_keep_alive and max_connections must be > 0")
+        raise ConfigError("read_timeout, timeout_keep_alive and max_connections must be > 0")
     sock = _bind(host, port)
     try:
         models = load_models(adapters, model, base_only, device)
