@@ -23,8 +23,10 @@ import torch.nn.functional as F
 
 from .data import Record, load_records, parse_columns
 from .errors import ConfigError, DataError, ModelError
+from .packing import collate
+from .runcard import METRICS, file_sha256, plot_loss_curve, read_run_card
+from .runcard import system_prompt as card_system_prompt
 from .template import IGNORE_INDEX, encode_conversation, with_system
-from .train import file_sha256
 
 __all__ = [
     "TARGET_LOSS_RATIO",
@@ -178,8 +180,6 @@ def assistant_loss(
     divided by their count (token-weighted, not a mean of per-batch means). ``use_adapter=False`` disables the
     LoRA adapter (``model.disable_adapter()``), giving the base model.
     """
-    from .train import collate
-
     encoded = [encode_conversation(with_system(m, system_prompt), tokenizer, max_length) for m in conversations]
     examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     device = next(model.parameters()).device
@@ -367,7 +367,6 @@ def evaluate(
         are in ``result.output_dir``.
     """
     from .infer import ChatModel, SamplingConfig
-    from .train import METRICS, plot_loss_curve, read_run_card
 
     adapter = Path(adapter)
     if max_samples is not None and max_samples <= 0:
@@ -389,7 +388,7 @@ def evaluate(
     if not chat.has_adapter:
         raise ModelError(f"{adapter}: the loaded model has no LoRA adapter to compare against its base")
     cfg = card.get("config") or {}
-    system_prompt = (card.get("template") or {}).get("system_prompt", chat.system_prompt)
+    system_prompt = card_system_prompt(card, default=chat.system_prompt)
     max_length = cfg.get("max_length")
     started = time.time()
 

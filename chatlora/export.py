@@ -34,6 +34,7 @@ from .errors import DataError
 from .infer import SamplingConfig
 from .merge import set_generation_stops
 from .model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer, resolve_model
+from .runcard import read_adapter, read_run_card, system_prompt
 from .template import (
     IGNORE_INDEX,
     TemplateError,
@@ -44,7 +45,6 @@ from .template import (
     stop_token_ids,
     with_system,
 )
-from .train import read_adapter, read_run_card
 
 __all__ = [
     "MANIFEST",
@@ -146,7 +146,7 @@ class _Source:
 
     @property
     def system_prompt(self) -> str | None:
-        return self.card.get("template", {}).get("system_prompt")
+        return system_prompt(self.card)
 
     @property
     def stem(self) -> str:

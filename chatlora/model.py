@@ -26,6 +26,7 @@ __all__ = [
     "base_quantization",
     "cache_root",
     "check_quantize",
+    "dtype_for",
     "embedded_gguf",
     "linear_module_names",
     "load_model",
@@ -146,6 +147,13 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise ModelError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    """The dtype inference loads a model in: bf16 on GPUs that have it, else fp16 on a GPU, fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .config import TrainConfig
 from .infer import ChatModel
+from .runcard import system_prompt
 from .train import TrainResult, train
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ def eval_held_out(
 
     if not result.run_card or not result.split or not result.split.val:
         return None
-    chat = ChatModel(result.model, result.tokenizer, result.run_card["template"]["system_prompt"])
+    chat = ChatModel(result.model, result.tokenizer, system_prompt(result.run_card))
     return evaluate(
         result.output_dir, max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat
     )

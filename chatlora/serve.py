@@ -49,7 +49,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import ConfigError
 from .infer import ChatModel, SamplingConfig
-from .model import ModelError, base_quantization, load_model, load_tokenizer, pick_device, resolve_model
+from .model import ModelError, base_quantization, dtype_for, load_model, load_tokenizer, pick_device, resolve_model
+from .runcard import read_adapter, read_run_card, system_prompt
 from .template import TemplateError
 
 __all__ = ["BackgroundServer", "ModelSet", "ServedModel", "create_app", "load_models", "parse_adapters", "run"]
@@ -134,9 +135,6 @@ def load_models(
         base_only: serve only the base model of the adapters.
         device: auto, cpu, cuda or cuda:N.
     """
-    from .infer import _dtype_for
-    from .train import read_adapter, read_run_card
-
     adapters = {name: Path(d) for name, d in (adapters or {}).items()}
     if not adapters and not model:
         raise ModelError("give an adapter dir (a trained run) or a model (a base or merged model)")
@@ -160,7 +158,7 @@ def load_models(
 
     dev = pick_device(device)
     quantize = base_quantization(list(cards.values()), dev) if adapters and not base_only else None
-    net = load_model(base_path, _dtype_for(dev), dev, quantize=quantize)
+    net = load_model(base_path, dtype_for(dev), dev, quantize=quantize)
     first = next(iter(adapters), None)
     base_tok = load_tokenizer(str(adapters[first]) if first else base_path)
     base_tok.padding_side = "left"
@@ -177,10 +175,10 @@ def load_models(
                 net.load_adapter(str(d), adapter_name=name)
             tok = load_tokenizer(str(d))
             tok.padding_side = "left"
-            system = cards[name].get("template", {}).get("system_prompt")
+            system = system_prompt(cards[name])
             served[name] = ServedModel(name, ChatModel(net, tok, system, name), name)
             log.info("loaded adapter %s from %s", name, d)
-    base_system = base_card.get("template", {}).get("system_prompt")
+    base_system = system_prompt(base_card)
     served = {base_name: ServedModel(base_name, ChatModel(net, base_tok, base_system, base_name), None), **served}
     return ModelSet(served, _context_length(net, base_tok))
 

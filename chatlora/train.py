@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,8 +19,20 @@ from .config import TrainConfig
 from .data import DataError, Record, load_records, parse_columns
 from .kernels import apply_liger, label_only_loss
 from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
-from .packing import PackedDataset, collate_buckets, collate_packed
+from .packing import PackedDataset, collate
 from .plan import RunPlan, auto_val_count, make_plan, read_shape
+from .runcard import (
+    LOSS_PLOT,
+    METRICS,
+    RUN_CARD,
+    file_sha256,
+    json_safe,
+    plot_loss_curve,
+    read_adapter,
+    read_metrics,
+    read_run_card,
+    write_run_card,
+)
 from .rundir import begin_save, check_output_dir, clear_previous_run, find_resume, mark_complete, rotate
 from .template import IGNORE_INDEX, encode_conversation, end_of_turn, with_system
 
@@ -31,7 +42,6 @@ __all__ = [
     "Split",
     "TrainingDiverged",
     "TrainResult",
-    "collate",
     "compile_layers",
     "encode_records",
     "file_sha256",
@@ -46,11 +56,9 @@ __all__ = [
     "train",
 ]
 
+# RUN_CARD, file_sha256, plot_loss_curve, read_adapter and read_run_card are re-exported from chatlora.runcard,
+# their home since inference stopped importing the trainer
 log = logging.getLogger(__name__)
-
-RUN_CARD = "chatlora.json"
-METRICS = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
 
 
 @dataclass
@@ -114,20 +122,6 @@ def encode_records(records: list[Record], tokenizer, system_prompt: str | None, 
     return examples, truncated, empty
 
 
-def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence of the batch; padding is masked out of attention and loss."""
-    width = max(len(ex["input_ids"]) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ex in enumerate(batch):
-        n = len(ex["input_ids"])
-        ids[i, :n] = torch.tensor(ex["input_ids"])
-        labels[i, :n] = torch.tensor(ex["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 class _ListDataset(torch.utils.data.Dataset):
     def __init__(self, examples: list[dict]):
         self.examples = examples
@@ -137,10 +131,6 @@ class _ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.examples[i]
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -155,86 +145,6 @@ def _versions() -> dict[str, str]:
         "peft": peft.__version__,
         "accelerate": accelerate.__version__,
     }
-
-
-def read_run_card(adapter_dir: str | Path) -> dict[str, Any]:
-    """The ``chatlora.json`` of a run, or ``{}`` for an adapter trained elsewhere; ModelError naming a broken one."""
-    from .files import FileError, read_json_object
-
-    path = Path(adapter_dir) / RUN_CARD
-    if not path.is_file():
-        return {}
-    try:
-        card = read_json_object(path)
-    except FileError as e:
-        raise ModelError(str(e)) from None
-    for key in ("base_model", "template"):  # the parts that loaders index into
-        if key in card and not isinstance(card[key], dict):
-            raise ModelError(f'{path}: "{key}" is {json.dumps(card[key])[:40]}: expected a JSON object')
-    spec = card.get("base_model", {}).get("spec")
-    if spec is not None and not isinstance(spec, str):
-        raise ModelError(f'{path}: "base_model.spec" is {json.dumps(spec)[:40]}: expected the base model as a string')
-    return card
-
-
-def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], str]:
-    """Check that ``adapter_dir`` holds a PEFT adapter; return its run card and its base model spec.
-
-    The spec is the run card's (``embedded``, a dir, a hub id), else PEFT's ``base_model_name_or_path``. A missing,
-    damaged or incomplete file is a ModelError that names it.
-    """
-    from .files import FileError, read_json_object
-
-    adapter = Path(adapter_dir)
-    config_path = adapter / "adapter_config.json"
-    if not config_path.is_file():
-        raise ModelError(f"{adapter}: no adapter_config.json here; is this a chatlora output dir?")
-    try:
-        config = read_json_object(config_path)
-    except FileError as e:
-        raise ModelError(str(e)) from None
-    weights = [adapter / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
-    if not any(w.is_file() for w in weights):
-        raise ModelError(
-            f"{adapter}: no adapter weights ({weights[0]} is missing): the run may not have finished; "
-            "use one of its checkpoint-N folders or train again"
-        )
-    card = read_run_card(adapter)
-    spec = card.get("base_model", {}).get("spec")
-    if spec is None:
-        spec = config.get("base_model_name_or_path")
-        if not isinstance(spec, str) or not spec:
-            raise ModelError(
-                f'{config_path}: no "base_model_name_or_path": expected the base model the adapter was trained on'
-            )
-    return card, spec
-
-
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """Training loss (and held-out loss points) against step, from ``metrics.jsonl``; None if nothing to plot."""
-    rows = _read_metrics(Path(metrics_path))
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", color="#1f77b4")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o--", label="held-out loss", color="#d62728")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return Path(png_path)
 
 
 def _trainer_callback(metrics_path: Path):
@@ -303,7 +213,7 @@ def _trainer_callback(metrics_path: Path):
 
         def _write(self, row: dict) -> None:
             with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+                f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -312,21 +222,10 @@ def _trainer_callback(metrics_path: Path):
     return RunLogger()
 
 
-def _json_safe(value: Any) -> Any:
-    """JSON has no NaN or Infinity: a non-finite number (an fp16 overflow's grad norm) is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def whole_run(metrics_path: Path, end_time: float) -> dict[str, Any]:
     """Training time, mean loss and the last interval's tokens/s over every segment of a run (resumes included),
     from ``metrics.jsonl``."""
-    rows = _read_metrics(metrics_path)
+    rows = read_metrics(metrics_path)
     runtime, seg_start, seg_last = 0.0, None, None
     for r in rows:
         if r.get("event") == "begin":
@@ -348,12 +247,6 @@ def whole_run(metrics_path: Path, end_time: float) -> dict[str, Any]:
         "train_loss_mean": weighted / steps if steps else None,
         "tokens_per_second_recent": losses[-1].get("tokens_per_second_recent") if losses else None,
     }
-
-
-def _read_metrics(metrics_path: Path) -> list[dict]:
-    if not metrics_path.exists():
-        return []
-    return [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def training_args(cfg: TrainConfig, precision, device, has_eval: bool, plan: RunPlan):
@@ -464,14 +357,12 @@ def _trim_metrics(metrics_path: Path, checkpoint: str | None) -> None:
 
 
 def _collator(pad_id: int, label_index: bool, strategy: str = "pack"):
-    """Collates both packed micro-batches (training with packing) and plain examples (held-out loss)."""
+    """The Trainer's collator: PackedDataset micro-batches laid out by the packing strategy, plain examples (training
+    without packing, the held-out loss) padded."""
 
     def collate_any(batch: list) -> dict[str, Any]:
         if batch and isinstance(batch[0], list):  # PackedDataset items: lists of rows
-            rows = [row for item in batch for row in item]
-            if strategy == "bucket":
-                return collate_buckets(rows, pad_id, label_index=label_index)
-            return collate_packed(rows, pad_id, label_index=label_index)
+            return collate([row for item in batch for row in item], pad_id, strategy, label_index=label_index)
         return collate(batch, pad_id)
 
     return collate_any
@@ -750,9 +641,7 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     if trainer.is_world_process_zero():
         plot_path = plot_loss_curve(metrics_path, out / LOSS_PLOT)
         card = _run_card(cfg, run, trainer, args, metrics_path, ended, eval_loss, logger, (trainable, total))
-        (out / RUN_CARD).write_text(
-            json.dumps(_json_safe(card), ensure_ascii=False, indent=2, allow_nan=False) + "\n", encoding="utf-8"
-        )
+        write_run_card(out, card)
     return TrainResult(out, card, metrics_path, plot_path, trainer.model, run.tokenizer, run.split)
 
 
