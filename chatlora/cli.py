@@ -317,28 +317,12 @@ def _print_eval(result) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import evaluate
+    from .eval import EvalConfig, evaluate
 
-    if args.max_samples is not None and args.max_samples <= 0:
-        raise CliError("--max-samples must be > 0")
-    if args.max_new_tokens <= 0 or args.batch_size <= 0:
-        raise CliError("--max-new-tokens and --batch-size must be > 0")
-    if args.data is None and (args.format != "auto" or args.columns):
-        raise CliError("--format and --columns apply to --data only (the held-out split uses the run's own)")
-    result = evaluate(
-        args.adapter,
-        data=args.data,
-        output=args.output,
-        max_samples=args.max_samples,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        repetition_penalty=args.repetition_penalty,
-        report_examples=args.examples,
-        data_format=args.format,
-        columns=args.columns,
-        device=args.device,
+    cfg = EvalConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
     )
-    _print_eval(result)
+    _print_eval(evaluate(cfg))
     return 0
 
 

@@ -591,64 +591,100 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
 def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     """Run one LoRA training job end to end and write adapter, checkpoints, metrics, loss plot and run card.
 
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. a benchmark's timer).
+    Phases: encode the splits and plan (:func:`prepare_run`), claim the output dir, build the trainer, train, write
+    the adapter and run card. ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. a benchmark's
+    timer).
     """
-    from transformers import set_seed
-
-    out = Path(cfg.output_dir)
     run = prepare_run(cfg)
     for line in run.lines():
         log.info("%s", line)
+    checkpoint = _claim_output_dir(cfg, run)
+    built = _build_trainer(cfg, run, checkpoint, callbacks)
+    built.trainer.train(resume_from_checkpoint=checkpoint)
+    ended = time.time()
+    return _write_outputs(cfg, run, built, ended, _final_eval_loss(built.trainer, run))
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _claim_output_dir(cfg: TrainConfig, run: PreparedRun) -> str | None:
+    """Stop before any weights load if the run cannot fit or would clobber another; return the checkpoint to resume."""
     if not run.plan.fits and run.device.type == "cuda":
         raise ModelError(
             f"this run would not fit on {run.device}: estimated {run.plan.estimate.total:.1f} GiB against "
             f"{run.plan.available_gib:.1f} GiB available. "
             + ("Would fit: " + "; ".join(run.plan.alternatives) if run.plan.alternatives else "")
         )
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if rank0:  # before weights load or anything is written: never clobber another run by accident
+    out = Path(cfg.output_dir)
+    if _rank0():
         check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
-    checkpoint = find_resume(out, cfg.resume)
-    plan, device, precision = run.plan, run.device, run.precision
+    return find_resume(out, cfg.resume)
 
+
+@dataclass
+class _BuiltTrainer:
+    trainer: Any
+    args: Any
+    logger: Any  # the RunLogger callback: progress bar, metrics.jsonl, skipped fp16 steps
+    metrics_path: Path
+    params: tuple[int, int]  # trainable, total
+
+
+def _build_trainer(cfg: TrainConfig, run: PreparedRun, checkpoint: str | None, callbacks) -> _BuiltTrainer:
+    """Model with LoRA as planned, a fresh (or, resuming, trimmed) metrics.jsonl, and the Trainer around both."""
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    out = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    model = prepare_model(cfg, run.model_path, device, precision, plan)
-    trainable, total = model.get_nb_trainable_parameters()
+    model = prepare_model(cfg, run.model_path, run.device, run.precision, run.plan)
+    params = model.get_nb_trainable_parameters()
 
-    if rank0 and cfg.overwrite and not checkpoint:
+    if _rank0() and cfg.overwrite and not checkpoint:
         clear_previous_run(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS
-    args = training_args(cfg, precision, device, bool(run.val_ex), plan)
+    args = training_args(cfg, run.precision, run.device, bool(run.val_ex), run.plan)
     if args.process_index == 0:
         _trim_metrics(metrics_path, checkpoint)
     logger = _trainer_callback(metrics_path)
-    trainer = make_trainer(cfg, model, run.tokenizer, args, run.train_ex, run.val_ex, plan, [logger, *callbacks])
-    from transformers.trainer_callback import PrinterCallback
-
+    trainer = make_trainer(cfg, model, run.tokenizer, args, run.train_ex, run.val_ex, run.plan, [logger, *callbacks])
     trainer.remove_callback(PrinterCallback)  # our RunLogger reports instead
-    trainer.train(resume_from_checkpoint=checkpoint)
-    ended = time.time()
-    eval_loss = None
-    if run.val_ex:
-        last = trainer.state.log_history[-2:] if trainer.state.log_history else []
-        done = [h["eval_loss"] for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]
-        eval_loss = done[0] if done else trainer.evaluate()["eval_loss"]
+    return _BuiltTrainer(trainer, args, logger, metrics_path, params)
 
+
+def _final_eval_loss(trainer, run: PreparedRun) -> float | None:
+    """The held-out loss at the last step: the one just logged, else measured now (None without a held-out split)."""
+    if not run.val_ex:
+        return None
+    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+    done = [h["eval_loss"] for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    return done[0] if done else trainer.evaluate()["eval_loss"]
+
+
+def _write_outputs(
+    cfg: TrainConfig, run: PreparedRun, built: _BuiltTrainer, ended: float, eval_loss: float | None
+) -> TrainResult:
+    """The adapter and tokenizer (every rank takes part), then, on rank 0, the loss plot and the run card."""
+    out = Path(cfg.output_dir)
+    trainer = built.trainer
     trainer.save_model(str(out))  # PEFT adapter + tokenizer (with its chat template)
     plot_path = None
     card: dict[str, Any] = {}
     if trainer.is_world_process_zero():
-        plot_path = plot_loss_curve(metrics_path, out / LOSS_PLOT)
-        card = _run_card(cfg, run, trainer, args, metrics_path, ended, eval_loss, logger, (trainable, total))
+        plot_path = plot_loss_curve(built.metrics_path, out / LOSS_PLOT)
+        card = _run_card(cfg, run, built, ended, eval_loss)
         write_run_card(out, card)
-    return TrainResult(out, card, metrics_path, plot_path, trainer.model, run.tokenizer, run.split)
+    return TrainResult(out, card, built.metrics_path, plot_path, trainer.model, run.tokenizer, run.split)
 
 
-def _run_card(cfg, run: PreparedRun, trainer, args, metrics_path, ended, eval_loss, logger, params) -> dict[str, Any]:
+def _run_card(cfg, run: PreparedRun, built: _BuiltTrainer, ended: float, eval_loss: float | None) -> dict[str, Any]:
+    trainer, args, logger, params = built.trainer, built.args, built.logger, built.params
     train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eot_token, _ = end_of_turn(run.tokenizer)
-    whole = whole_run(metrics_path, ended)
+    whole = whole_run(built.metrics_path, ended)
     tokens = trainer.state.num_input_tokens_seen
     peak = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2) if run.device.type == "cuda" else None
     return {
