@@ -319,9 +319,7 @@ def _print_eval(result) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import EvalConfig, evaluate
 
-    cfg = EvalConfig(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
-    )
+    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})  # a flag per field
     _print_eval(evaluate(cfg))
     return 0
 
