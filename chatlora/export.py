@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import DataError
+from .errors import ChatloraError
 from .infer import SamplingConfig
 from .merge import set_generation_stops
 from .model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer, resolve_model
@@ -893,8 +893,8 @@ def _conversations(src: _Source, samples: int) -> tuple[list[list[dict]], str]:
     try:
         records, _ = held_out_records(src.card, samples)
         why = "the run card's held-out split is empty"
-    except (DataError, ModelError) as e:  # no usable held-out split: fall back to built-in prompts
-        records, why = [], str(e)
+    except ChatloraError as e:  # no usable held-out split (none recorded, the data gone or changed): built-in prompts
+        records, why = [], str(e).splitlines()[0]
     if not records:
         convs = [[{"role": "user", "content": p}] for p in _BUILTIN_PROMPTS[:samples]]
         return [with_system(c, src.system_prompt) for c in convs], f"{len(convs)} built-in prompts: {why}"
