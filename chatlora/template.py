@@ -14,6 +14,8 @@ from __future__ import annotations
 import weakref
 from typing import NamedTuple
 
+from .errors import TemplateError
+
 __all__ = [
     "CHATML_TEMPLATE",
     "IGNORE_INDEX",
@@ -40,10 +42,6 @@ CHATML_TEMPLATE = (
 )
 
 _PROBE = "\u2063chatlora-probe\u2063"
-
-
-class TemplateError(ValueError):
-    """The chat template cannot be split into prompt and reply spans."""
 
 
 class Encoded(NamedTuple):
