@@ -10,13 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, field_type, load_config
+from .config import TrainConfig, field_type, load_config
+from .errors import ChatloraError, CliError
 
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
 
 
 def _quiet_libraries() -> None:
@@ -343,39 +340,11 @@ def _print_eval(result) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import evaluate
+    from .eval import EvalConfig, evaluate
 
-    if args.max_samples is not None and args.max_samples <= 0:
-        raise CliError("--max-samples must be > 0")
-    if args.max_new_tokens <= 0 or args.batch_size <= 0:
-        raise CliError("--max-new-tokens and --batch-size must be > 0")
-    if args.data is None and (args.format != "auto" or args.columns):
-        raise CliError("--format and --columns apply to --data only (the held-out split uses the run's own)")
-    result = evaluate(
-        args.adapter,
-        data=args.data,
-        output=args.output,
-        max_samples=args.max_samples,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        repetition_penalty=args.repetition_penalty,
-        report_examples=args.examples,
-        data_format=args.format,
-        columns=args.columns,
-        device=args.device,
-        persona=_persona_settings(args),
-    )
-    _print_eval(result)
+    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})  # a flag per field
+    _print_eval(evaluate(cfg))
     return 0
-
-
-def _persona_settings(args: argparse.Namespace):
-    """eval's persona settings: --no-persona, else a --config YAML's persona block, else the run's (None)."""
-    from .config import PersonaConfig
-
-    if args.no_persona:
-        return PersonaConfig(enabled=False)
-    return load_config(args.config).persona if args.config else None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -513,9 +482,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--examples", type=int, default=10, help="replies shown in the report (default: 10)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ev.add_argument(
-        "--config", default=None, help="a training YAML whose persona: block replaces the run's (README Persona eval)"
+        "--persona",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the persona section: identity probes, drift, retention (default: on)",
     )
-    ev.add_argument("--no-persona", action="store_true", help="skip the persona section (probes, drift, retention)")
+    ev.add_argument(
+        "--persona-config",
+        default=None,
+        metavar="FILE.yaml",
+        help="a training YAML whose persona: block replaces the run's (README Persona eval)",
+    )
     ev.set_defaults(func=cmd_eval)
 
     sv = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible API with a web chat page")
@@ -576,20 +553,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (:class:`~chatlora.errors.ChatloraError`) exits 2 with its message on stderr;
+    anything else is a bug in chatlora and keeps its traceback."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from .data import DataError
-    from .model import ModelError
-    from .template import TemplateError
-
     try:
         return args.func(args)
-    except DataError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_USAGE
-    except (CliError, ConfigError, ModelError, TemplateError, FileNotFoundError, ValueError) as e:
-        print(f"chatlora: error: {e}", file=sys.stderr)
+    except ChatloraError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -14,9 +14,12 @@ from typing import Any
 
 import torch
 
-from .data import DataError, read_json_file
+from .data import read_json_file
+from .errors import ConfigError, DataError
 from .files import FileError, check_output_file, temp_file
-from .model import base_quantization, load_model, load_tokenizer, pick_device, resolve_model
+from .model import base_quantization, dtype_for, load_model, load_tokenizer, pick_device, resolve_model
+from .runcard import read_adapter, read_run_card
+from .runcard import system_prompt as card_system_prompt
 from .template import encode_prompt, end_of_turn, with_system
 
 __all__ = ["ChatModel", "ReplyFile", "Reply", "SamplingConfig", "Stream", "generate_file", "read_prompts"]
@@ -63,12 +66,6 @@ class Stream:
         yield from self._chunks
 
 
-def _dtype_for(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 class ChatModel:
     """A base model, optionally with a LoRA adapter, that answers conversations in the training template."""
 
@@ -99,8 +96,6 @@ class ChatModel:
         system_prompt: str | None = None,
     ) -> ChatModel:
         """Load for inference: ``adapter`` (its run card names the base) or ``model`` (base or merged dir)."""
-        from .train import read_adapter, read_run_card
-
         dev = pick_device(device)
         card: dict = {}
         if adapter is not None:
@@ -114,7 +109,7 @@ class ChatModel:
         tokenizer = load_tokenizer(str(adapter) if adapter is not None else base_path)
         tokenizer.padding_side = "left"
         quantize = base_quantization([card], dev) if adapter is not None else None
-        net = load_model(base_path, _dtype_for(dev), dev, quantize=quantize)
+        net = load_model(base_path, dtype_for(dev), dev, quantize=quantize)
         name = Path(base_path).name
         if adapter is not None and not base_only:
             from peft import PeftModel
@@ -122,7 +117,7 @@ class ChatModel:
             net = PeftModel.from_pretrained(net, str(adapter))
             name = adapter.name
         if system_prompt is None:
-            system_prompt = card.get("template", {}).get("system_prompt")
+            system_prompt = card_system_prompt(card)
         return cls(net, tokenizer, system_prompt, name)
 
     def conversation(self, messages: list[dict], system: str | None = None) -> list[dict]:
@@ -389,7 +384,7 @@ def generate_file(
     from tqdm.auto import tqdm
 
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        raise ConfigError(f"batch_size must be > 0, got {batch_size}")
     order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["system"] or "", i))
     with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:
         for start in range(0, len(order), batch_size):

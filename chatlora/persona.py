@@ -16,7 +16,6 @@ needs no judge model, and an in-character reply has no reason to use these words
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import re
@@ -33,9 +32,11 @@ __all__ = [
     "DRIFT_PNG",
     "RETENTION_TOLERANCE",
     "Persona",
+    "PERSONA_JSONL",
     "PersonaResult",
     "Rates",
     "TermMatcher",
+    "describe",
     "evaluate_persona",
     "load_probes",
     "load_retention",
@@ -43,6 +44,7 @@ __all__ = [
     "recommend_checkpoint",
     "resolve",
     "score_replies",
+    "tables",
     "vendor_names",
 ]
 
@@ -409,13 +411,13 @@ RULE = (
 )
 
 
-def _losses(chat, conversations, system, max_length, batch_size, use_adapter: bool) -> float:
-    from .eval import assistant_loss
-
-    return assistant_loss(chat.model, chat.tokenizer, conversations, system, max_length, batch_size, use_adapter).loss
+def _losses(loss_fn, chat, conversations, system, max_length, batch_size, use_adapter: bool) -> float:
+    return loss_fn(chat.model, chat.tokenizer, conversations, system, max_length, batch_size, use_adapter).loss
 
 
-def _checkpoint_phase(chat, adapter_dir, held_out, retention, system, max_length, batch_size, final_step, final):
+def _checkpoint_phase(
+    loss_fn, chat, adapter_dir, held_out, retention, system, max_length, batch_size, final_step, final
+):
     """Load each complete ``checkpoint-N`` beside the adapter into the model, measure, unload."""
     from .rundir import checkpoints, is_complete
 
@@ -435,8 +437,8 @@ def _checkpoint_phase(chat, adapter_dir, held_out, retention, system, max_length
                 CheckpointRow(
                     path.name,
                     step,
-                    _losses(chat, held_out, system, max_length, batch_size, True),
-                    _losses(chat, retention, None, max_length, batch_size, True),
+                    _losses(loss_fn, chat, held_out, system, max_length, batch_size, True),
+                    _losses(loss_fn, chat, retention, None, max_length, batch_size, True),
                 )
             )
         finally:
@@ -491,6 +493,14 @@ class PersonaResult:
             )
         return out
 
+    def write_files(self, output_dir: Path) -> None:
+        """Every probe and drift reply with what it matched (``persona_replies.jsonl``) and the drift plot."""
+        with (output_dir / PERSONA_JSONL).open("w", encoding="utf-8") as f:
+            for row in self.rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.drift:
+            self.plot_path = plot_drift(self.drift, output_dir / DRIFT_PNG)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "persona": self.persona.to_dict(),
@@ -512,39 +522,35 @@ def evaluate_persona(
     records_messages: list[list[dict]],
     cfg: PersonaConfig,
     *,
+    loss_fn,
+    sampling,
     system_prompt: str | None,
     max_length: int | None,
     batch_size: int,
-    output_dir: Path,
     tuned_loss: float,
     adapter_dir: Path | None = None,
     final_step: int | None = None,
     model_names: list[str | None] | None = None,
     character_name: str | None = None,
-    repetition_penalty: float = 1.1,
 ) -> PersonaResult:
-    """Run the persona section on a loaded model with an adapter; write ``persona_replies.jsonl`` and the drift
-    plot into ``output_dir``.
+    """Run the persona section on a loaded model with an adapter (nothing is written: see ``write_files``).
 
     Args:
         chat: A :class:`~chatlora.infer.ChatModel` whose model has the adapter (base = adapter disabled).
         records_messages: The evaluated held-out conversations: probe contexts, drift prompts, checkpoint loss.
         cfg: The run's ``persona:`` settings.
+        loss_fn: :func:`chatlora.eval.assistant_loss` (passed in: eval sits above this module).
+        sampling: The eval's greedy :class:`~chatlora.infer.SamplingConfig`, with ``cfg.max_new_tokens``.
         system_prompt: The run's system prompt (the compiled character card, if any).
         max_length: The run's max_length, for the losses.
         batch_size: Conversations per generate / forward batch.
-        output_dir: Where the report goes.
         tuned_loss: The tuned model's held-out loss on ``records_messages`` (the "final" checkpoint row).
         adapter_dir: The run folder whose ``checkpoint-N`` folders get a row each.
         final_step: The run's last step (its checkpoint equals the final adapter and is not measured twice).
         model_names: Names of the base model (hub id, folder, model_type) for the vendor names.
         character_name: The character card's name, if the run used one.
-        repetition_penalty: Greedy decoding's repetition penalty, as in the rest of eval.
     """
-    from .infer import SamplingConfig
-
     persona = resolve(cfg, system_prompt, model_names or [], character_name)
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
     probes = load_probes(cfg.probes)
     timings: dict[str, float] = {}
 
@@ -563,20 +569,25 @@ def evaluate_persona(
     if cfg.retention:
         general = load_retention()
         retention = {
-            name: _losses(chat, general, None, max_length, batch_size, name == "tuned") for name in ("base", "tuned")
+            name: _losses(loss_fn, chat, general, None, max_length, batch_size, name == "tuned")
+            for name in ("base", "tuned")
         }
         final = CheckpointRow("final", final_step, tuned_loss, retention["tuned"])
         table = _checkpoint_phase(
-            chat, adapter_dir, records_messages, general, system_prompt, max_length, batch_size, final_step, final
+            loss_fn,
+            chat,
+            adapter_dir,
+            records_messages,
+            general,
+            system_prompt,
+            max_length,
+            batch_size,
+            final_step,
+            final,
         )
         recommended = recommend_checkpoint(table, retention["base"])
     timings["retention"] = round(time.time() - started, 1)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with (output_dir / PERSONA_JSONL).open("w", encoding="utf-8") as f:
-        for row in rows + drift_rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    plot_path = plot_drift(drift, output_dir / DRIFT_PNG) if drift else None
     settings = {
         "probes": len(probes),
         "probe_turns": cfg.probe_turns,
@@ -586,7 +597,7 @@ def evaluate_persona(
         "max_new_tokens": cfg.max_new_tokens,
     }
     return PersonaResult(
-        persona, probe_rates, len(probes), drift, retention, table, recommended, settings, timings, rows, plot_path
+        persona, probe_rates, len(probes), drift, retention, table, recommended, settings, timings, rows + drift_rows
     )
 
 
@@ -653,36 +664,3 @@ def describe(result: PersonaResult) -> list[str]:
         RULE[0].upper() + RULE[1:] + ".",
         "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items()) + ".",
     ]
-
-
-def markdown_lines(result: PersonaResult, md_table) -> list[str]:
-    """The persona section of ``report.md`` (``md_table(head, rows)`` renders a table)."""
-    t = tables(result)
-    lines = ["## Persona", "", *[f"{line}  " for line in describe(result)], "", "### Identity probes", ""]
-    lines += [*md_table(*t["probes"]), ""]
-    if "drift" in t:
-        lines += ["### Long-conversation drift", "", *md_table(*t["drift"]), ""]
-        lines += [f"![persona drift]({result.plot_path.name})" if result.plot_path else "", ""]
-    if "checkpoints" in t:
-        lines += ["### Retention and checkpoints", "", *md_table(*t["checkpoints"]), ""]
-    lines += [f"Every probe and drift reply, with what it matched: `{PERSONA_JSONL}`.", ""]
-    return lines
-
-
-def html_section(result: PersonaResult, html_table) -> str:
-    """The persona section of ``report.html`` (``html_table(head, rows)`` renders a table)."""
-    import base64
-
-    e = html.escape
-    t = tables(result)
-    parts = ["<h2>Persona</h2>", '<p class="note">' + "<br>".join(e(x) for x in describe(result)) + "</p>"]
-    parts += ["<h3>Identity probes</h3>", html_table(*t["probes"])]
-    if "drift" in t:
-        parts += ["<h3>Long-conversation drift</h3>", html_table(*t["drift"])]
-        if result.plot_path:
-            png = base64.b64encode(result.plot_path.read_bytes()).decode("ascii")
-            parts.append(f'<img alt="persona drift" src="data:image/png;base64,{png}">')
-    if "checkpoints" in t:
-        parts += ["<h3>Retention and checkpoints</h3>", html_table(*t["checkpoints"])]
-    parts.append(f"<p>Every probe and drift reply, with what it matched: {e(PERSONA_JSONL)}</p>")
-    return "".join(parts)

@@ -270,13 +270,13 @@ def test_checkpoint_rows_measure_each_checkpoint_not_the_final_adapter(persona_r
     import torch
     from peft import PeftModel
 
-    from chatlora.eval import assistant_loss, evaluate, held_out_records
+    from chatlora.eval import EvalConfig, assistant_loss, evaluate, held_out_records
     from chatlora.infer import ChatModel
     from chatlora.model import load_model
     from chatlora.train import read_run_card
 
     chat = ChatModel.load(persona_run, device="cpu")
-    result = evaluate(persona_run, output=tmp_path / "ev", max_new_tokens=2, batch_size=4, chat=chat)
+    result = evaluate(EvalConfig(persona_run, output=tmp_path / "ev", max_new_tokens=2, batch_size=4), chat)
     rows = {r.name: r for r in result.persona.checkpoints}
     assert set(rows) == {"checkpoint-1", "final"}  # checkpoint-2 is the final adapter: measured once
     assert rows["final"].character_loss == pytest.approx(result.loss["tuned"].loss)
