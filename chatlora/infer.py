@@ -359,6 +359,8 @@ class Batcher:
                 batch = self._pop()
                 if not batch:
                     continue
+                self.batches += 1  # counted as they start: their rows report back before the batch ends
+                self.rows_run += len(batch)
                 started = time.perf_counter()
                 try:
                     generate_rows(self.model, batch, self.pad_token_id)
@@ -367,8 +369,6 @@ class Batcher:
                     for r in batch:
                         if not r.done and r.on_error is not None:
                             r.on_error(e)
-                self.batches += 1
-                self.rows_run += len(batch)
                 self.last_batch_s = time.perf_counter() - started
 
     def _pop(self) -> list[Row]:
