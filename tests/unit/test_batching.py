@@ -72,20 +72,43 @@ def test_greedy_rows_match_plain_generate(chats):
 
     chat = chats["beta"]
     ids = chat.prompt_ids(CONVERSATIONS[1])
-    sampling = SamplingConfig(max_new_tokens=10, temperature=0, repetition_penalty=1.3)
-    row = chat.row(ids, sampling)
-    chat.run([row])
     x = torch.tensor([ids])
-    out = chat.model.generate(
-        input_ids=x,
-        attention_mask=torch.ones_like(x),
-        max_new_tokens=10,
-        do_sample=False,
-        repetition_penalty=1.3,
-        eos_token_id=chat.stop_ids,
-        adapter_names=["beta"],
-    )
-    assert row._tokens == out[0, len(ids) :].tolist()[: len(row._tokens)]
+
+    def plain(penalty: float) -> list[int]:
+        out = chat.model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=24,
+            do_sample=False,
+            repetition_penalty=penalty,
+            eos_token_id=chat.stop_ids,
+            adapter_names=["beta"],
+        )
+        return out[0, len(ids) :].tolist()
+
+    want = plain(3.0)
+    assert want != plain(1.0), "the penalty should change this reply"
+    row = chat.row(ids, SamplingConfig(max_new_tokens=24, temperature=0, repetition_penalty=3.0))
+    chat.run([row])
+    assert row._tokens == [t for t in want if t not in chat.stop_ids]
+
+
+def test_the_penalty_never_sees_left_padding(chats):
+    """Bug: the repetition penalty of a left-padded row also hit the pad token, which a row alone never holds."""
+    import torch
+
+    from chatlora.infer import _RowSampler
+
+    chat = chats["base"]
+    pad = chat.tokenizer.pad_token_id
+    short, long_ = [5, 6], [7, 8, 9, 10]
+    rows = [chat.row(p, SamplingConfig(temperature=0, repetition_penalty=2.0)) for p in (short, long_)]
+    scores = torch.randn(2, len(chat.tokenizer))
+    scores[:, pad] = 3.0
+    batched = _RowSampler(rows, 4, torch.device("cpu"))(torch.tensor([[pad, pad, *short], long_]), scores.clone())
+    alone = _RowSampler(rows[:1], 2, torch.device("cpu"))(torch.tensor([short]), scores[:1].clone())
+    assert torch.equal(batched[0], alone[0])
+    assert batched[0, pad] == 3.0 and batched[0, 5] != scores[0, 5]
 
 
 def test_a_seed_gives_the_same_reply_in_any_batch(chats):
@@ -99,6 +122,18 @@ def test_a_seed_gives_the_same_reply_in_any_batch(chats):
     assert together == alone
     other_seed = chat.run([chat.row(ids, SamplingConfig(**{**seeded.__dict__, "seed": 8}))])[0].text
     assert other_seed != alone
+
+
+class _CancelAfter(threading.Event):
+    """A cancel flag that turns on at its n-th look: the row is cancelled mid-generation."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.looks, self.n = 0, n
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > self.n
 
 
 def test_rows_end_on_their_own(chats):
@@ -116,7 +151,10 @@ def test_rows_end_on_their_own(chats):
         chat.row(ids, SamplingConfig(max_new_tokens=12, temperature=0)),
     ]
     cancel.set()
-    short, stopped, cancelled, whole = chat.run(rows)
+    later = _CancelAfter(3)  # cancelled at the third token
+    rows.append(chat.row(ids, SamplingConfig(max_new_tokens=12, temperature=0), cancel=later))
+    short, stopped, cancelled, whole, cut = chat.run(rows)
+    assert (cut.finish_reason, cut.completion_tokens) == ("cancelled", 2)
     assert (short.finish_reason, short.completion_tokens) == ("length", 3)
     assert full.text.startswith(short.text)
     assert stopped.finish_reason == "stop" and stopped.text == full.text[: full.text.index(stop)]
