@@ -10,13 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, field_type, load_config
+from .config import TrainConfig, field_type, load_config
+from .errors import ChatloraError, CliError
 
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
 
 
 def _quiet_libraries() -> None:
@@ -321,28 +318,10 @@ def _print_eval(result) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import evaluate
+    from .eval import EvalConfig, evaluate
 
-    if args.max_samples is not None and args.max_samples <= 0:
-        raise CliError("--max-samples must be > 0")
-    if args.max_new_tokens <= 0 or args.batch_size <= 0:
-        raise CliError("--max-new-tokens and --batch-size must be > 0")
-    if args.data is None and (args.format != "auto" or args.columns):
-        raise CliError("--format and --columns apply to --data only (the held-out split uses the run's own)")
-    result = evaluate(
-        args.adapter,
-        data=args.data,
-        output=args.output,
-        max_samples=args.max_samples,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        repetition_penalty=args.repetition_penalty,
-        report_examples=args.examples,
-        data_format=args.format,
-        columns=args.columns,
-        device=args.device,
-    )
-    _print_eval(result)
+    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})  # a flag per field
+    _print_eval(evaluate(cfg))
     return 0
 
 
@@ -546,20 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (:class:`~chatlora.errors.ChatloraError`) exits 2 with its message on stderr;
+    anything else is a bug in chatlora and keeps its traceback."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from .data import DataError
-    from .model import ModelError
-    from .template import TemplateError
-
     try:
         return args.func(args)
-    except DataError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_USAGE
-    except (CliError, ConfigError, ModelError, TemplateError, FileNotFoundError, ValueError) as e:
-        print(f"chatlora: error: {e}", file=sys.stderr)
+    except ChatloraError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -26,9 +26,12 @@ from typing import Any
 
 import torch
 
-from .data import DataError, read_json_file
+from .data import read_json_file
+from .errors import ConfigError, DataError
 from .files import FileError, check_output_file, temp_file
-from .model import base_quantization, load_model, load_tokenizer, pick_device, resolve_model
+from .model import base_quantization, dtype_for, load_model, load_tokenizer, pick_device, resolve_model
+from .runcard import read_adapter, read_run_card
+from .runcard import system_prompt as card_system_prompt
 from .template import encode_prompt, end_of_turn, with_system
 
 __all__ = [
@@ -92,10 +95,10 @@ class SamplingConfig:
         return out
 
     def check(self) -> SamplingConfig:
-        """Raise ValueError naming the first value outside its range; return self."""
+        """Raise ConfigError naming the first value outside its range; return self."""
         bad = self.problems()
         if bad:
-            raise ValueError(f"{bad[0][0]} {bad[0][1]}, got {getattr(self, bad[0][0])}")
+            raise ConfigError(f"{bad[0][0]} {bad[0][1]}, got {getattr(self, bad[0][0])}")
         return self
 
     @property
@@ -122,12 +125,6 @@ class Stream:
 
     def __iter__(self) -> Iterator[str]:
         yield from self._chunks
-
-
-def _dtype_for(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 # ---------------------------------------------------------------- rows and batches
@@ -419,8 +416,6 @@ class ChatModel:
         system_prompt: str | None = None,
     ) -> ChatModel:
         """Load for inference: ``adapter`` (its run card names the base) or ``model`` (base or merged dir)."""
-        from .train import read_adapter, read_run_card
-
         dev = pick_device(device)
         card: dict = {}
         if adapter is not None:
@@ -434,7 +429,7 @@ class ChatModel:
         tokenizer = load_tokenizer(str(adapter) if adapter is not None else base_path)
         tokenizer.padding_side = "left"
         quantize = base_quantization([card], dev) if adapter is not None else None
-        net = load_model(base_path, _dtype_for(dev), dev, quantize=quantize)
+        net = load_model(base_path, dtype_for(dev), dev, quantize=quantize)
         name = Path(base_path).name
         if adapter is not None and not base_only:
             from peft import PeftModel
@@ -442,7 +437,7 @@ class ChatModel:
             net = PeftModel.from_pretrained(net, str(adapter))
             name = adapter.name
         if system_prompt is None:
-            system_prompt = card.get("template", {}).get("system_prompt")
+            system_prompt = card_system_prompt(card)
         return cls(net, tokenizer, system_prompt, name)
 
     def conversation(self, messages: list[dict], system: str | None = None) -> list[dict]:
@@ -508,7 +503,7 @@ class ChatModel:
         from tqdm.auto import tqdm
 
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+            raise ConfigError(f"batch_size must be > 0, got {batch_size}")
         systems = systems if systems is not None else [None] * len(conversations)
         prompts = [self.prompt_ids(m, s) for m, s in zip(conversations, systems, strict=True)]
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))

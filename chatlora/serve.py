@@ -48,8 +48,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .errors import ConfigError
 from .infer import BASE, Batcher, ChatModel, Reply, Row, SamplingConfig
-from .model import ModelError, base_quantization, load_model, load_tokenizer, pick_device, resolve_model
+from .model import ModelError, base_quantization, dtype_for, load_model, load_tokenizer, pick_device, resolve_model
+from .runcard import read_adapter, read_run_card, system_prompt
 from .template import TemplateError
 
 __all__ = ["ModelSet", "ServedModel", "create_app", "load_models", "parse_adapters", "run"]
@@ -107,9 +109,9 @@ def parse_adapters(specs: Sequence[str]) -> dict[str, Path]:
         if not sep or Path(spec).is_dir():
             name, path = Path(spec).name, spec
         if not _NAME.match(name):
-            raise ValueError(f"--adapter {spec}: name {name!r} must be letters, digits, '.', '_' or '-' (NAME=DIR)")
+            raise ConfigError(f"--adapter {spec}: name {name!r} must be letters, digits, '.', '_' or '-' (NAME=DIR)")
         if name in out:
-            raise ValueError(f"--adapter {spec}: the name {name!r} is used twice; give NAME=DIR")
+            raise ConfigError(f"--adapter {spec}: the name {name!r} is used twice; give NAME=DIR")
         out[name] = Path(path)
     return out
 
@@ -135,9 +137,6 @@ def load_models(
         base_only: serve only the base model of the adapters.
         device: auto, cpu, cuda or cuda:N.
     """
-    from .infer import _dtype_for
-    from .train import read_adapter, read_run_card
-
     adapters = {name: Path(d) for name, d in (adapters or {}).items()}
     if not adapters and not model:
         raise ModelError("give an adapter dir (a trained run) or a model (a base or merged model)")
@@ -161,7 +160,7 @@ def load_models(
 
     dev = pick_device(device)
     quantize = base_quantization(list(cards.values()), dev) if adapters and not base_only else None
-    net = load_model(base_path, _dtype_for(dev), dev, quantize=quantize)
+    net = load_model(base_path, dtype_for(dev), dev, quantize=quantize)
     first = next(iter(adapters), None)
     base_tok = load_tokenizer(str(adapters[first]) if first else base_path)
     base_tok.padding_side = "left"
@@ -178,10 +177,10 @@ def load_models(
                 net.load_adapter(str(d), adapter_name=name)
             tok = load_tokenizer(str(d))
             tok.padding_side = "left"
-            system = cards[name].get("template", {}).get("system_prompt")
+            system = system_prompt(cards[name])
             served[name] = ServedModel(name, ChatModel(net, tok, system, name, adapter=name), name)
             log.info("loaded adapter %s from %s", name, d)
-    base_system = base_card.get("template", {}).get("system_prompt")
+    base_system = system_prompt(base_card)
     base_chat = ChatModel(net, base_tok, base_system, base_name, adapter=BASE)
     served = {base_name: ServedModel(base_name, base_chat, None), **served}
     return ModelSet(served, _context_length(net, base_tok))
@@ -313,6 +312,7 @@ class _ChatBody(BaseModel):
     stop: Annotated[list[str], BeforeValidator(_stops)] = []
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
+    tools: list | None = None  # refused when not empty: chatlora models are tuned for plain chat
 
 
 def _param(loc: tuple) -> str | None:
@@ -389,6 +389,8 @@ def parse_chat_request(
             "model",
             "model_not_found",
         )
+    if body.tools:
+        raise ApiError(400, "'tools' is not supported: this server does plain chat", "tools", "unsupported_parameter")
     if len(body.messages) > max_messages:
         raise ApiError(
             400,
@@ -767,9 +769,9 @@ def create_app(
             (``"*"``: any).
     """
     if max_queue < 0 or max_batch < 1:
-        raise ValueError("max_queue must be >= 0 and max_batch >= 1")
+        raise ConfigError("max_queue must be >= 0 and max_batch >= 1")
     if max_body_bytes <= 0 or max_messages <= 0:
-        raise ValueError("max_body_bytes and max_messages must be > 0")
+        raise ConfigError("max_body_bytes and max_messages must be > 0")
     app = FastAPI(title="chatlora", docs_url=None, redoc_url=None, openapi_url=None)
     first = next(iter(models.models.values())).chat  # every served model shares this network
     batcher = Batcher(first.model, first.tokenizer.pad_token_id, max_batch)
@@ -1036,7 +1038,7 @@ def _server_config(
     import uvicorn
 
     if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:
-        raise ValueError("read_timeout, timeout_keep_alive and max_connections must be > 0")
+        raise ConfigError("read_timeout, timeout_keep_alive and max_connections must be > 0")
     protocol = type("HttpProtocol", (_Http,), {"read_timeout": read_timeout, "max_connections": max_connections})
     return uvicorn.Config(
         app,
@@ -1053,7 +1055,7 @@ def _server_config(
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port``, or a ValueError that says why not (the port is taken, ...)."""
+    """A socket bound to ``host:port``, or a ConfigError that says why not (the port is taken, ...)."""
     sock = None
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(
@@ -1072,7 +1074,7 @@ def _bind(host: str, port: int) -> socket.socket:
             if e.errno == errno.EADDRINUSE
             else e.strerror or str(e)
         )
-        raise ValueError(f"cannot serve on {where}: {why}; pick another --port or --host") from None
+        raise ConfigError(f"cannot serve on {where}: {why}; pick another --port or --host") from None
 
 
 def run(
@@ -1097,7 +1099,7 @@ def run(
 ) -> None:
     """Load the models and serve them with uvicorn until interrupted (see :func:`create_app` for the options).
 
-    The port is taken before the models load: a busy port fails at once, with a ValueError saying so.
+    The port is taken before the models load: a busy port fails at once, with a ConfigError saying so.
     ``read_timeout``, ``timeout_keep_alive`` and ``max_connections``: see :class:`_Http`.
     """
     import uvicorn
@@ -1106,7 +1108,7 @@ def run(
     if host not in LOCAL_HOSTS and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:  # before the minutes of loading
-        raise ValueError("read_timeout, timeout_keep_alive and max_connections must be > 0")
+        raise ConfigError("read_timeout, timeout_keep_alive and max_connections must be > 0")
     sock = _bind(host, port)
     try:
         models = load_models(adapters, model, base_only, device)
