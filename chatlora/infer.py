@@ -277,41 +277,69 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-@torch.inference_mode()
-def generate_rows(model, rows: list[Row], pad_token_id: int) -> list[Reply]:
-    """Generate every row in one left-padded ``model.generate`` call; return their replies in order.
+def _dora(model) -> set[str]:
+    """The model's DoRA adapters: PEFT cannot mix them into a batch (``adapter_names=``)."""
+    return {name for name, c in getattr(model, "peft_config", {}).items() if getattr(c, "use_dora", False)}
 
-    Rows of different LoRA adapters (and the base, ``adapter=None``) share the call through PEFT's
-    ``adapter_names=``; each row samples, stops and streams on its own (see :class:`Row`). Cancelled rows are
-    dropped before the call; a row cancelled during it stops at its next token.
-    """
+
+@contextlib.contextmanager
+def _active(model, adapter: str):
+    before = model.active_adapter
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter(before)
+
+
+def _generate(model, rows: list[Row], pad_token_id: int, extra: dict) -> None:
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
+    device = next(model.parameters()).device
+    width = max(len(r.prompt_ids) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
+    model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max(r.sampling.max_new_tokens for r in rows),
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        repetition_penalty=None,
+        logits_processor=LogitsProcessorList([_RowSampler(rows, width, device)]),
+        stopping_criteria=StoppingCriteriaList([_RowStops(rows)]),
+        eos_token_id=sorted({i for r in rows for i in r.stop_ids}) or None,
+        pad_token_id=pad_token_id,
+        **extra,
+    )
+    for r in rows:  # generate ended early (e.g. the model's own max_length): what is there is the reply
+        if not r.done:
+            r._finish("length")
+
+
+@torch.inference_mode()
+def generate_rows(model, rows: list[Row], pad_token_id: int) -> list[Reply]:
+    """Generate the rows in one left-padded ``model.generate`` call; return their replies in order.
+
+    Rows of different LoRA adapters (and the base, ``adapter=None`` or :data:`BASE`) share the call through PEFT's
+    mixed-adapter batches (``adapter_names=``); rows of a DoRA adapter, which PEFT cannot mix, get a call of their
+    own with that adapter active. Each row samples, stops and streams on its own (see :class:`Row`). Cancelled rows
+    are dropped before the call; a row cancelled during it stops at its next token.
+    """
     live = [r for r in rows if not r.done and not r._cancelled()]
-    if live:
-        device = next(model.parameters()).device
-        width = max(len(r.prompt_ids) for r in live)
-        ids = torch.tensor([[pad_token_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in live], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live], device=device)
-        extra = {"adapter_names": [r.adapter or BASE for r in live]} if _is_peft(model) else {}
-        model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max(r.sampling.max_new_tokens for r in live),
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            repetition_penalty=None,
-            logits_processor=LogitsProcessorList([_RowSampler(live, width, device)]),
-            stopping_criteria=StoppingCriteriaList([_RowStops(live)]),
-            eos_token_id=sorted({i for r in live for i in r.stop_ids}) or None,
-            pad_token_id=pad_token_id,
-            **extra,
-        )
-        for r in live:  # generate ended early (e.g. the model's own max_length): what is there is the reply
-            if not r.done:
-                r._finish("length")
+    if not _is_peft(model):
+        if live:
+            _generate(model, live, pad_token_id, {})
+        return [r.reply for r in rows]  # type: ignore[misc]
+    dora = _dora(model)
+    mixed = [r for r in live if r.adapter not in dora]
+    if mixed:
+        _generate(model, mixed, pad_token_id, {"adapter_names": [r.adapter or BASE for r in mixed]})
+    for adapter in dict.fromkeys(r.adapter for r in live if r.adapter in dora):
+        with _active(model, adapter):
+            _generate(model, [r for r in live if r.adapter == adapter], pad_token_id, {})
     return [r.reply for r in rows]  # type: ignore[misc]
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from chatlora.serve import KEEP_ALIVE_S, MAX_CONNECTIONS, READ_TIMEOUT_S, _server_config
 
 
-def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    """A random (non-zero) LoRA adapter for ``base_dir``, saved with its tokenizer like a chatlora run."""
+def make_adapter(base_dir: Path, out: Path, seed: int, dora: bool = False) -> Path:
+    """A random (non-zero) LoRA (or DoRA) adapter for ``base_dir``, saved with its tokenizer like a chatlora run."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -20,7 +20,11 @@ def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     net = AutoModelForCausalLM.from_pretrained(str(base_dir))
     config = LoraConfig(
-        r=4, lora_alpha=256, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False
+        r=4,
+        lora_alpha=256,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        init_lora_weights=False,
+        use_dora=dora,
     )
     get_peft_model(net, config).save_pretrained(out)
     load_tokenizer(str(base_dir)).save_pretrained(out)

@@ -250,3 +250,43 @@ def test_adapter_dir_has_what_vllm_needs(tmp_path, tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(str(out))
     rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_a_dora_adapter_is_served_beside_lora_and_base(tiny_model_dir, tmp_path):
+    """Bug: a DoRA adapter (`chatlora train --dora`) made every batch it joined fail, since PEFT cannot mix DoRA
+    rows into a batch (`adapter_names=`); its rows must run apart, with the adapter active, and reply as alone."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from chatlora.model import load_tokenizer
+
+    net = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+        str(make_adapter(tiny_model_dir, tmp_path / "alpha", 1)),
+        adapter_name="alpha",
+    )
+    net.load_adapter(str(make_adapter(tiny_model_dir, tmp_path / "gamma", 3, dora=True)), adapter_name="gamma")
+    tok = load_tokenizer(str(tiny_model_dir))
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
+    views = {
+        n: ChatModel(net, tok, None, n, adapter=a) for n, a in (("base", BASE), ("alpha", "alpha"), ("gamma", "gamma"))
+    }
+    ids = views["base"].prompt_ids(CONVERSATIONS[0])
+
+    def plain(adapter: str | None) -> list[int]:
+        net.set_adapter(adapter or "alpha")
+        x = torch.tensor([ids])
+        kw = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False)
+        if adapter is None:
+            with net.disable_adapter():
+                return net.generate(**kw)[0, len(ids) :].tolist()
+        return net.generate(**kw)[0, len(ids) :].tolist()
+
+    want = {"base": plain(None), "alpha": plain("alpha"), "gamma": plain("gamma")}
+    assert len({tuple(w) for w in want.values()}) == 3
+    net.set_adapter("alpha")
+    rows = [views[n].row(ids, greedy) for n in ("gamma", "alpha", "base", "gamma")]
+    views["base"].run(rows)
+    assert [r._tokens for r in rows] == [want[n] for n in ("gamma", "alpha", "base", "gamma")]
+    assert net.active_adapter == "alpha"
