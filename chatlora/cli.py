@@ -77,11 +77,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -
 def _sampling(args: argparse.Namespace):
     from .infer import SamplingConfig
 
-    if args.max_new_tokens <= 0:
-        raise CliError("--max-new-tokens must be > 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
-        raise CliError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0, --repetition-penalty > 0")
-    return SamplingConfig(
+    sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -89,6 +85,11 @@ def _sampling(args: argparse.Namespace):
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
+    problems = sampling.problems()  # the ranges the server checks too
+    if problems:
+        name, why = problems[0]
+        raise CliError(f"--{name.replace('_', '-')} {why}, got {getattr(sampling, name)}")
+    return sampling
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -355,8 +356,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not args.adapter and not args.model:
         raise CliError("give --adapter DIR (or NAME=DIR, repeatable) or --model M (a base or merged model)")
-    if args.max_queue < 0 or args.max_tokens <= 0:
-        raise CliError("--max-queue must be >= 0 and --max-tokens > 0")
+    if args.max_queue < 0 or args.max_tokens <= 0 or args.max_batch <= 0:
+        raise CliError("--max-queue must be >= 0, --max-tokens and --max-batch > 0")
     for flag in ("max_body_mb", "max_messages", "read_timeout", "timeout_keep_alive", "max_connections"):
         if not getattr(args, flag) > 0:
             raise CliError(f"--{flag.replace('_', '-')} must be > 0")
@@ -370,6 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=args.api_key or os.environ.get("CHATLORA_API_KEY"),
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         log_prompts=args.log_prompts,
         default_max_tokens=args.max_tokens,
         max_body_bytes=int(args.max_body_mb * 2**20),
@@ -435,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="JSONL: each input line plus reply and finish_reason; replaced when complete, never the --input",
     )
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument(
+        "--batch-size", type=int, default=8, help="prompts generated together, similar lengths batched (default: 8)"
+    )
     _add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -514,7 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (env CHATLORA_API_KEY)"
     )
     sv.add_argument(
-        "--max-queue", type=int, default=16, help="requests waiting for the model; more get 503 (default: 16)"
+        "--max-batch", type=int, default=8, help="requests generated together; 1: one at a time (default: 8)"
+    )
+    sv.add_argument(
+        "--max-queue", type=int, default=16, help="requests waiting beyond a full batch; more get 503 (default: 16)"
     )
     sv.add_argument("--max-tokens", type=int, default=256, help="reply limit when a request sets none (default: 256)")
     sv.add_argument("--log-prompts", action="store_true", help="also log request messages (off: prompts stay private)")

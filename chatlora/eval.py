@@ -390,15 +390,9 @@ def _targets(loss: dict[str, LossResult], replies: dict[str, ReplyMetrics]) -> l
 def _generate(
     chat: ChatModel, prompts: list[list[dict]], sampling: SamplingConfig, batch_size: int, use_adapter: bool
 ):
-    # Similar lengths share a batch (less left padding); order is restored afterwards.
-    order = sorted(range(len(prompts)), key=lambda i: len(chat.prompt_ids(prompts[i])))
-    out: dict[int, Any] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        out.update(
-            zip(idx, chat.generate_batch([prompts[i] for i in idx], sampling, use_adapter=use_adapter), strict=True)
-        )
-    return [out[i] for i in range(len(prompts))]
+    # The batched path of `generate`: similar lengths share a batch, replies come back in input order.
+    desc = "eval: tuned" if use_adapter else "eval: base"
+    return chat.generate_many(prompts, sampling, use_adapter=use_adapter, batch_size=batch_size, desc=desc)
 
 
 def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:

@@ -299,7 +299,9 @@ def test_serve_stops_at_the_end_of_turn_streaming_or_not(run):
     template whose end-of-turn is not EOS, and against a different prompt than training's."""
     openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    from chatlora.serve import BackgroundServer, create_app, load_models
+    from serving import BackgroundServer
+
+    from chatlora.serve import create_app, load_models
 
     family, _, _, out = run
     models = load_models({"tuned": out}, device="cpu")
