@@ -16,8 +16,8 @@ from conftest import write_jsonl
 
 from chatlora.config import ConfigError, TrainConfig, load_config
 from chatlora.data import DataError
-from chatlora.model import ModelError, apply_lora, linear_module_names, load_model, pick_precision
-from chatlora.train import collate, split_records, train
+from chatlora.model import ModelError, Precision, apply_lora, linear_module_names, load_model, pick_precision
+from chatlora.train import collate, prepare_run, split_records, train, training_args
 
 
 def tiny_cfg(model_dir, data, out, **kw) -> TrainConfig:
@@ -202,12 +202,34 @@ def test_config_yaml_and_flags(tmp_path):
         TrainConfig(lora_dropout=1.5)
 
 
-def test_precision_never_fp16_weights():
-    """Guards against the seed's fp16 weights + fp16 optimizer state without loss scaling."""
+@pytest.mark.parametrize("gpu_has_bf16", [True, False])
+def test_precision_never_fp16_weights(monkeypatch, tiny_model_dir, tiny_dataset, tmp_path, gpu_has_bf16):
+    """Guards against the seed's fp16 weights + fp16 optimizer state without loss scaling: on a GPU without bf16
+    (faked here) the base is fp16 but autocast is fp16 with the Trainer's loss scaling, and the LoRA weights (so
+    AdamW's state) are fp32; bf16 where the GPU has it; fp32 on the CPU."""
     cpu = pick_precision(torch.device("cpu"))
     assert cpu.weights == torch.float32 and cpu.amp is None
     with pytest.raises(ModelError):
         pick_precision(torch.device("cpu"), "fp16")
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_has_bf16)
+    cuda = torch.device("cuda")
+    auto = pick_precision(cuda)
+    assert auto == (Precision(torch.bfloat16, "bf16") if gpu_has_bf16 else Precision(torch.float16, "fp16"))
+    assert pick_precision(cuda, "fp16") == Precision(torch.float16, "fp16")
+    if not gpu_has_bf16:
+        with pytest.raises(ModelError, match="bf16"):
+            pick_precision(cuda, "bf16")
+
+    # what the Trainer is told: fp16 autocast turns on its GradScaler (loss scaling), bf16 needs none
+    cfg = tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path / "o")
+    args = training_args(cfg, auto, torch.device("cpu"), True, prepare_run(cfg).plan)
+    assert (args.fp16, args.bf16) == ((False, True) if gpu_has_bf16 else (True, False))
+
+    # the frozen base keeps the run's dtype; the trainable LoRA weights are fp32 whatever it is
+    model = apply_lora(load_model(str(tiny_model_dir), auto.weights), 4, 8, 0.0, ["q_proj", "v_proj"])
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {auto.weights}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
 def test_shipped_configs_load():
