@@ -112,21 +112,17 @@ def _load_chat(args: argparse.Namespace):
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .data import describe, length_stats, load_records, parse_columns
+    from .data import describe, load_records, parse_columns
 
     records = load_records(args.path, args.format, parse_columns(args.columns))
     stats = describe(records)
     if not args.no_tokenize:
         from .model import load_tokenizer, resolve_model
-        from .template import encode_conversation, with_system
+        from .template import token_length_stats
 
         tokenizer = load_tokenizer(resolve_model(args.model))
-        lengths = [
-            len(encode_conversation(with_system(r.messages, args.system_prompt or None), tokenizer).input_ids)
-            for r in records
-        ]
-        stats["tokens"] = length_stats(lengths, args.max_length)
-        stats["tokens"]["max_length"] = args.max_length
+        messages = [r.messages for r in records]
+        stats["tokens"] = token_length_stats(messages, tokenizer, args.system_prompt or None, args.max_length)
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2))
         return 0

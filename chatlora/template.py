@@ -10,6 +10,8 @@ from __future__ import annotations
 import weakref
 from typing import NamedTuple
 
+from .data import length_stats
+
 __all__ = [
     "CHATML_TEMPLATE",
     "IGNORE_INDEX",
@@ -21,6 +23,7 @@ __all__ = [
     "ensure_chat_template",
     "render_text",
     "stop_token_ids",
+    "token_length_stats",
     "with_system",
 ]
 
@@ -234,3 +237,16 @@ def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
     for text, _ in _pieces(messages, tokenizer, add_generation_prompt=True):
         ids += _tokenize(text, tokenizer)
     return ids
+
+
+def token_length_stats(
+    conversations: list[list[dict]], tokenizer, system_prompt: str | None, max_length: int | None
+) -> dict:
+    """Token lengths of ``conversations`` as training encodes them (``system_prompt`` added, nothing cut).
+
+    Returns:
+        :func:`chatlora.data.length_stats` of the lengths (``truncated``: how many exceed ``max_length``) and
+        ``max_length`` itself.
+    """
+    lengths = [len(encode_conversation(with_system(m, system_prompt), tokenizer).input_ids) for m in conversations]
+    return {**length_stats(lengths, max_length), "max_length": max_length}
