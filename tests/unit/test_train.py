@@ -124,6 +124,31 @@ def test_outputs_run_card_metrics_plot_and_checkpoints(trained):
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {p.name for p in (out / "checkpoint-6").iterdir()}
 
 
+# The first losses of the tiny run (tests/conftest.py's seed-0 model, the `trained` fixture's data and config),
+# measured with CPU fp32 on torch 2.13.0 and transformers 5 (identical with 1 and 2 threads). Step 1 trains at lr 0
+# (warm-up), so it is the random model's loss, about ln(vocab size). A tolerance of 1e-4 absorbs the summation
+# order of other CPUs; an lr, scheduler, label-shift, loss-normalisation or masking change moves them by far more.
+PINNED_LOSSES = {
+    "packed": [5.564567, 5.561653, 5.494630, 5.438020],
+    "padded": [5.556477, 5.563923, 5.521863, 5.447497],
+}
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_first_losses_are_pinned(trained, tiny_model_dir, tmp_path):
+    """Guards against a change that shifts every training path alike (the equivalence tests compare paths with
+    each other, so they cannot see it): the default (packed) and the padded run's first losses are pinned."""
+    assert trained.run_card["plan"]["packing"]
+    assert _losses(trained.output_dir)[:4] == pytest.approx(PINNED_LOSSES["packed"], abs=1e-4)
+    data = trained.run_card["dataset"]["path"]
+    padded = train(tiny_cfg(tiny_model_dir, data, tmp_path / "padded", packing=False))
+    assert _losses(padded.output_dir)[:4] == pytest.approx(PINNED_LOSSES["padded"], abs=1e-4)
+
+
 def test_reloaded_adapter_gives_identical_logits(trained):
     """Guards against an adapter that saves or reloads wrong (PEFT format, PeftModel.from_pretrained)."""
     from peft import PeftModel
