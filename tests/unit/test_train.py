@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -266,26 +265,51 @@ def test_shipped_configs_load():
         load_config(path)
 
 
-def test_resume_after_kill_continues_the_curve(tiny_model_dir, tiny_dataset, tmp_path):
-    """Guards against --resume restarting from scratch or duplicating loss points after a crash (kill -9)."""
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "chatlora",
+# `chatlora train` that SIGKILLs itself at a chosen point: after step KILL_AT is logged (KILL_IN=step), or in the
+# middle of checkpoint-KILL_AT's save, after the weights and optimizer, before the RNG and trainer state (=save).
+# It patches only transformers' Trainer, so it does not depend on how chatlora.train is laid out.
+KILL_SELF = """
+import os, signal, sys
+import transformers.trainer as T
+
+at, where = int(os.environ["KILL_AT"]), os.environ["KILL_IN"]
+original_log, original_rng = T.Trainer.log, T.Trainer._save_rng_state
+
+
+def log(self, logs, *args, **kwargs):
+    original_log(self, logs, *args, **kwargs)  # metrics.jsonl has its line for this step
+    if where == "step" and "loss" in logs and self.state.global_step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_rng_state(self, output_dir):
+    if where == "save" and self.state.global_step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_rng(self, output_dir)
+
+
+T.Trainer.log, T.Trainer._save_rng_state = log, save_rng_state
+from chatlora.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _kill_args(model, data, out) -> list[str]:
+    return [
         "train",
         "--model",
-        str(tiny_model_dir),
+        str(model),
         "--data",
-        str(tiny_dataset),
+        str(data),
         "--output-dir",
         str(out),
         "--max-steps",
-        "300",
+        "8",
         "--save-steps",
-        "10",
+        "2",
         "--save-total-limit",
-        "3",
+        "2",
         "--logging-steps",
         "1",
         "--eval-steps",
@@ -295,23 +319,73 @@ def test_resume_after_kill_continues_the_curve(tiny_model_dir, tiny_dataset, tmp
         "--val-size",
         "2",
         "--lr",
-        "1e-3",
+        "5e-3",
+        "--lora-dropout",
+        "0",
+        "--system-prompt",
+        "S",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint-20" / "trainer_state.json").exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "chatlora.json").exists(), "run finished before it could be killed"
-    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    """The run the killed and resumed runs must reproduce: 8 steps, checkpoints every 2, never killed."""
+    from chatlora.cli import main
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    data = write_jsonl(
+        tmp / "d.jsonl",
+        [
+            {"instruction": f"问题{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
+            for i in range(12)
+        ],
+    )
+    assert main(_kill_args(tiny_model_dir, data, tmp / "run")) == 0
+    return data, tmp / "run"
+
+
+def _loss_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize(("kill_in", "kill_at", "resumes_from"), [("step", 5, 4), ("save", 6, 4)])
+def test_resume_after_kill_continues_the_curve(
+    tiny_model_dir, uninterrupted, tmp_path, kill_in, kill_at, resumes_from
+):
+    """Guards against --resume after a `kill -9` (between checkpoints, or in the middle of writing one) restarting
+    from scratch, resuming from a half-written checkpoint, duplicating or dropping loss points, or training other
+    steps than an uninterrupted run: the resumed run's curve and adapter equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from chatlora.cli import main
+
+    data, reference = uninterrupted
+    out = tmp_path / "run"
+    script = tmp_path / "kill_self.py"
+    script.write_text(KILL_SELF)
+    env = {**os.environ, "KILL_AT": str(kill_at), "KILL_IN": kill_in}
+    killed = subprocess.run(
+        [sys.executable, str(script), *_kill_args(tiny_model_dir, data, out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "chatlora.json").exists()
+    assert [r["step"] for r in _loss_rows(out)] == list(range(1, kill_at + 1)), "killed after logging its last step"
+    assert (out / f"checkpoint-{resumes_from}" / "chatlora-complete.json").is_file()
+    assert not (out / f"checkpoint-{kill_at}" / "chatlora-complete.json").exists()
+
+    assert main([*_kill_args(tiny_model_dir, data, out), "--resume"]) == 0
     card = json.loads((out / "chatlora.json").read_text())
-    assert card["results"]["global_step"] == 300
-    steps = [
-        json.loads(line)["step"]
-        for line in (out / "metrics.jsonl").read_text().splitlines()
-        if "loss" in json.loads(line)
-    ]
-    assert steps == list(range(1, 301)), "loss curve must continue without gaps or duplicates"
+    assert card["results"]["global_step"] == 8
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("event") == "begin"] == [0, resumes_from]
+    assert [r["step"] for r in _loss_rows(out)] == list(range(1, 9)), "the curve continues without gaps or duplicates"
+    assert [r["loss"] for r in _loss_rows(out)] == pytest.approx([r["loss"] for r in _loss_rows(reference)], abs=1e-5)
+    resumed, expected = (load_file(d / "adapter_model.safetensors") for d in (out, reference))
+    assert resumed.keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=1e-5, atol=1e-6, msg=name)
