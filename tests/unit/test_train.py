@@ -16,7 +16,8 @@ from conftest import write_jsonl
 from chatlora.config import ConfigError, TrainConfig, load_config
 from chatlora.data import DataError
 from chatlora.model import ModelError, Precision, apply_lora, linear_module_names, load_model, pick_precision
-from chatlora.train import collate, prepare_run, split_records, train, training_args
+from chatlora.packing import collate
+from chatlora.train import prepare_run, split_records, train, training_args
 
 
 def tiny_cfg(model_dir, data, out, **kw) -> TrainConfig:
