@@ -233,7 +233,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .infer import ReplyFile, generate_file, read_prompts
 
     sampling = _sampling(args)
-    if args.batch_size <= 0:
+    if args.batch_size is not None and args.batch_size <= 0:
         raise CliError("--batch-size must be > 0")
     prompts = read_prompts(args.input)
     with ReplyFile(args.output, inputs={"--input": args.input}) as out:  # checked before the model loads
@@ -329,7 +329,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not args.adapter and not args.model:
         raise CliError("give --adapter DIR (or NAME=DIR, repeatable) or --model M (a base or merged model)")
-    if args.max_queue < 0 or args.max_tokens <= 0 or args.max_batch <= 0:
+    if args.max_queue < 0 or args.max_tokens <= 0 or (args.max_batch is not None and args.max_batch <= 0):
         raise CliError("--max-queue must be >= 0, --max-tokens and --max-batch > 0")
     for flag in ("max_body_mb", "max_messages", "read_timeout", "timeout_keep_alive", "max_connections"):
         if not getattr(args, flag) > 0:
@@ -411,7 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL: each input line plus reply and finish_reason; replaced when complete, never the --input",
     )
     gen.add_argument(
-        "--batch-size", type=int, default=8, help="prompts generated together, similar lengths batched (default: 8)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompts generated together, similar lengths batched (default: 64 on a GPU, 8 on the CPU)",
     )
     _add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -479,7 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (env CHATLORA_API_KEY)"
     )
     sv.add_argument(
-        "--max-batch", type=int, default=8, help="requests generated together; 1: one at a time (default: 8)"
+        "--max-batch",
+        type=int,
+        default=None,
+        help="requests generated together; 1: one at a time (default: 64 on a GPU, 8 on the CPU)",
     )
     sv.add_argument(
         "--max-queue", type=int, default=16, help="requests waiting beyond a full batch; more get 503 (default: 16)"
