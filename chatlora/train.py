@@ -100,9 +100,15 @@ def split_records(records: list[Record], val_size: float | None, seed: int, allo
     return Split(train, val, dropped, rule)
 
 
-def encode_records(records: list[Record], tokenizer, system_prompt: str | None, max_length: int):
+def encode_records(
+    records: list[Record], tokenizer, system_prompt: str | None, max_length: int, train_on_prompt: bool = False
+):
     """Encode records for training. Returns the examples, how many were truncated, and the records dropped because
-    not one trained token survived the cut (their prompt alone is longer than ``max_length``)."""
+    not one reply token survived the cut (their prompt alone is longer than ``max_length``).
+
+    ``train_on_prompt`` labels every token of a kept conversation (system prompt, user turns, template), not only
+    the replies; the records kept are the same either way.
+    """
     examples, truncated, empty = [], 0, []
     for r in records:
         enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length)
@@ -110,7 +116,7 @@ def encode_records(records: list[Record], tokenizer, system_prompt: str | None, 
         if all(label == IGNORE_INDEX for label in enc.labels):
             empty.append(r)
             continue
-        examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
+        examples.append({"input_ids": enc.input_ids, "labels": list(enc.input_ids) if train_on_prompt else enc.labels})
     return examples, truncated, empty
 
 
@@ -653,7 +659,10 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     system_prompt = cfg.system_prompt or None
-    train_ex, train_trunc, train_empty = encode_records(split.train, tokenizer, system_prompt, cfg.max_length)
+    train_ex, train_trunc, train_empty = encode_records(
+        split.train, tokenizer, system_prompt, cfg.max_length, cfg.train_on_prompt
+    )
+    # held-out loss counts the replies only, whatever is trained, so it compares across recipes and with `eval`
     val_ex, val_trunc, val_empty = encode_records(split.val, tokenizer, system_prompt, cfg.max_length)
     if train_trunc or val_trunc:
         log.warning(
