@@ -1,7 +1,8 @@
 """Load test for `chatlora serve`: N concurrent streaming clients for a bounded time, then a summary table.
 
-    # against a server it starts itself (a `chatlora serve` subprocess on a free localhost port):
-    .venv/bin/python bench/serve_load.py --serve "--model embedded" --clients 64 --duration 45
+    # one run, side by side: a server per --max-batch value (`chatlora serve` subprocesses on free localhost ports),
+    # started one after the other against the same load:
+    .venv/bin/python bench/serve_load.py --serve "--model embedded" --max-batch 1,16 --clients 16 --duration 60
     # against a running server:
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --clients 64 --duration 45
 
@@ -134,25 +135,14 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 600) 
     sys.exit(f"{url}/health did not answer within {timeout:.0f}s")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (else --serve starts one)")
-    p.add_argument("--serve", default="--model embedded", help="flags for `chatlora serve` when no --url is given")
-    p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--duration", type=float, default=45, help="seconds during which clients start new requests")
-    p.add_argument("--grace", type=float, default=15, help="then seconds to finish; later ones are hung up on")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--model", default=None, help="model id to ask (default: the last one /v1/models lists)")
-    p.add_argument("--api-key", default=os.environ.get("CHATLORA_API_KEY"))
-    args = p.parse_args()
-
+def measure(args, url: str | None, serve_flags: str) -> tuple[list[tuple[str, str]], bool]:
+    """Start a server with ``serve_flags`` (unless ``url``), run the load against it, return the table's rows."""
     proc = None
-    url = args.url
     if url is None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "chatlora", "serve", *shlex.split(args.serve), "--port", str(port)]
-        log_path = os.path.join(tempfile.gettempdir(), "serve_load.server.log")
+        cmd = [sys.executable, "-m", "chatlora", "serve", *shlex.split(serve_flags), "--port", str(port)]
+        log_path = os.path.join(tempfile.gettempdir(), f"serve_load.server.{port}.log")
         print("starting:", " ".join(cmd), f"(server log: {log_path})", flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))  # noqa: SIM115
     try:
@@ -171,7 +161,6 @@ def main() -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-
     rows = [
         ("wall time (s)", f"{wall:.1f}"),
         ("completed requests", str(stats.ok)),
@@ -186,11 +175,50 @@ def main() -> int:
         ("5xx other than 503", str(sum(v for k, v in stats.statuses.items() if k >= 500 and k != 503))),
         ("server alive + healthy after", "yes" if healthy else "NO"),
     ]
-    width = max(len(k) for k, _ in rows)
+    return rows, healthy and not stats.exceptions
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (else --serve starts one)")
+    p.add_argument("--serve", default="--model embedded", help="flags for `chatlora serve` when no --url is given")
+    p.add_argument(
+        "--max-batch",
+        default=None,
+        metavar="A,B",
+        help="start one server per value (`--serve ... --max-batch A`), one after the other, and print them side by "
+        "side, with B's tokens/s over A's",
+    )
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--duration", type=float, default=45, help="seconds during which clients start new requests")
+    p.add_argument("--grace", type=float, default=15, help="then seconds to finish; later ones are hung up on")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--model", default=None, help="model id to ask (default: the last one /v1/models lists)")
+    p.add_argument("--api-key", default=os.environ.get("CHATLORA_API_KEY"))
+    args = p.parse_args()
+    if args.max_batch and args.url:
+        p.error("--max-batch starts its own servers: give --serve flags, not --url")
+
+    columns: dict[str, list[tuple[str, str]]] = {}
+    ok = True
+    sides = [int(b) for b in args.max_batch.split(",")] if args.max_batch else [None]
+    for b in sides:
+        flags = args.serve if b is None else f"{args.serve} --max-batch {b}"
+        rows, good = measure(args, args.url, flags)
+        columns["result" if b is None else f"--max-batch {b}"] = rows
+        ok = ok and good
+    names = list(columns)
+    table = [("", *names)] + [(k, *(columns[n][i][1] for n in names)) for i, (k, _) in enumerate(columns[names[0]])]
+    if len(names) > 1:
+        rate = [float(dict(columns[n])["completion tokens/s"]) for n in names]
+        table.append((f"tokens/s vs {names[0]}", *(f"{r / rate[0]:.2f}x" if rate[0] else "-" for r in rate)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     print()
-    for k, v in rows:
-        print(f"| {k:<{width}} | {v} |")
-    return 0 if healthy and not stats.exceptions else 1
+    for j, row in enumerate(table):
+        print("| " + " | ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)) + " |")
+        if j == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -10,13 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, field_type, load_config
+from .config import TrainConfig, field_type, load_config
+from .errors import ChatloraError, CliError
 
 EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
 
 
 def _quiet_libraries() -> None:
@@ -76,11 +73,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -
 def _sampling(args: argparse.Namespace):
     from .infer import SamplingConfig
 
-    if args.max_new_tokens <= 0:
-        raise CliError("--max-new-tokens must be > 0")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
-        raise CliError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0, --repetition-penalty > 0")
-    return SamplingConfig(
+    sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -88,6 +81,11 @@ def _sampling(args: argparse.Namespace):
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
     )
+    problems = sampling.problems()  # the ranges the server checks too
+    if problems:
+        name, why = problems[0]
+        raise CliError(f"--{name.replace('_', '-')} {why}, got {getattr(sampling, name)}")
+    return sampling
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -320,28 +318,10 @@ def _print_eval(result) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import evaluate
+    from .eval import EvalConfig, evaluate
 
-    if args.max_samples is not None and args.max_samples <= 0:
-        raise CliError("--max-samples must be > 0")
-    if args.max_new_tokens <= 0 or args.batch_size <= 0:
-        raise CliError("--max-new-tokens and --batch-size must be > 0")
-    if args.data is None and (args.format != "auto" or args.columns):
-        raise CliError("--format and --columns apply to --data only (the held-out split uses the run's own)")
-    result = evaluate(
-        args.adapter,
-        data=args.data,
-        output=args.output,
-        max_samples=args.max_samples,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        repetition_penalty=args.repetition_penalty,
-        report_examples=args.examples,
-        data_format=args.format,
-        columns=args.columns,
-        device=args.device,
-    )
-    _print_eval(result)
+    cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)})  # a flag per field
+    _print_eval(evaluate(cfg))
     return 0
 
 
@@ -353,8 +333,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not args.adapter and not args.model:
         raise CliError("give --adapter DIR (or NAME=DIR, repeatable) or --model M (a base or merged model)")
-    if args.max_queue < 0 or args.max_tokens <= 0:
-        raise CliError("--max-queue must be >= 0 and --max-tokens > 0")
+    if args.max_queue < 0 or args.max_tokens <= 0 or args.max_batch <= 0:
+        raise CliError("--max-queue must be >= 0, --max-tokens and --max-batch > 0")
     for flag in ("max_body_mb", "max_messages", "read_timeout", "timeout_keep_alive", "max_connections"):
         if not getattr(args, flag) > 0:
             raise CliError(f"--{flag.replace('_', '-')} must be > 0")
@@ -368,6 +348,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=args.api_key or os.environ.get("CHATLORA_API_KEY"),
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         log_prompts=args.log_prompts,
         default_max_tokens=args.max_tokens,
         max_body_bytes=int(args.max_body_mb * 2**20),
@@ -433,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="JSONL: each input line plus reply and finish_reason; replaced when complete, never the --input",
     )
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument(
+        "--batch-size", type=int, default=8, help="prompts generated together, similar lengths batched (default: 8)"
+    )
     _add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -500,7 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (env CHATLORA_API_KEY)"
     )
     sv.add_argument(
-        "--max-queue", type=int, default=16, help="requests waiting for the model; more get 503 (default: 16)"
+        "--max-batch", type=int, default=8, help="requests generated together; 1: one at a time (default: 8)"
+    )
+    sv.add_argument(
+        "--max-queue", type=int, default=16, help="requests waiting beyond a full batch; more get 503 (default: 16)"
     )
     sv.add_argument("--max-tokens", type=int, default=256, help="reply limit when a request sets none (default: 256)")
     sv.add_argument("--log-prompts", action="store_true", help="also log request messages (off: prompts stay private)")
@@ -539,20 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (:class:`~chatlora.errors.ChatloraError`) exits 2 with its message on stderr;
+    anything else is a bug in chatlora and keeps its traceback."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from .data import DataError
-    from .model import ModelError
-    from .template import TemplateError
-
     try:
         return args.func(args)
-    except DataError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_USAGE
-    except (CliError, ConfigError, ModelError, TemplateError, FileNotFoundError, ValueError) as e:
-        print(f"chatlora: error: {e}", file=sys.stderr)
+    except ChatloraError as e:
+        for line in e.lines():
+            print(line, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -12,15 +12,13 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 __all__ = ["DEFAULT_SYSTEM_PROMPT", "DEFAULT_TARGETS", "ConfigError", "TrainConfig", "load_config"]
 
 # The seed tutorial's persona line for the Huanhuan data.
 DEFAULT_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class ConfigError(ValueError):
-    """A config file or flag is invalid; the message names the key."""
 
 
 def _finite(x: float) -> bool:

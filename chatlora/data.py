@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import FileError, read_input
+from .errors import ConfigError, DataError, FileError
+from .files import read_input
 
 __all__ = [
     "FORMATS",
@@ -47,7 +48,10 @@ COLUMNS = {
     "sharegpt": ("conversations", "system"),
 }
 CANONICAL_COLUMNS = tuple(dict.fromkeys(name for names in COLUMNS.values() for name in names))
-MAX_SHOWN_PROBLEMS = 50
+# Function-calling fields and roles (OpenAI, ShareGPT/LLaMA-Factory, Llama-3): refused, never silently dropped.
+TOOL_FIELDS = ("tools", "functions", "tool_calls", "function_call")
+TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")
+NO_TOOLS = "function calling is not supported: chatlora trains plain system/user/assistant conversations (drop it)"
 
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 _BOM = b"\xef\xbb\xbf"
@@ -80,49 +84,25 @@ class Record:
     index: int
 
 
-class DataError(Exception):
-    """Raised with every problem found in a dataset; ``str(e)`` is the problems joined by newlines.
-
-    Attributes:
-        problems: All problems, each ``"PATH:LINE: what is wrong: what was expected"`` (``"PATH: ..."`` when the file
-            cannot be read). ``str(e)`` shows the first 50 and then ``"... and N more problems"``.
-    """
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__(self.problems)
-
-    @classmethod
-    def at(cls, path: str | Path, problems: list[tuple[int, str]]) -> DataError:
-        """The error for ``(line, problem)`` pairs of one file, sorted by line: ``"PATH:LINE: problem"`` each."""
-        ordered = sorted(problems, key=lambda item: item[0])  # stable: keeps order within a line
-        return cls([f"{path}:{line}: {message}" for line, message in ordered])
-
-    def __str__(self) -> str:
-        shown = self.problems[:MAX_SHOWN_PROBLEMS]
-        extra = len(self.problems) - len(shown)
-        if extra > 0:
-            shown = [*shown, f"... and {extra} more problems"]
-        return "\n".join(shown)
-
-
 def _type_name(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def _check_columns(columns: dict[str, str] | None) -> dict[str, str]:
-    """Validate a canonical -> file-name column mapping; raise ValueError if it is malformed."""
+    """Validate a canonical -> file-name column mapping; raise ConfigError if it is malformed."""
     if not columns:
         return {}
     allowed = ", ".join(CANONICAL_COLUMNS)
     seen: dict[str, str] = {}
     for canonical, name in columns.items():
         if canonical not in CANONICAL_COLUMNS:
-            raise ValueError(f"unknown column {canonical!r} in column mapping: expected one of {allowed}")
+            raise ConfigError(f"unknown column {canonical!r} in column mapping: expected one of {allowed}")
         if not isinstance(name, str) or not name:
-            raise ValueError(f"column {canonical!r} maps to {name!r}: expected a non-empty field name")
+            raise ConfigError(f"column {canonical!r} maps to {name!r}: expected a non-empty field name")
         if name in seen:
-            raise ValueError(f"columns {seen[name]!r} and {canonical!r} both map to {name!r}: expected distinct names")
+            raise ConfigError(
+                f"columns {seen[name]!r} and {canonical!r} both map to {name!r}: expected distinct names"
+            )
         seen[name] = canonical
     return dict(columns)
 
@@ -137,7 +117,7 @@ def parse_columns(spec: str | None) -> dict[str, str]:
         Mapping from canonical field name to the name used in the file.
 
     Raises:
-        ValueError: On a malformed pair, a duplicate or an unknown canonical name.
+        ConfigError: On a malformed pair, a duplicate or an unknown canonical name.
     """
     if spec is None or not spec.strip():
         return {}
@@ -148,12 +128,12 @@ def parse_columns(spec: str | None) -> dict[str, str]:
             continue
         canonical, sep, name = (s.strip() for s in part.partition("="))
         if not sep or not canonical or not name:
-            raise ValueError(
+            raise ConfigError(
                 f"bad column mapping {part!r} in {spec!r}: expected CANONICAL=NAME pairs separated by commas, "
                 "e.g. 'instruction=prompt,output=response'"
             )
         if canonical in out:
-            raise ValueError(f"column {canonical!r} is mapped twice in {spec!r}: expected each column at most once")
+            raise ConfigError(f"column {canonical!r} is mapped twice in {spec!r}: expected each column at most once")
         out[canonical] = name
     return _check_columns(out)
 
@@ -504,9 +484,11 @@ def _normalize_list(
             value = item[role_key]
             # containers by type only: a deeply nested one would overflow json.dumps
             shown = _type_name(value) if isinstance(value, (list, dict)) else json.dumps(value, ensure_ascii=False)
-            errors.append(f"{where}.{role_key} is {shown}: expected one of {allowed}")
+            hint = " (function calling is not supported)" if value in TOOL_ROLES else ""
+            errors.append(f"{where}.{role_key} is {shown}: expected one of {allowed}{hint}")
         else:
             role = role_map[item[role_key]]
+        errors += [f'{where} has "{k}": {NO_TOOLS}' for k in TOOL_FIELDS if k in item]
         content = item.get(content_key)
         if content_key not in item:
             errors.append(f'{where} has no "{content_key}": expected a string')
@@ -600,10 +582,10 @@ def load_records(path: str | Path, format: str = "auto", columns: dict[str, str]
 
     Raises:
         DataError: Listing every problem found (unreadable file, bad UTF-8, bad JSON, invalid records, empty file).
-        ValueError: If ``format`` or ``columns`` is invalid.
+        ConfigError: If ``format`` or ``columns`` is invalid.
     """
     if format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown format {format!r}: expected one of {', '.join(FORMATS)}")
     cols = _check_columns(columns)
     problems = _Problems(str(path))
     items = _read_items(Path(path), problems)
@@ -638,6 +620,7 @@ def load_records(path: str | Path, format: str = "auto", columns: dict[str, str]
             problems.add(line, f"record is in {found} format: expected {fmt} format ({origin})")
             continue
         messages, errors = _NORMALIZERS[fmt](obj, cols)
+        errors = [f'record has "{k}": {NO_TOOLS}' for k in TOOL_FIELDS if k in obj] + errors
         for error in errors:
             problems.add(line, error)
         if not errors:

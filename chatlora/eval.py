@@ -2,15 +2,13 @@
 
 By default the records are the run's held-out split, rebuilt from the run card (dataset path, format, columns,
 ``val_indices``), so nothing evaluated was trained on. The base model is the same loaded PEFT model with its
-adapter disabled, so both systems share weights, tokenizer, template and system prompt.
+adapter disabled, so both systems share weights, tokenizer, template and system prompt. :func:`evaluate` runs three
+phases: :func:`select_records`, :func:`measure`, :func:`write_results` (the report itself is :mod:`chatlora.report`).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
-import json
 import logging
 import math
 import time
@@ -22,12 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from .data import Record, load_records, parse_columns
+from .errors import ConfigError, DataError, ModelError
+from .infer import ChatModel, SamplingConfig
+from .packing import collate
+from .report import LOSS_PNG, REPLIES_JSONL, REPORT_HTML, REPORT_MD, write_report
+from .runcard import METRICS, file_sha256, plot_loss_curve, read_run_card
+from .runcard import system_prompt as card_system_prompt
 from .template import IGNORE_INDEX, encode_conversation, with_system
-from .train import file_sha256
 
 __all__ = [
     "TARGET_LOSS_RATIO",
     "TARGET_STOP_RATE",
+    "EvalConfig",
     "EvalResult",
     "LossResult",
     "ReplyMetrics",
@@ -39,20 +43,18 @@ __all__ = [
     "evaluate",
     "held_out_records",
     "mean_length",
+    "measure",
     "reply_metrics",
+    "select_records",
     "stop_rate",
+    "write_results",
 ]
 
 log = logging.getLogger(__name__)
 
 TARGET_LOSS_RATIO = 0.7  # tuned held-out loss must be at most this share of the base model's
 TARGET_STOP_RATE = 0.99  # share of tuned replies that must end with the end-of-turn token
-
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
-METRICS_JSON = "metrics.json"
-REPLIES_JSONL = "replies.jsonl"
-LOSS_PNG = "loss.png"
+SYSTEMS = ("base", "tuned")  # the adapter off, then on
 
 
 # ---------------------------------------------------------------- pure metrics
@@ -177,8 +179,6 @@ def assistant_loss(
     divided by their count (token-weighted, not a mean of per-batch means). ``use_adapter=False`` disables the
     LoRA adapter (``model.disable_adapter()``), giving the base model.
     """
-    from .train import collate
-
     encoded = [encode_conversation(with_system(m, system_prompt), tokenizer, max_length) for m in conversations]
     examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     device = next(model.parameters()).device
@@ -203,9 +203,56 @@ def assistant_loss(
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("no assistant tokens to evaluate (empty data, or every reply cut by max_length)")
+        raise DataError(["no assistant tokens to evaluate (empty data, or every reply cut by max_length)"])
     loss = total / count
     return LossResult(loss, math.exp(loss) if loss < 100 else None, count)
+
+
+# ---------------------------------------------------------------- settings
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EvalConfig:
+    """What ``chatlora eval`` measures and where it writes; each field is the flag of the same name."""
+
+    adapter: str | Path = field(metadata={"help": "a chatlora output dir (adapter + run card + metrics.jsonl)"})
+    data: str | Path | None = _f(None, "evaluate this dataset file (its first records) instead of the held-out split")
+    format: str = _f("auto", "format of --data: auto, alpaca, messages or sharegpt")
+    columns: str | None = _f(None, "field renames for --data, e.g. instruction=prompt,output=response")
+    output: str | Path | None = _f(None, "report folder (default: ADAPTER/eval)")
+    max_samples: int | None = _f(None, "evaluate at most this many records (None: all)")
+    max_new_tokens: int = _f(128, "reply token limit; a reply that reaches it counts as not stopped")
+    batch_size: int = _f(8, "conversations per forward / generate batch")
+    repetition_penalty: float = _f(1.1, "greedy decoding's repetition penalty (1.0: plain greedy)")
+    examples: int = _f(10, "replies shown side by side in the report (all go to replies.jsonl)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N (ignored when evaluate is given a loaded model)")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.max_samples is None or self.max_samples > 0, "--max-samples must be > 0"),
+            (self.max_new_tokens > 0, "--max-new-tokens must be > 0"),
+            (self.batch_size > 0, "--batch-size must be > 0"),
+            (
+                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                "--repetition-penalty must be > 0",
+            ),
+            (self.examples >= 0, "--examples must be >= 0"),
+            (
+                self.data is not None or (self.format == "auto" and not self.columns),
+                "--format and --columns apply to --data only (the held-out split uses the run's own)",
+            ),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise ConfigError(why)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output is not None else Path(self.adapter) / "eval"
 
 
 # ---------------------------------------------------------------- data
@@ -219,10 +266,10 @@ def held_out_records(card: dict[str, Any], max_samples: int | None = None) -> tu
     """
     ds = card.get("dataset") or {}
     if "val_indices" not in ds or "path" not in ds:
-        raise ValueError("the run card records no held-out split (dataset.val_indices); pass --data PATH")
+        raise ModelError("the run card records no held-out split (dataset.val_indices); pass --data PATH")
     path = Path(ds["path"])
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the run's dataset is gone; pass --data PATH to evaluate another file")
+        raise DataError([f"{path}: the run's dataset is gone; pass --data PATH to evaluate another file"])
     sha = file_sha256(path)
     if ds.get("sha256") and sha != ds["sha256"]:
         log.warning(
@@ -236,7 +283,7 @@ def held_out_records(card: dict[str, Any], max_samples: int | None = None) -> tu
     by_index = {r.index: r for r in records}
     missing = [i for i in ds["val_indices"] if i not in by_index]
     if missing:
-        raise ValueError(f"{path}: held-out indices {missing[:5]} are not in the file (was it changed?)")
+        raise DataError([f"{path}: held-out indices {missing[:5]} are not in the file (was it changed?)"])
     picked = [by_index[i] for i in ds["val_indices"]][: max_samples or None]
     source = {
         "kind": "held-out",
@@ -253,6 +300,19 @@ def _file_records(path: str | Path, format: str, columns: str | None, max_sample
     path = Path(path)
     records = load_records(path, format, parse_columns(columns))[: max_samples or None]
     return records, {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path), "records": len(records)}
+
+
+def select_records(cfg: EvalConfig, card: dict[str, Any]) -> tuple[list[Record], dict[str, Any]]:
+    """Phase 1: the records to evaluate (``cfg.data``, else the run's held-out split) and where they came from."""
+    if cfg.data is not None:
+        records, source = _file_records(cfg.data, cfg.format, cfg.columns, cfg.max_samples)
+    elif not card:
+        raise ModelError(f"{cfg.adapter}: no chatlora.json run card, so no held-out split is known; pass --data PATH")
+    else:
+        records, source = held_out_records(card, cfg.max_samples)
+    if not records:
+        raise DataError(["no records to evaluate"])
+    return records, source
 
 
 # ---------------------------------------------------------------- evaluate
@@ -319,77 +379,43 @@ def _targets(loss: dict[str, LossResult], replies: dict[str, ReplyMetrics]) -> l
     ]
 
 
-def _generate(chat, prompts: list[list[dict]], sampling, batch_size: int, use_adapter: bool):
-    # Similar lengths share a batch (less left padding); order is restored afterwards.
-    order = sorted(range(len(prompts)), key=lambda i: len(chat.prompt_ids(prompts[i])))
-    out: dict[int, Any] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        out.update(
-            zip(idx, chat.generate_batch([prompts[i] for i in idx], sampling, use_adapter=use_adapter), strict=True)
-        )
-    return [out[i] for i in range(len(prompts))]
+def _generate(
+    chat: ChatModel, prompts: list[list[dict]], sampling: SamplingConfig, batch_size: int, use_adapter: bool
+):
+    # The batched path of `generate`: similar lengths share a batch, replies come back in input order.
+    desc = "eval: tuned" if use_adapter else "eval: base"
+    return chat.generate_many(prompts, sampling, use_adapter=use_adapter, batch_size=batch_size, desc=desc)
 
 
-def evaluate(
-    adapter: str | Path,
-    data: str | Path | None = None,
-    output: str | Path | None = None,
-    max_samples: int | None = None,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    repetition_penalty: float = 1.1,
-    report_examples: int = 10,
-    data_format: str = "auto",
-    columns: str | None = None,
-    device: str = "auto",
-    chat=None,
-) -> EvalResult:
+def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:
     """Measure base (adapter off) and tuned model on the same conversations; write the report files.
 
     Args:
-        adapter: A chatlora output dir (adapter + ``chatlora.json`` run card + ``metrics.jsonl``).
-        data: Evaluate this dataset file (first ``max_samples`` records) instead of the run's held-out split.
-        output: Report folder (default ``adapter/eval``).
-        max_samples: Evaluate at most this many records (None: all).
-        max_new_tokens: Reply token limit; a reply that reaches it counts as not stopped.
-        batch_size: Conversations per forward / generate batch.
-        repetition_penalty: Greedy decoding's repetition penalty (1.0: plain greedy).
-        report_examples: Replies shown side by side in the report (all go to ``replies.jsonl``).
-        data_format: Format of ``data`` (auto, alpaca, messages, sharegpt).
-        columns: Field renames for ``data``, e.g. ``instruction=prompt,output=response``.
-        device: auto, cpu, cuda or cuda:N (ignored when ``chat`` is given).
-        chat: An already loaded :class:`~chatlora.infer.ChatModel` with the adapter (e.g. right after training).
+        cfg: What to evaluate and where to write (see :class:`EvalConfig`).
+        chat: An already loaded :class:`~chatlora.infer.ChatModel` with the adapter (e.g. right after training);
+            loaded from ``cfg.adapter`` when None.
 
     Returns:
         The measurements; ``report.md``, ``report.html``, ``metrics.json``, ``replies.jsonl`` and ``loss.png``
         are in ``result.output_dir``.
     """
-    from .infer import ChatModel, SamplingConfig
-    from .train import METRICS, plot_loss_curve, read_run_card
-
-    adapter = Path(adapter)
-    if max_samples is not None and max_samples <= 0:
-        raise ValueError("max_samples must be > 0")
-    if batch_size <= 0 or max_new_tokens <= 0:
-        raise ValueError("batch_size and max_new_tokens must be > 0")
-    card = read_run_card(adapter)
-    if data is not None:
-        records, source = _file_records(data, data_format, columns, max_samples)
-    elif not card:
-        raise ValueError(f"{adapter}: no chatlora.json run card, so no held-out split is known; pass --data PATH")
-    else:
-        records, source = held_out_records(card, max_samples)
-    if not records:
-        raise ValueError("no records to evaluate")
-
+    card = read_run_card(cfg.adapter)
+    records, source = select_records(cfg, card)
     if chat is None:
-        chat = ChatModel.load(adapter, device=device)
+        chat = ChatModel.load(cfg.adapter, device=cfg.device)
     if not chat.has_adapter:
-        raise ValueError(f"{adapter}: the loaded model has no LoRA adapter to compare against its base")
-    cfg = card.get("config") or {}
-    system_prompt = (card.get("template") or {}).get("system_prompt", chat.system_prompt)
-    max_length = cfg.get("max_length")
+        raise ModelError(f"{cfg.adapter}: the loaded model has no LoRA adapter to compare against its base")
+    result = measure(cfg, card, chat, records, source)
+    write_results(result, cfg)
+    return result
+
+
+def measure(
+    cfg: EvalConfig, card: dict[str, Any], chat: ChatModel, records: list[Record], source: dict[str, Any]
+) -> EvalResult:
+    """Phase 2: held-out loss and greedy replies of base and tuned model on ``records``, and their metrics."""
+    system_prompt = card_system_prompt(card, default=chat.system_prompt)
+    max_length = (card.get("config") or {}).get("max_length")
     started = time.time()
 
     conversations = [r.messages for r in records]
@@ -400,18 +426,20 @@ def evaluate(
             conversations,
             system_prompt,
             max_length,
-            batch_size=batch_size,
+            batch_size=cfg.batch_size,
             use_adapter=name == "tuned",
         )
-        for name in ("base", "tuned")
+        for name in SYSTEMS
     }
     log.info("held-out loss: base %.4f, tuned %.4f", loss["base"].loss, loss["tuned"].loss)
 
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=repetition_penalty)
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_new_tokens, temperature=0, repetition_penalty=cfg.repetition_penalty
+    )
     prompts = [r.messages[:-1] for r in records]
     references = [r.messages[-1]["content"] for r in records]
     generated = {
-        name: _generate(chat, prompts, sampling, batch_size, use_adapter=name == "tuned") for name in ("base", "tuned")
+        name: _generate(chat, prompts, sampling, cfg.batch_size, use_adapter=name == "tuned") for name in SYSTEMS
     }
     replies = {
         name: reply_metrics([r.text for r in out], references, [r.finish_reason for r in out])
@@ -419,7 +447,23 @@ def evaluate(
     }
     replies["reference"] = reply_metrics(references, references)
 
-    rows = [
+    settings = {
+        "adapter": str(Path(cfg.adapter).resolve()),
+        "system_prompt": system_prompt,
+        "max_length": max_length,
+        "max_new_tokens": cfg.max_new_tokens,
+        "decoding": f"greedy, repetition_penalty={cfg.repetition_penalty}",
+        "batch_size": cfg.batch_size,
+        "device": str(chat.device),
+        "runtime_s": round(time.time() - started, 1),
+    }
+    rows = _rows(records, references, generated)
+    return EvalResult(cfg.output_dir, source, settings, loss, replies, _targets(loss, replies), rows)
+
+
+def _rows(records: list[Record], references: list[str], generated: dict[str, list]) -> list[dict[str, Any]]:
+    """One ``replies.jsonl`` row per record: prompt, reference and both systems' replies."""
+    return [
         {
             "index": rec.index,
             "line": rec.line,
@@ -432,210 +476,12 @@ def evaluate(
         }
         for rec, ref, b, t in zip(records, references, generated["base"], generated["tuned"], strict=True)
     ]
-    settings = {
-        "adapter": str(adapter.resolve()),
-        "system_prompt": system_prompt,
-        "max_length": max_length,
-        "max_new_tokens": max_new_tokens,
-        "decoding": f"greedy, repetition_penalty={repetition_penalty}",
-        "batch_size": batch_size,
-        "device": str(chat.device),
-        "runtime_s": round(time.time() - started, 1),
-    }
-    out_dir = Path(output) if output is not None else adapter / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = adapter / METRICS
-    plot_path = plot_loss_curve(metrics_path, out_dir / LOSS_PNG) if metrics_path.is_file() else None
-    result = EvalResult(out_dir, source, settings, loss, replies, _targets(loss, replies), rows, plot_path)
-    _write(result, report_examples)
-    return result
 
 
-# ---------------------------------------------------------------- report
-
-
-def _write(result: EvalResult, examples: int) -> None:
-    out = result.output_dir
-    (out / METRICS_JSON).write_text(
-        json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
-    with (out / REPLIES_JSONL).open("w", encoding="utf-8") as f:
-        for row in result.rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / REPORT_MD).write_text(_markdown(result, examples), encoding="utf-8")
-    (out / REPORT_HTML).write_text(_html(result, examples), encoding="utf-8")
-
-
-def _fmt(value: float | None, spec: str = ".2f") -> str:
-    return "—" if value is None else format(value, spec)
-
-
-def _tables(result: EvalResult) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
-    """(header, rows) of the loss table and of the reply-metrics table, as display strings."""
-    loss_head = ["system", "loss", "perplexity", "assistant tokens"]
-    loss_rows = [[k, _fmt(v.loss, ".4f"), _fmt(v.perplexity), str(v.tokens)] for k, v in result.loss.items()]
-    loss_rows.append(["tuned / base", _fmt(result.loss_ratio, ".3f"), "", ""])
-    rep_head = [
-        "system",
-        "chrF",
-        "BLEU (zh)",
-        "mean chars",
-        "ref chars",
-        "length ratio",
-        "stop rate",
-        "distinct-1",
-        "distinct-2",
-    ]
-    rep_rows = [
-        [
-            k,
-            _fmt(m.chrf),
-            _fmt(m.bleu),
-            _fmt(m.mean_length, ".1f"),
-            _fmt(m.reference_length, ".1f"),
-            _fmt(m.length_ratio),
-            "—" if m.stop_rate is None else f"{m.stop_rate:.1%}",
-            _fmt(m.distinct_1, ".3f"),
-            _fmt(m.distinct_2, ".3f"),
-        ]
-        for k, m in result.replies.items()
-    ]
-    return loss_head, loss_rows, rep_head, rep_rows
-
-
-def _source_line(result: EvalResult) -> str:
-    s = result.source
-    if s["kind"] == "held-out":
-        what = f"{s['records']} of the run's {s['held_out_records']} held-out records (never trained on)"
-        if not s["sha256_matches_run"]:
-            what += " — WARNING: the dataset changed since training"
-    else:
-        what = f"the first {s['records']} records of a dataset file"
-    return f"{what}, from `{s['path']}`"
-
-
-_NOTES = (
-    "Loss: token-weighted mean cross-entropy over assistant tokens only (labels != -100), same template, system "
-    "prompt and max_length as training; base = the same model with the adapter disabled. "
-    "Replies: greedy, prompt = the conversation minus its last assistant turn. chrF and BLEU are corpus scores vs "
-    "the reference (BLEU with sacrebleu tokenize='zh'). Lengths in characters. Stop rate: share of replies ending "
-    "with the end-of-turn token before max_new_tokens. distinct-n: unique / total character n-grams over all "
-    "replies of a system."
-)
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
-
-
-def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-
-
-def _markdown(result: EvalResult, examples: int) -> str:
-    loss_head, loss_rows, rep_head, rep_rows = _tables(result)
-    s = result.settings
-    lines = [
-        "# chatlora eval",
-        "",
-        f"Adapter `{s['adapter']}`, evaluated on {_source_line(result)}.",
-        f"Decoding: {s['decoding']}, max_new_tokens={s['max_new_tokens']}; device {s['device']}.",
-        "",
-        "## Targets",
-        "",
-        *[f"- **{'PASS' if t.passed else 'FAIL'}** {t.name}: {t.detail}" for t in result.targets],
-        "",
-        "## Held-out loss (assistant tokens)",
-        "",
-        *_md_table(loss_head, loss_rows),
-        "",
-        "## Reply metrics",
-        "",
-        *_md_table(rep_head, rep_rows),
-        "",
-        _NOTES,
-        "",
-        "## Training curve",
-        "",
-        f"![training loss]({result.plot_path.name})" if result.plot_path else "(no metrics.jsonl in the adapter dir)",
-        "",
-        f"## Replies (first {min(examples, len(result.rows))} of {len(result.rows)}; all in `{REPLIES_JSONL}`)",
-        "",
-    ]
-    for i, row in enumerate(result.rows[:examples], 1):
-        lines += [
-            f"### {i}. record {row['index']}",
-            "",
-            *_md_table(
-                ["", "text"],
-                [
-                    ["prompt", row["prompt"]],
-                    ["reference", row["reference"]],
-                    ["base", row["base"] + ("" if row["base_finish"] == "stop" else " [cut at max_new_tokens]")],
-                    ["tuned", row["tuned"] + ("" if row["tuned_finish"] == "stop" else " [cut at max_new_tokens]")],
-                ],
-            ),
-            "",
-        ]
-    return "\n".join(lines) + "\n"
-
-
-_CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
-    "th{background:#f4f4f4}.pass{color:#1a7f37;font-weight:bold}.fail{color:#cf222e;font-weight:bold}"
-    ".replies td{white-space:pre-wrap;width:25%}.note{color:#555;font-size:.9em}"
-)
-
-
-def _html_table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
-    e = html.escape
-    th = "".join(f"<th>{e(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><tr>{th}</tr>{body}</table>'
-
-
-def _html(result: EvalResult, examples: int) -> str:
-    e = html.escape
-    loss_head, loss_rows, rep_head, rep_rows = _tables(result)
-    s = result.settings
-    targets = "".join(
-        f'<li><span class="{"pass" if t.passed else "fail"}">{"PASS" if t.passed else "FAIL"}</span> '
-        f"{e(t.name)}: {e(t.detail)}</li>"
-        for t in result.targets
-    )
-    if result.plot_path:
-        png = base64.b64encode(result.plot_path.read_bytes()).decode("ascii")
-        curve = f'<img alt="training loss" src="data:image/png;base64,{png}">'
-    else:
-        curve = "<p>(no metrics.jsonl in the adapter dir)</p>"
-
-    def mark(text: str, finish: str) -> str:
-        return text + ("" if finish == "stop" else " [cut at max_new_tokens]")
-
-    reply_rows = [
-        [
-            str(r["index"]),
-            r["prompt"],
-            r["reference"],
-            mark(r["base"], r["base_finish"]),
-            mark(r["tuned"], r["tuned_finish"]),
-        ]
-        for r in result.rows[:examples]
-    ]
-    return (
-        '<!doctype html><html><head><meta charset="utf-8"><title>chatlora eval</title>'
-        f"<style>{_CSS}</style></head><body>"
-        "<h1>chatlora eval</h1>"
-        f"<p>Adapter <code>{e(s['adapter'])}</code>, evaluated on {e(_source_line(result))}.<br>"
-        f"Decoding: {e(s['decoding'])}, max_new_tokens={s['max_new_tokens']}; device {e(s['device'])}.</p>"
-        f"<h2>Targets</h2><ul>{targets}</ul>"
-        f"<h2>Held-out loss (assistant tokens)</h2>{_html_table(loss_head, loss_rows)}"
-        f"<h2>Reply metrics</h2>{_html_table(rep_head, rep_rows)}"
-        f'<p class="note">{e(_NOTES)}</p>'
-        f"<h2>Training curve</h2>{curve}"
-        f"<h2>Replies (first {len(reply_rows)} of {len(result.rows)}; all in {REPLIES_JSONL})</h2>"
-        f"{_html_table(['record', 'prompt', 'reference', 'base', 'tuned'], reply_rows, 'replies')}"
-        "</body></html>\n"
-    )
+def write_results(result: EvalResult, cfg: EvalConfig) -> None:
+    """Phase 3: the report folder: the run's loss curve, ``metrics.json``, ``replies.jsonl``, the reports."""
+    result.output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = Path(cfg.adapter) / METRICS
+    if metrics_path.is_file():
+        result.plot_path = plot_loss_curve(metrics_path, result.output_dir / LOSS_PNG)
+    write_report(result, cfg.examples)

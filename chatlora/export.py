@@ -30,9 +30,11 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import ChatloraError
 from .infer import SamplingConfig
 from .merge import set_generation_stops
 from .model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer, resolve_model
+from .runcard import read_adapter, read_run_card, system_prompt
 from .template import (
     IGNORE_INDEX,
     TemplateError,
@@ -43,7 +45,6 @@ from .template import (
     stop_token_ids,
     with_system,
 )
-from .train import read_adapter, read_run_card
 
 __all__ = [
     "MANIFEST",
@@ -145,7 +146,7 @@ class _Source:
 
     @property
     def system_prompt(self) -> str | None:
-        return self.card.get("template", {}).get("system_prompt")
+        return system_prompt(self.card)
 
     @property
     def stem(self) -> str:
@@ -892,8 +893,8 @@ def _conversations(src: _Source, samples: int) -> tuple[list[list[dict]], str]:
     try:
         records, _ = held_out_records(src.card, samples)
         why = "the run card's held-out split is empty"
-    except (ValueError, FileNotFoundError) as e:
-        records, why = [], str(e)
+    except ChatloraError as e:  # no usable held-out split (none recorded, the data gone or changed): built-in prompts
+        records, why = [], str(e).splitlines()[0]
     if not records:
         convs = [[{"role": "user", "content": p}] for p in _BUILTIN_PROMPTS[:samples]]
         return [with_system(c, src.system_prompt) for c in convs], f"{len(convs)} built-in prompts: {why}"

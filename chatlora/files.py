@@ -16,6 +16,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from .errors import FileError
+
 __all__ = [
     "DEFAULT_MAX_INPUT_SIZE",
     "MAX_INPUT_ENV",
@@ -42,10 +44,6 @@ _KINDS = (
     (stat.S_ISBLK, "is a block device"),
     (stat.S_ISSOCK, "is a socket"),
 )
-
-
-class FileError(ValueError):
-    """A file or folder named by the user cannot be used as asked; the message names it and says what to do."""
 
 
 def format_size(n: int) -> str:

@@ -1,4 +1,12 @@
-"""Inference: load base (+ adapter), render prompts through the training template, generate, stream, batch."""
+"""Inference: load base (+ adapter), render prompts through the training template, generate, stream, batch.
+
+All generation goes through :func:`generate_rows`: one ``model.generate`` call over left-padded rows that each keep
+their own prompt, sampling settings (temperature, top-p/top-k, repetition penalty, seed), reply limit, LoRA adapter
+(PEFT's mixed-adapter batches, ``adapter_names=``), stop tokens and strings, text callback and cancellation. A row
+that finishes leaves at once (its reply is delivered), while the batch runs on for the others. :class:`Batcher`
+builds such batches from requests that arrive one by one (the server); :meth:`ChatModel.generate_many` from a list
+(``generate`` and ``eval``), sorted by length so that rows of one batch need little padding.
+"""
 
 from __future__ import annotations
 
@@ -6,48 +14,104 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .data import DataError, read_json_file
+from .data import read_json_file
+from .errors import ConfigError, DataError
 from .files import FileError, check_output_file, temp_file
-from .model import base_quantization, load_model, load_tokenizer, pick_device, resolve_model
+from .model import base_quantization, dtype_for, load_model, load_tokenizer, pick_device, resolve_model
+from .runcard import read_adapter, read_run_card
+from .runcard import system_prompt as card_system_prompt
 from .template import encode_prompt, end_of_turn, with_system
 
-__all__ = ["ChatModel", "ReplyFile", "Reply", "SamplingConfig", "Stream", "generate_file", "read_prompts"]
+__all__ = [
+    "BASE",
+    "Batcher",
+    "ChatModel",
+    "ReplyFile",
+    "Reply",
+    "Row",
+    "SamplingConfig",
+    "Stream",
+    "generate_file",
+    "generate_rows",
+    "read_prompts",
+]
 
 log = logging.getLogger(__name__)
+
+BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
+
+
+def _range(default, help_: str, **bounds) -> Any:
+    return field(default=default, metadata={"help": help_, **bounds})
 
 
 @dataclass
 class SamplingConfig:
-    """Decoding settings. ``temperature <= 0`` means greedy decoding."""
+    """Decoding settings, with the ranges they must lie in (checked alike for CLI flags and server requests).
 
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    repetition_penalty: float = 1.1
+    ``temperature == 0`` means greedy decoding. ``seed`` makes a sampled reply reproducible: a row draws from its own
+    generator, so the same seed, prompt, settings and model give the same reply whatever else shares its batch (up to
+    the last-bit differences batched matrix products may have on a GPU).
+    """
+
+    max_new_tokens: int = _range(256, "reply token limit", ge=1)
+    temperature: float = _range(0.7, "0 for greedy", ge=0, le=2)
+    top_p: float = _range(0.9, "nucleus sampling mass", gt=0, le=1)
+    top_k: int = _range(50, "sample among the k likeliest tokens (0: all)", ge=0, le=10**6)
+    repetition_penalty: float = _range(1.1, "divides the scores of tokens already present (1: off)", gt=0, le=100)
     seed: int | None = None
 
-    def generate_kwargs(self) -> dict:
-        kw: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
-        if self.temperature <= 0:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
-        return kw
+    @classmethod
+    def bounds(cls, name: str) -> dict[str, float]:
+        """The range of field ``name`` as ``{"ge"|"gt"|"le": value}`` (pydantic's ``Field`` keywords)."""
+        meta = next(f.metadata for f in fields(cls) if f.name == name)
+        return {k: v for k, v in meta.items() if k in ("ge", "gt", "le")}
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``(field, "must be ...")`` for each value outside its range."""
+        out = []
+        for f in fields(self):
+            value, b = getattr(self, f.name), self.bounds(f.name)
+            if value is None or not b:
+                continue
+            low = ("ge", ">=", value >= b["ge"]) if "ge" in b else ("gt", ">", value > b["gt"]) if "gt" in b else None
+            ok = (low is None or low[2]) and ("le" not in b or value <= b["le"])
+            if not ok:
+                parts = [f"{low[1]} {b[low[0]]}"] if low else []
+                parts += [f"<= {b['le']}"] if "le" in b else []
+                out.append((f.name, "must be " + " and ".join(parts)))
+        return out
+
+    def check(self) -> SamplingConfig:
+        """Raise ConfigError naming the first value outside its range; return self."""
+        bad = self.problems()
+        if bad:
+            raise ConfigError(f"{bad[0][0]} {bad[0][1]}, got {getattr(self, bad[0][0])}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
 
 
 @dataclass
 class Reply:
+    """One finished reply, as ``chat``, ``generate``, ``eval`` and the server report it."""
+
     text: str
-    finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (end-of-turn token or stop string), "length" (max_new_tokens) or "cancelled"
     prompt_tokens: int
     completion_tokens: int
 
@@ -63,20 +127,301 @@ class Stream:
         yield from self._chunks
 
 
-def _dtype_for(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+# ---------------------------------------------------------------- rows and batches
+
+
+@dataclass(eq=False)
+class Row:
+    """One reply to generate: a rendered prompt and everything that is its own within a shared batch.
+
+    ``on_text(delta)`` gets the reply's text as it is decoded (never past a stop string, never half a character);
+    ``on_done(reply)`` gets the finished reply; ``on_error(exc)`` a failure of the batch. Setting ``cancel`` ends the
+    row at the next token (``finish_reason="cancelled"``). All callbacks run in the generating thread.
+    """
+
+    prompt_ids: list[int]
+    tokenizer: Any
+    stop_ids: list[int]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    adapter: str | None = None  # PEFT adapter name; None or BASE: the base model
+    stop: Sequence[str] = ()
+    on_text: Callable[[str], None] | None = None
+    on_done: Callable[[Reply], None] | None = None
+    on_error: Callable[[BaseException], None] | None = None
+    cancel: threading.Event | None = None
+    reply: Reply | None = field(default=None, init=False)
+    _tokens: list[int] = field(default_factory=list, init=False)
+    _sent: int = field(default=0, init=False)  # characters of text handed to on_text
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None
+
+    def _finish(self, reason: str, text: str | None = None, eot: bool = False) -> None:
+        if text is None:
+            text = self.tokenizer.decode(self._tokens, skip_special_tokens=True)
+        if self.on_text is not None and len(text) > self._sent:
+            self.on_text(text[self._sent :])
+        self._sent = len(text)
+        self.reply = Reply(text, reason, len(self.prompt_ids), len(self._tokens) + eot)
+        if self.on_done is not None:
+            self.on_done(self.reply)
+
+    def _cancelled(self) -> bool:
+        if self.cancel is not None and self.cancel.is_set():
+            self._finish("cancelled")
+            return True
+        return False
+
+    def _step(self, token: int) -> None:
+        """Take one generated token: stop, or decode and pass on the text that is certain."""
+        if self._cancelled():
+            return
+        if token in self.stop_ids:
+            self._finish("stop", eot=True)
+            return
+        self._tokens.append(token)
+        text = self.tokenizer.decode(self._tokens, skip_special_tokens=True)
+        if self.stop:
+            # A stop string may have begun up to its length minus one before the last new character.
+            start = max(0, self._sent - max(len(s) for s in self.stop) + 1)
+            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self._finish("stop", text[: min(hits)])
+                return
+        if len(self._tokens) >= self.sampling.max_new_tokens:
+            self._finish("length", text)
+            return
+        # Hold back a trailing half character, and what may be the start of a stop string.
+        safe = len(text) - (text.endswith("\ufffd")) - (max((len(s) for s in self.stop), default=1) - 1)
+        if self.on_text is not None and safe > self._sent:
+            self.on_text(text[self._sent : safe])
+            self._sent = safe
+
+
+class _RowSampler:
+    """A logits processor that samples each row with its own settings and generator.
+
+    ``generate`` then runs greedy: a sampled row's scores come back with only its drawn token left, so argmax takes
+    it. Greedy rows get the repetition penalty alone, as ``generate`` would apply it, so they stay token-exact with a
+    greedy ``generate``. The penalty sees a row's own tokens only, never the left padding.
+    """
+
+    def __init__(self, rows: list[Row], width: int, device: torch.device) -> None:
+        self.rows = rows
+        self.width = width
+        self.pad = torch.tensor([width - len(r.prompt_ids) for r in rows], device=device)
+        self.penalty = torch.tensor([[r.sampling.repetition_penalty] for r in rows], device=device)
+        self.any_penalty = any(r.sampling.repetition_penalty != 1.0 for r in rows)
+        self.generators: list[torch.Generator | None] = []
+        for r in rows:
+            if r.sampling.greedy:
+                self.generators.append(None)
+                continue
+            g = torch.Generator(device=device)
+            g.manual_seed(r.sampling.seed if r.sampling.seed is not None else int(torch.randint(2**62, ()).item()))
+            self.generators.append(g)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(rows):
+            if not r.sampling.greedy:
+                groups.setdefault((r.sampling.temperature, r.sampling.top_k, r.sampling.top_p), []).append(i)
+        self.groups = [(key, torch.tensor(idx, device=device), idx) for key, idx in groups.items()]
+
+    def _penalize(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # Padding positions point at the row's first real token: scattered twice, penalized once, as in generate.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        own = positions[None, :] >= self.pad[:, None]
+        first = input_ids.gather(1, self.pad[:, None])
+        ids = torch.where(own, input_ids, first)
+        score = scores.gather(1, ids)
+        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
+        return scores.scatter(1, ids, score)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        if self.any_penalty:
+            scores = self._penalize(input_ids, scores)
+        for (temperature, top_k, top_p), index, members in self.groups:
+            sub, sub_ids = scores[index], input_ids[index]
+            if temperature != 1.0:
+                sub = TemperatureLogitsWarper(temperature)(sub_ids, sub)
+            if top_k:
+                sub = TopKLogitsWarper(top_k)(sub_ids, sub)
+            if top_p < 1.0:
+                sub = TopPLogitsWarper(top_p)(sub_ids, sub)
+            probs = torch.softmax(sub, dim=-1)
+            for j, i in enumerate(members):
+                if self.rows[i].done:
+                    continue
+                token = torch.multinomial(probs[j], 1, generator=self.generators[i])
+                scores[i] = float("-inf")
+                scores[i, token] = 0.0
+        return scores
+
+
+class _RowStops:
+    """A stopping criterion that hands each row its new token and ends the rows that are done."""
+
+    def __init__(self, rows: list[Row]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        for row, token in zip(self.rows, input_ids[:, -1].tolist(), strict=True):
+            if not row.done:
+                row._step(token)
+        return torch.tensor([r.done for r in self.rows], dtype=torch.bool, device=input_ids.device)
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _dora(model) -> set[str]:
+    """The model's DoRA adapters: PEFT cannot mix them into a batch (``adapter_names=``)."""
+    return {name for name, c in getattr(model, "peft_config", {}).items() if getattr(c, "use_dora", False)}
+
+
+@contextlib.contextmanager
+def _active(model, adapter: str):
+    before = model.active_adapter
+    model.set_adapter(adapter)
+    try:
+        yield
+    finally:
+        model.set_adapter(before)
+
+
+def _generate(model, rows: list[Row], pad_token_id: int, extra: dict) -> None:
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    width = max(len(r.prompt_ids) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
+    model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max(r.sampling.max_new_tokens for r in rows),
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        repetition_penalty=None,
+        logits_processor=LogitsProcessorList([_RowSampler(rows, width, device)]),
+        stopping_criteria=StoppingCriteriaList([_RowStops(rows)]),
+        eos_token_id=sorted({i for r in rows for i in r.stop_ids}) or None,
+        pad_token_id=pad_token_id,
+        **extra,
+    )
+    for r in rows:  # generate ended early (e.g. the model's own max_length): what is there is the reply
+        if not r.done:
+            r._finish("length")
+
+
+@torch.inference_mode()
+def generate_rows(model, rows: list[Row], pad_token_id: int) -> list[Reply]:
+    """Generate the rows in one left-padded ``model.generate`` call; return their replies in order.
+
+    Rows of different LoRA adapters (and the base, ``adapter=None`` or :data:`BASE`) share the call through PEFT's
+    mixed-adapter batches (``adapter_names=``); rows of a DoRA adapter, which PEFT cannot mix, get a call of their
+    own with that adapter active. Each row samples, stops and streams on its own (see :class:`Row`). Cancelled rows
+    are dropped before the call; a row cancelled during it stops at its next token.
+    """
+    live = [r for r in rows if not r.done and not r._cancelled()]
+    if not _is_peft(model):
+        if live:
+            _generate(model, live, pad_token_id, {})
+        return [r.reply for r in rows]  # type: ignore[misc]
+    dora = _dora(model)
+    mixed = [r for r in live if r.adapter not in dora]
+    if mixed:
+        _generate(model, mixed, pad_token_id, {"adapter_names": [r.adapter or BASE for r in mixed]})
+    for adapter in dict.fromkeys(r.adapter for r in live if r.adapter in dora):
+        with _active(model, adapter):
+            _generate(model, [r for r in live if r.adapter == adapter], pad_token_id, {})
+    return [r.reply for r in rows]  # type: ignore[misc]
+
+
+class Batcher:
+    """Dynamic batching for requests that arrive one by one (the server): a thread takes the rows waiting, up to
+    ``max_batch``, and generates them together; rows that arrive meanwhile form the next batch.
+
+    ``gate`` is held while a batch runs. ``window_s``: when fewer than ``max_batch`` rows wait, wait this long for
+    more before starting (clients whose replies just finished send their next request within it).
+    """
+
+    def __init__(self, model, pad_token_id: int, max_batch: int = 8, window_s: float = 0.01) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.model, self.pad_token_id, self.max_batch, self.window_s = model, pad_token_id, max_batch, window_s
+        self.gate = threading.Lock()
+        self.batches = 0
+        self.rows_run = 0
+        self.last_batch_s = 0.0
+        self._cv = threading.Condition()
+        self._waiting: deque[Row] = deque()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, row: Row) -> None:
+        with self._cv:
+            self._waiting.append(row)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="chatlora-batcher", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def waiting(self) -> int:
+        with self._cv:
+            return len(self._waiting)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting:
+                    self._cv.wait()
+            with self.gate:  # held from taking the rows to their end: a test (or a pause) can hold the model
+                batch = self._pop()
+                if not batch:
+                    continue
+                self.batches += 1  # counted as they start: their rows report back before the batch ends
+                self.rows_run += len(batch)
+                started = time.perf_counter()
+                try:
+                    generate_rows(self.model, batch, self.pad_token_id)
+                except BaseException as e:  # handed to each waiting request; the batcher lives on
+                    log.exception("generation failed")
+                    for r in batch:
+                        if not r.done and r.on_error is not None:
+                            r.on_error(e)
+                self.last_batch_s = time.perf_counter() - started
+
+    def _pop(self) -> list[Row]:
+        with self._cv:
+            if len(self._waiting) < self.max_batch and self.window_s > 0:
+                self._cv.wait_for(lambda: len(self._waiting) >= self.max_batch, timeout=self.window_s)
+            n = min(self.max_batch, len(self._waiting))
+            return [self._waiting.popleft() for _ in range(n)]
+
+
+# ---------------------------------------------------------------- chat model
 
 
 class ChatModel:
-    """A base model, optionally with a LoRA adapter, that answers conversations in the training template."""
+    """A base model, optionally with a LoRA adapter, that answers conversations in the training template.
 
-    def __init__(self, model, tokenizer, system_prompt: str | None = None, name: str = "model"):
+    ``adapter``: the PEFT adapter this view uses (several views may share one PEFT model, as the server's do);
+    default: the model's active adapter; :data:`BASE` for the base model.
+    """
+
+    def __init__(
+        self, model, tokenizer, system_prompt: str | None = None, name: str = "model", adapter: str | None = None
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.name = name
+        self.adapter = adapter if adapter is not None else getattr(model, "active_adapter", None)
         self.eot_token, eot_id = end_of_turn(tokenizer)
         self.stop_ids = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
         self.lock = threading.Lock()  # one generate() at a time on one model
@@ -87,7 +432,7 @@ class ChatModel:
 
     @property
     def has_adapter(self) -> bool:
-        return hasattr(self.model, "disable_adapter")
+        return _is_peft(self.model)
 
     @classmethod
     def load(
@@ -99,8 +444,6 @@ class ChatModel:
         system_prompt: str | None = None,
     ) -> ChatModel:
         """Load for inference: ``adapter`` (its run card names the base) or ``model`` (base or merged dir)."""
-        from .train import read_adapter, read_run_card
-
         dev = pick_device(device)
         card: dict = {}
         if adapter is not None:
@@ -114,7 +457,7 @@ class ChatModel:
         tokenizer = load_tokenizer(str(adapter) if adapter is not None else base_path)
         tokenizer.padding_side = "left"
         quantize = base_quantization([card], dev) if adapter is not None else None
-        net = load_model(base_path, _dtype_for(dev), dev, quantize=quantize)
+        net = load_model(base_path, dtype_for(dev), dev, quantize=quantize)
         name = Path(base_path).name
         if adapter is not None and not base_only:
             from peft import PeftModel
@@ -122,7 +465,7 @@ class ChatModel:
             net = PeftModel.from_pretrained(net, str(adapter))
             name = adapter.name
         if system_prompt is None:
-            system_prompt = card.get("template", {}).get("system_prompt")
+            system_prompt = card_system_prompt(card)
         return cls(net, tokenizer, system_prompt, name)
 
     def conversation(self, messages: list[dict], system: str | None = None) -> list[dict]:
@@ -132,40 +475,33 @@ class ChatModel:
     def prompt_ids(self, messages: list[dict], system: str | None = None) -> list[int]:
         return encode_prompt(self.conversation(messages, system), self.tokenizer)
 
-    def _adapter(self, use_adapter: bool):
-        if self.has_adapter and not use_adapter:
-            return self.model.disable_adapter()
-        return contextlib.nullcontext()
-
-    def _finish(self, new_ids: list[int], prompt_len: int) -> Reply:
-        stop = next((i for i, t in enumerate(new_ids) if t in self.stop_ids), None)
-        kept = new_ids if stop is None else new_ids[:stop]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Reply(text, "length" if stop is None else "stop", prompt_len, len(kept) + (stop is not None))
-
-    def _generate_ids(self, batch_ids: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
-        width = max(len(ids) for ids in batch_ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids], device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=self.device)
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            eos_token_id=self.stop_ids,
-            pad_token_id=pad,
-            **sampling.generate_kwargs(),
+    def row(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingConfig | None = None,
+        use_adapter: bool = True,
+        **callbacks: Any,
+    ) -> Row:
+        """A :class:`Row` for this model (its tokenizer, stop tokens and adapter); ``callbacks``: Row's fields."""
+        return Row(
+            prompt_ids,
+            self.tokenizer,
+            self.stop_ids,
+            sampling or SamplingConfig(),
+            self.adapter if use_adapter else BASE,
+            **callbacks,
         )
-        return [row[width:].tolist() for row in out]
 
-    @torch.inference_mode()
+    def run(self, rows: list[Row]) -> list[Reply]:
+        """Generate ``rows`` as one batch (they may come from other views of the same model)."""
+        with self.lock:
+            return generate_rows(self.model, rows, self.tokenizer.pad_token_id)
+
     def generate(
         self, messages: list[dict], sampling: SamplingConfig | None = None, system=None, use_adapter=True
     ) -> Reply:
         return self.generate_batch([messages], sampling, system, use_adapter)[0]
 
-    @torch.inference_mode()
     def generate_batch(
         self,
         conversations: list[list[dict]],
@@ -174,11 +510,45 @@ class ChatModel:
         use_adapter: bool = True,
     ) -> list[Reply]:
         """One reply per conversation, generated together (left-padded)."""
-        sampling = sampling or SamplingConfig()
-        prompts = [self.prompt_ids(m, system) for m in conversations]
-        with self.lock, self._adapter(use_adapter):
-            outs = self._generate_ids(prompts, sampling)
-        return [self._finish(new, len(p)) for new, p in zip(outs, prompts, strict=True)]
+        return self.run([self.row(self.prompt_ids(m, system), sampling, use_adapter) for m in conversations])
+
+    def generate_many(
+        self,
+        conversations: Sequence[list[dict]],
+        sampling: SamplingConfig | None = None,
+        systems: Sequence[str | None] | None = None,
+        use_adapter: bool = True,
+        batch_size: int = 8,
+        desc: str | None = "generate",
+        on_reply: Callable[[int, Reply], None] | None = None,
+    ) -> list[Reply]:
+        """Replies to many conversations, ``batch_size`` at a time, with a progress bar (``desc``; None: none).
+
+        Batches are formed by prompt length (less padding); each conversation keeps its own system prompt
+        (``systems[i]``, else the model's). ``on_reply(i, reply)`` is called as each reply finishes. Replies come back
+        in input order.
+        """
+        from tqdm.auto import tqdm
+
+        if batch_size <= 0:
+            raise ConfigError(f"batch_size must be > 0, got {batch_size}")
+        systems = systems if systems is not None else [None] * len(conversations)
+        prompts = [self.prompt_ids(m, s) for m, s in zip(conversations, systems, strict=True)]
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+        replies: list[Reply | None] = [None] * len(prompts)
+
+        def done(i: int, reply: Reply) -> None:
+            replies[i] = reply
+            if on_reply is not None:
+                on_reply(i, reply)
+            bar.update(1)
+
+        with tqdm(total=len(prompts), desc=desc, unit="reply", disable=desc is None) as bar:
+            for start in range(0, len(order), batch_size):
+                members = order[start : start + batch_size]
+                rows = [self.row(prompts[i], sampling, use_adapter, on_done=partial(done, i)) for i in members]
+                self.run(rows)
+        return replies  # type: ignore[return-value]
 
     def stream(
         self,
@@ -192,52 +562,38 @@ class ChatModel:
 
         Setting ``stop_event`` ends the generation at the next token (e.g. when a server's client disconnects).
         """
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        sampling = sampling or SamplingConfig()
-        prompt = self.prompt_ids(messages, system)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        result: dict = {}
+        pieces: queue.Queue = queue.Queue()
+        row = self.row(
+            self.prompt_ids(messages, system),
+            sampling,
+            use_adapter,
+            on_text=lambda text: pieces.put(("text", text)),
+            cancel=stop_event,
+        )
 
         def work() -> None:
-            with torch.inference_mode(), self.lock, self._adapter(use_adapter):
-                try:
-                    ids = torch.tensor([prompt], device=self.device)
-                    if sampling.seed is not None:
-                        torch.manual_seed(sampling.seed)
-                    out = self.model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        eos_token_id=self.stop_ids,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_EventStop(stop_event)]) if stop_event else None,
-                        **sampling.generate_kwargs(),
-                    )
-                    result["ids"] = out[0][len(prompt) :].tolist()
-                except BaseException as e:  # surfaced in the consuming thread
-                    result["error"] = e
-                    streamer.end()
+            try:
+                self.run([row])
+                pieces.put(("done", None))
+            except BaseException as e:  # surfaced in the consuming thread
+                pieces.put(("error", e))
 
-        class _EventStop(StoppingCriteria):
-            def __init__(self, event: threading.Event):
-                self.event = event
-
-            def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-                return torch.full(
-                    (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
-                )
-
-        thread = threading.Thread(target=work, daemon=True)
         stream = Stream(iter(()))
 
         def chunks() -> Iterator[str]:
+            thread = threading.Thread(target=work, daemon=True)
             thread.start()
-            yield from (text for text in streamer if text)
-            thread.join()
-            if "error" in result:
-                raise result["error"]
-            stream.reply = self._finish(result["ids"], len(prompt))
+            while True:
+                kind, value = pieces.get()
+                if kind == "text":
+                    if value:
+                        yield value
+                    continue
+                thread.join()
+                if kind == "error":
+                    raise value
+                stream.reply = row.reply
+                return
 
         stream._chunks = chunks()
         return stream
@@ -383,34 +739,20 @@ def generate_file(
 ) -> Path:
     """Answer ``prompts`` (from :func:`read_prompts`) in batches and write each input row plus its reply to ``out``.
 
-    Prompts are grouped by system prompt (a row's own, else ``system``, else the model's) so that each batch shares
-    one; rows go to ``out`` as their batch finishes and end up in input order when ``out`` is committed.
+    Each prompt keeps its own system prompt (a row's own, else ``system``, else the model's) within a shared batch;
+    batches are formed by prompt length (:meth:`ChatModel.generate_many`). Rows go to ``out`` as their batch
+    finishes and end up in input order when ``out`` is committed.
     """
-    from tqdm.auto import tqdm
 
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    order = sorted(range(len(prompts)), key=lambda i: (prompts[i]["system"] or "", i))
-    with tqdm(total=len(prompts), desc="generate", unit="prompt") as bar:
-        for start in range(0, len(order), batch_size):
-            groups: dict[str | None, list[int]] = {}
-            for i in order[start : start + batch_size]:
-                own = prompts[i]["system"]
-                groups.setdefault(own if own is not None else system, []).append(i)
-            for group_system, members in groups.items():
-                replies = chat.generate_batch([prompts[i]["messages"] for i in members], sampling, system=group_system)
-                for i, reply in zip(members, replies, strict=True):
-                    out.add(
-                        i,
-                        {
-                            **prompts[i]["row"],
-                            "reply": reply.text,
-                            "finish_reason": reply.finish_reason,
-                            "usage": {
-                                "prompt_tokens": reply.prompt_tokens,
-                                "completion_tokens": reply.completion_tokens,
-                            },
-                        },
-                    )
-                bar.update(len(members))
+    def write(i: int, reply: Reply) -> None:
+        usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+        out.add(i, {**prompts[i]["row"], "reply": reply.text, "finish_reason": reply.finish_reason, "usage": usage})
+
+    chat.generate_many(
+        [p["messages"] for p in prompts],
+        sampling,
+        systems=[p["system"] if p["system"] is not None else system for p in prompts],
+        batch_size=batch_size,
+        on_reply=write,
+    )
     return out.commit()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -11,8 +10,8 @@ import torch
 
 from .files import publish_dir, staging_dir
 from .model import ModelError, load_model, load_tokenizer, resolve_model
+from .runcard import read_adapter, write_run_card
 from .template import stop_token_ids
-from .train import RUN_CARD, read_adapter
 
 __all__ = ["merge", "set_generation_stops"]
 
@@ -84,7 +83,7 @@ def merge(
                 },
             }
             card["base_model"] = {"spec": str(output.resolve()), "resolved": str(output.resolve())}
-            (staging / RUN_CARD).write_text(json.dumps(card, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            write_run_card(staging, card)
         publish_dir(staging, output)
     except OSError as e:
         raise ModelError(

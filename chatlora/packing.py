@@ -8,12 +8,13 @@ label of each conversation is ``-100`` so the last token of one conversation is 
 Micro-batches are either a fixed number per epoch (:func:`plan_steps`: as many optimizer steps per epoch as the
 unpacked recipe, so batch size, epochs and learning-rate schedule keep their meaning) or sized by a token budget
 (:func:`plan_batches`, ``tokens_per_batch``); either way every step does about the same work whatever the
-conversation lengths.
+conversation lengths. Every batch chatlora feeds a model, packed or not, is built by :func:`collate`.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -21,14 +22,17 @@ import torch
 from .template import IGNORE_INDEX
 
 __all__ = [
+    "LAYOUTS",
     "PackedDataset",
-    "collate_buckets",
-    "collate_packed",
+    "collate",
     "pack_rows",
     "plan_batches",
     "plan_buckets",
     "plan_steps",
 ]
+
+Example = dict[str, list[int]]  # one encoded conversation: input_ids and labels
+LAYOUTS = ("pad", "bucket", "pack")  # how collate lays out a batch's rows
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
@@ -115,40 +119,41 @@ def plan_buckets(lengths: list[int], tokens_per_batch: int, seed: int = 0) -> li
     return batches
 
 
-def collate_buckets(
-    examples: list[list[dict[str, list[int]]]], pad_id: int, label_index: bool = False
+def collate(
+    batch: Sequence[Example | Sequence[Example]],
+    pad_id: int,
+    layout: str = "pad",
+    row_length: int | None = None,
+    label_index: bool = False,
 ) -> dict[str, Any]:
-    """Rows of one example each -> right-padded ``input_ids`` and ``labels``; no mask (see :func:`plan_buckets`)."""
-    flat = [ex for row in examples for ex in row]
-    width = max(len(ex["input_ids"]) for ex in flat)
-    ids = torch.full((len(flat), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(flat), width), IGNORE_INDEX, dtype=torch.long)
-    for r, ex in enumerate(flat):
-        n = len(ex["input_ids"])
-        ids[r, :n] = torch.tensor(ex["input_ids"])
-        labels[r, :n] = torch.tensor(ex["labels"])
-    out = {"input_ids": ids, "labels": labels, "num_real_tokens": sum(len(ex["input_ids"]) for ex in flat)}
-    if label_index:
-        out["label_index"] = (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-    return out
+    """Encoded examples -> one model batch; the one collator of training (padded, bucketed, packed) and eval.
 
+    Each item of ``batch`` is a row: one example, or (``"pack"``) a list of examples laid back to back. Rows are
+    right-padded with ``pad_id`` to the longest row, or to ``row_length`` (fixed shapes); padding is never a label.
 
-def collate_packed(
-    examples: list[list[dict[str, list[int]]]], pad_id: int, row_length: int | None = None, label_index: bool = False
-) -> dict[str, Any]:
-    """Rows of examples -> ``input_ids``, ``labels``, ``position_ids`` (no attention mask) of shape [rows, width].
+    Layouts:
+        ``"pad"``: one example per row and an ``attention_mask`` over its tokens (unpacked training, held-out loss).
+        ``"bucket"``: one example per row and no mask: with right padding the causal mask alone keeps every real
+            token from seeing padding, so attention runs on the fused causal kernels (see :func:`plan_buckets`).
+        ``"pack"``: ``position_ids`` restart at 0 at each example and there is no mask; transformers reads the
+            restarts as sequence boundaries. Each example's first label is -100 (the previous conversation's last
+            token must not predict it); padding at a row's end is its own "sequence".
 
-    Width is the longest row, or ``row_length`` when given (fixed shapes). Padding at a row's end is its own
-    "sequence" (positions restart) and is never a label, so it changes nothing that is trained. ``num_real_tokens``
-    (an int) counts the conversations' tokens. With ``label_index``, also the flat positions of
-    ``labels[:, 1:]`` that carry a label, computed here on the CPU so the loss needs no device sync to find them.
+    ``"bucket"`` and ``"pack"`` also give ``num_real_tokens`` (an int: the examples' tokens, counted on the CPU)
+    and, with ``label_index``, the flat positions of ``labels[:, 1:]`` that carry a label, computed here so the loss
+    needs no device sync to find them.
     """
-    widths = [sum(len(ex["input_ids"]) for ex in row) for row in examples]
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    rows = [[item] if isinstance(item, dict) else list(item) for item in batch]
+    if layout != "pack" and any(len(row) != 1 for row in rows):
+        raise ValueError(f"the {layout!r} layout takes one example per row")
+    widths = [sum(len(ex["input_ids"]) for ex in row) for row in rows]
     width = row_length or max(widths)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    pos = torch.zeros((len(examples), width), dtype=torch.long)
-    for r, row in enumerate(examples):
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long) if layout == "pack" else None
+    for r, row in enumerate(rows):
         at = 0
         for ex in row:
             n = min(len(ex["input_ids"]), width - at)
@@ -156,25 +161,28 @@ def collate_packed(
                 break
             ids[r, at : at + n] = torch.tensor(ex["input_ids"][:n])
             lab = torch.tensor(ex["labels"][:n])
-            lab[0] = IGNORE_INDEX  # the previous conversation's last token must not predict this one's first
+            if pos is not None:
+                lab[0] = IGNORE_INDEX
+                pos[r, at : at + n] = torch.arange(n)
             labels[r, at : at + n] = lab
-            pos[r, at : at + n] = torch.arange(n)
             at += n
-        if at < width:
+        if pos is not None and at < width:
             pos[r, at:] = torch.arange(width - at)
-    out = {
-        "input_ids": ids,
-        "labels": labels,
-        "position_ids": pos,
-        "num_real_tokens": sum(min(w, width) for w in widths),
-    }
+    out: dict[str, Any] = {"input_ids": ids, "labels": labels}
+    if layout == "pad":
+        lengths = torch.tensor([min(w, width) for w in widths])
+        out["attention_mask"] = (torch.arange(width) < lengths[:, None]).long()
+        return out
+    if pos is not None:
+        out["position_ids"] = pos
+    out["num_real_tokens"] = sum(min(w, width) for w in widths)
     if label_index:
         out["label_index"] = (labels[:, 1:].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
     return out
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """One item = one packed micro-batch (use with ``per_device_train_batch_size=1`` and :func:`collate_packed`).
+    """One item = one micro-batch of rows (use with ``per_device_train_batch_size=1`` and :func:`collate`).
 
     Give either ``n_batches`` (micro-batches per epoch, :func:`plan_steps`) or ``tokens_per_batch`` (a token budget
     per micro-batch, :func:`plan_batches`; the only choice for the ``bucket`` strategy).

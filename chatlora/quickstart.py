@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .config import TrainConfig
 from .infer import ChatModel
+from .runcard import system_prompt
 from .train import TrainResult, train
 
 if TYPE_CHECKING:
@@ -23,14 +24,13 @@ def eval_held_out(
     result: TrainResult, max_samples: int = 32, max_new_tokens: int = 64, batch_size: int = 16
 ) -> EvalResult | None:
     """Cheap eval of the just-trained model (already in memory) on its held-out split; report in ``output_dir/eval``."""
-    from .eval import evaluate
+    from .eval import EvalConfig, evaluate
 
     if not result.run_card or not result.split or not result.split.val:
         return None
-    chat = ChatModel(result.model, result.tokenizer, result.run_card["template"]["system_prompt"])
-    return evaluate(
-        result.output_dir, max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat
-    )
+    chat = ChatModel(result.model, result.tokenizer, system_prompt(result.run_card))
+    cfg = EvalConfig(result.output_dir, max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return evaluate(cfg, chat)
 
 
 def free_output_dir(out: Path) -> Path:

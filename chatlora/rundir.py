@@ -16,7 +16,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from .model import ModelError
+from .errors import ModelError
 
 __all__ = [
     "COMPLETE",

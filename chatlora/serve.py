@@ -1,9 +1,11 @@
 """Serve: an OpenAI-compatible chat API and a web chat page over one base model with several LoRA adapters.
 
-One base model is loaded once; each adapter is loaded into it under its own name and switched per request. All
-generation is serialized through one FIFO gate (one model, one forward pass at a time); at most ``max_queue``
-requests wait behind the running one, later ones get 503 with ``Retry-After``. Prompts go through
-:meth:`ChatModel.stream`, i.e. the training template, so served prompts are token-exact with training.
+One base model is loaded once; each adapter is loaded into it under its own name. Requests are batched dynamically
+(:class:`~chatlora.infer.Batcher`): while a batch runs, new requests wait, and the next batch takes all that wait,
+up to ``max_batch``; requests for different adapters and the base share a batch (PEFT's ``adapter_names=``), each
+with its own sampling settings, seed, reply limit and stop strings, streamed and cancelled on its own. At most
+``max_batch + max_queue`` requests are admitted; later ones get 503 with ``Retry-After``. Prompts go through
+:meth:`ChatModel.prompt_ids`, i.e. the training template, so served prompts are token-exact with training.
 
 Hostile clients meet limits before they cost anything: the body size (413, checked on ``Content-Length`` before a
 byte is read), the number of messages and a byte count against the context (400, before rendering), a deadline for
@@ -28,8 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
@@ -47,11 +48,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .infer import ChatModel, SamplingConfig
-from .model import ModelError, base_quantization, load_model, load_tokenizer, pick_device, resolve_model
+from .errors import ConfigError
+from .infer import BASE, Batcher, ChatModel, Reply, Row, SamplingConfig
+from .model import ModelError, base_quantization, dtype_for, load_model, load_tokenizer, pick_device, resolve_model
+from .runcard import read_adapter, read_run_card, system_prompt
 from .template import TemplateError
 
-__all__ = ["BackgroundServer", "ModelSet", "ServedModel", "create_app", "load_models", "parse_adapters", "run"]
+__all__ = ["ModelSet", "ServedModel", "create_app", "load_models", "parse_adapters", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ ROLES = ("system", "user", "assistant")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Defaults of the limits (`chatlora serve` flags of the same names).
+MAX_BATCH = 8  # --max-batch
 MAX_BODY_BYTES = 8 * 2**20  # --max-body-mb
 MAX_MESSAGES = 1000  # --max-messages
 READ_TIMEOUT_S = 30.0  # --read-timeout: to receive a whole request, headers and body
@@ -105,9 +109,9 @@ def parse_adapters(specs: Sequence[str]) -> dict[str, Path]:
         if not sep or Path(spec).is_dir():
             name, path = Path(spec).name, spec
         if not _NAME.match(name):
-            raise ValueError(f"--adapter {spec}: name {name!r} must be letters, digits, '.', '_' or '-' (NAME=DIR)")
+            raise ConfigError(f"--adapter {spec}: name {name!r} must be letters, digits, '.', '_' or '-' (NAME=DIR)")
         if name in out:
-            raise ValueError(f"--adapter {spec}: the name {name!r} is used twice; give NAME=DIR")
+            raise ConfigError(f"--adapter {spec}: the name {name!r} is used twice; give NAME=DIR")
         out[name] = Path(path)
     return out
 
@@ -133,9 +137,6 @@ def load_models(
         base_only: serve only the base model of the adapters.
         device: auto, cpu, cuda or cuda:N.
     """
-    from .infer import _dtype_for
-    from .train import read_adapter, read_run_card
-
     adapters = {name: Path(d) for name, d in (adapters or {}).items()}
     if not adapters and not model:
         raise ModelError("give an adapter dir (a trained run) or a model (a base or merged model)")
@@ -159,7 +160,7 @@ def load_models(
 
     dev = pick_device(device)
     quantize = base_quantization(list(cards.values()), dev) if adapters and not base_only else None
-    net = load_model(base_path, _dtype_for(dev), dev, quantize=quantize)
+    net = load_model(base_path, dtype_for(dev), dev, quantize=quantize)
     first = next(iter(adapters), None)
     base_tok = load_tokenizer(str(adapters[first]) if first else base_path)
     base_tok.padding_side = "left"
@@ -176,48 +177,28 @@ def load_models(
                 net.load_adapter(str(d), adapter_name=name)
             tok = load_tokenizer(str(d))
             tok.padding_side = "left"
-            system = cards[name].get("template", {}).get("system_prompt")
-            served[name] = ServedModel(name, ChatModel(net, tok, system, name), name)
+            system = system_prompt(cards[name])
+            served[name] = ServedModel(name, ChatModel(net, tok, system, name, adapter=name), name)
             log.info("loaded adapter %s from %s", name, d)
-    base_system = base_card.get("template", {}).get("system_prompt")
-    served = {base_name: ServedModel(base_name, ChatModel(net, base_tok, base_system, base_name), None), **served}
+    base_system = system_prompt(base_card)
+    base_chat = ChatModel(net, base_tok, base_system, base_name, adapter=BASE)
+    served = {base_name: ServedModel(base_name, base_chat, None), **served}
     return ModelSet(served, _context_length(net, base_tok))
 
 
 # ---------------------------------------------------------------- queue
 
 
-class _Gate:
-    """A FIFO lock: requests get the model in arrival order, so one can't starve behind later ones."""
-
-    def __init__(self) -> None:
-        self._mu = threading.Lock()
-        self._waiters: deque[threading.Event] = deque()
-        self._busy = False
-
-    def acquire(self) -> None:
-        with self._mu:
-            if not self._busy:
-                self._busy = True
-                return
-            turn = threading.Event()
-            self._waiters.append(turn)
-        turn.wait()
-
-    def release(self) -> None:
-        with self._mu:
-            if self._waiters:
-                self._waiters.popleft().set()  # hand over: stays busy
-            else:
-                self._busy = False
-
-
 class Admission:
-    """Bounded queue in front of the model: one running plus ``max_queue`` waiting; counts for tests and logs."""
+    """Bounded admission in front of the batcher: ``max_batch`` running plus ``max_queue`` waiting; past that, 503.
 
-    def __init__(self, max_queue: int) -> None:
-        self.capacity = max_queue + 1
-        self.gate = _Gate()
+    Counts for ``/health``, tests and logs. ``gate`` is the batcher's: held while a batch runs.
+    """
+
+    def __init__(self, max_queue: int, max_batch: int, gate: threading.Lock) -> None:
+        self.capacity = max_batch + max_queue
+        self.max_batch = max_batch
+        self.gate = gate
         self.in_flight = 0
         self.cancelled = 0
         self.completed = 0
@@ -240,8 +221,8 @@ class Admission:
                 self._avg_s = 0.8 * self._avg_s + 0.2 * seconds
 
     def retry_after(self) -> int:
-        """Seconds until a slot is likely free: the requests ahead times the mean time one takes on the model."""
-        return max(1, min(60, math.ceil(self._avg_s * self.in_flight)))
+        """Seconds until a slot is likely free: the batches ahead times the mean time a request takes."""
+        return max(1, min(60, math.ceil(self._avg_s * self.in_flight / self.max_batch)))
 
 
 # ---------------------------------------------------------------- requests
@@ -320,10 +301,10 @@ class _ChatBody(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[_Message] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=10**6)
-    repetition_penalty: float | None = Field(None, gt=0, le=100)
+    temperature: float | None = Field(None, **SamplingConfig.bounds("temperature"))
+    top_p: float | None = Field(None, **SamplingConfig.bounds("top_p"))
+    top_k: int | None = Field(None, **SamplingConfig.bounds("top_k"))
+    repetition_penalty: float | None = Field(None, **SamplingConfig.bounds("repetition_penalty"))
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -331,6 +312,7 @@ class _ChatBody(BaseModel):
     stop: Annotated[list[str], BeforeValidator(_stops)] = []
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
+    tools: list | None = None  # refused when not empty: chatlora models are tuned for plain chat
 
 
 def _param(loc: tuple) -> str | None:
@@ -407,6 +389,8 @@ def parse_chat_request(
             "model",
             "model_not_found",
         )
+    if body.tools:
+        raise ApiError(400, "'tools' is not supported: this server does plain chat", "tools", "unsupported_parameter")
     if len(body.messages) > max_messages:
         raise ApiError(
             400,
@@ -449,84 +433,6 @@ def parse_chat_request(
     )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return ChatRequest(served, messages, sampling, body.stop, bool(body.stream), include_usage, prompt_ids)
-
-
-# ---------------------------------------------------------------- generation
-
-
-@dataclass
-class _Outcome:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-def _produce(req: ChatRequest, admission: Admission, stop_event: threading.Event, emit) -> None:
-    """Worker thread: wait for the model, generate, call ``emit(kind, value)``; always frees the slot."""
-    service_s: float | None = None
-    cancelled = False
-    try:
-        admission.gate.acquire()
-        started = time.perf_counter()
-        try:
-            if stop_event.is_set():  # the client left while queued
-                cancelled = True
-                emit("done", None)
-                return
-            served = req.model
-            net = served.chat.model
-            if served.adapter is not None:
-                net.set_adapter(served.adapter)
-            stream = served.chat.stream(
-                req.messages, req.sampling, use_adapter=served.adapter is not None, stop_event=stop_event
-            )
-            hold = max((len(s) for s in req.stop), default=1) - 1
-            buf, parts, matched = "", [], False
-            for piece in stream:
-                if matched:
-                    continue  # draining after a stop string: generation ends at the next token
-                buf += piece
-                hits = [i for i in (buf.find(s) for s in req.stop) if i >= 0]
-                if hits:
-                    buf, matched = buf[: min(hits)], True
-                    stop_event.set()
-                    cut = len(buf)
-                else:
-                    cut = len(buf) - hold
-                if cut > 0:
-                    parts.append(buf[:cut])
-                    emit("delta", buf[:cut])
-                    buf = buf[cut:]
-            if buf:
-                parts.append(buf)
-                emit("delta", buf)
-            reply = stream.reply
-            cancelled = stop_event.is_set() and not matched
-            finish = "stop" if matched else reply.finish_reason
-            emit("done", _Outcome("".join(parts), finish, reply.prompt_tokens, reply.completion_tokens))
-        finally:
-            service_s = time.perf_counter() - started
-            admission.gate.release()
-    except BaseException as e:  # surfaced to the request handler
-        log.exception("generation failed")
-        emit("error", e)
-    finally:
-        admission.leave(None if cancelled else service_s, cancelled)
-
-
-def _start(req: ChatRequest, admission: Admission, stop_event: threading.Event) -> asyncio.Queue:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def emit(kind: str, value: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            stop_event.set()
-
-    threading.Thread(target=_produce, args=(req, admission, stop_event, emit), daemon=True).start()
-    return queue
 
 
 # ---------------------------------------------------------------- app
@@ -686,42 +592,8 @@ class _Guard:
         await self.app(scope, capped_receive, send)
 
 
-def create_app(
-    models: ModelSet,
-    api_key: str | None = None,
-    max_queue: int = 16,
-    log_prompts: bool = False,
-    default_max_tokens: int = 256,
-    max_body_bytes: int = MAX_BODY_BYTES,
-    max_messages: int = MAX_MESSAGES,
-    allowed_hosts: Sequence[str] = (),
-    allowed_origins: Sequence[str] = (),
-):
-    """The FastAPI app: ``/v1/models``, ``/v1/chat/completions`` (SSE streaming), ``/health`` and the page at ``/``.
-
-    Args:
-        models: what :func:`load_models` returned.
-        api_key: if set, every ``/v1/*`` call needs ``Authorization: Bearer <api_key>``, and ``/health`` says only
-            ``{"status": "ok"}``. Without one, ``Host`` must be an IP address, localhost or in ``allowed_hosts``,
-            and a browser's ``Origin`` must be the server's own or match ``allowed_origins``.
-        max_queue: requests that may wait behind the running one; more get 503 with ``Retry-After``.
-        log_prompts: also log the request's messages (off by default: prompts may be private).
-        default_max_tokens: reply length limit for requests that give no ``max_tokens``.
-        max_body_bytes: larger request bodies get 413.
-        max_messages: requests with more messages get 400.
-        allowed_hosts: more ``Host`` names to accept (``"*"``: any).
-        allowed_origins: ``Origin`` patterns to accept and answer with CORS headers, e.g. ``http://localhost:*``
-            (``"*"``: any).
-    """
-    if max_queue < 0:
-        raise ValueError("max_queue must be >= 0")
-    if max_body_bytes <= 0 or max_messages <= 0:
-        raise ValueError("max_body_bytes and max_messages must be > 0")
-    app = FastAPI(title="chatlora", docs_url=None, redoc_url=None, openapi_url=None)
-    admission = Admission(max_queue)
-    app.state.models = models
-    app.state.admission = admission
-    key_bytes = api_key.encode() if api_key else None
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error, ours or the framework's, answered in OpenAI's shape."""
 
     def error_response(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -744,34 +616,50 @@ def create_app(
         log.exception("internal error")
         return error_response(ApiError(500, "internal server error", None, "internal_error", kind="server_error"))
 
+
+def _add_info_routes(app: FastAPI, models: ModelSet, admission: Admission, public: bool) -> None:
+    """``/health``, the web page at ``/`` and ``/v1/models``. ``public``: no API key, so /health may say more."""
+
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        if key_bytes is not None:  # only liveness: what is served and how busy it is are for key holders
+        if not public:  # only liveness: what is served and how busy it is are for key holders
             return {"status": "ok"}
         return {
             "status": "ok",
             "models": list(models.models),
             "in_flight": admission.in_flight,
             "capacity": admission.capacity,
+            "max_batch": admission.max_batch,
         }
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return HTMLResponse(resources.files("chatlora").joinpath("web/index.html").read_text(encoding="utf-8"))
 
+    def card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": models.created, "owned_by": "chatlora"}
+
     @app.get("/v1/models")
     async def list_models():
-        data = [
-            {"id": name, "object": "model", "created": models.created, "owned_by": "chatlora"}
-            for name in models.models
-        ]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [card(name) for name in models.models]}
 
     @app.get("/v1/models/{name}")
     async def get_model(name: str):
         if name not in models.models:
             raise ApiError(404, f"The model '{name}' does not exist", "model", "model_not_found")
-        return {"id": name, "object": "model", "created": models.created, "owned_by": "chatlora"}
+        return card(name)
+
+
+def _add_chat_route(
+    app: FastAPI,
+    models: ModelSet,
+    admission: Admission,
+    batcher: Batcher,
+    default_max_tokens: int,
+    max_messages: int,
+    log_prompts: bool,
+) -> None:
+    """``/v1/chat/completions``: validate, admit (or 503), hand the row to the batcher, answer or stream."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -794,112 +682,44 @@ def create_app(
                 kind="server_error",
                 headers={"Retry-After": str(admission.retry_after())},
             )
-        stop_event = threading.Event()
         try:
-            queue = _start(req, admission, stop_event)
+            job = _Job(req, admission)
+            batcher.submit(job.row())
         except BaseException:
             admission.leave()
             raise
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def usage(o: _Outcome) -> dict:
-            return {
-                "prompt_tokens": o.prompt_tokens,
-                "completion_tokens": o.completion_tokens,
-                "total_tokens": o.prompt_tokens + o.completion_tokens,
-            }
-
-        def note(o: _Outcome | None) -> None:
-            if o is not None:
-                info.update(completion_tokens=o.completion_tokens, finish=o.finish_reason)
-            if stop_event.is_set() and (o is None or o.finish_reason != "stop"):
+        def note(reply: Reply | None) -> None:
+            if reply is not None:
+                info.update(completion_tokens=reply.completion_tokens, finish=reply.finish_reason)
+            if reply is None or reply.finish_reason == "cancelled":
                 info["cancelled"] = True
 
-        if not req.stream:
-            done = False
-            try:
-                while not done:
-                    try:
-                        kind, value = await asyncio.wait_for(queue.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            stop_event.set()  # the worker sees it at the next token and frees the slot
-                        continue
-                    if kind == "error":
-                        raise ApiError(
-                            500, f"generation failed: {value}", None, "generation_error", kind="server_error"
-                        )
-                    done = kind == "done"
-            finally:
-                if not done:
-                    stop_event.set()
-            note(value)
-            if value is None:
-                raise ApiError(499, "client closed the request", None, "cancelled")
-            return {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": req.model.name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": value.text},
-                        "logprobs": None,
-                        "finish_reason": value.finish_reason,
-                    }
-                ],
-                "usage": usage(value),
-                "system_fingerprint": None,
-            }
-
-        def chunk(delta: dict | None, finish: str | None = None, **extra) -> str:
-            choices = (
-                [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        if req.stream:
+            return StreamingResponse(
+                _sse(job, note),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-            data = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": req.model.name,
-                "system_fingerprint": None,
-                "choices": choices,
-                **extra,
-            }
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+        try:
+            body = await _complete(job, request)
+        except ApiError:
+            note(None)
+            raise
+        info.update(completion_tokens=body["usage"]["completion_tokens"], finish=body["choices"][0]["finish_reason"])
+        return body
 
-        async def events() -> AsyncIterator[str]:
-            outcome = None
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    kind, value = await queue.get()
-                    if kind == "delta":
-                        yield chunk({"content": value})
-                    elif kind == "error":
-                        err = ApiError(
-                            500, f"generation failed: {value}", None, "generation_error", kind="server_error"
-                        )
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                        break
-                    else:
-                        outcome = value
-                        yield chunk({}, outcome.finish_reason)
-                        if req.include_usage:  # OpenAI's shape: one more chunk, no choices, the usage
-                            yield chunk(None, usage=usage(outcome))
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                if outcome is None:
-                    stop_event.set()  # client gone (or error): cancel the generation, free the slot
-                note(outcome)
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
-
-    if key_bytes is not None:
-        app.add_middleware(_Auth, key=key_bytes)
+def _add_guards(
+    app: FastAPI,
+    key: bytes | None,
+    allowed_hosts: Sequence[str],
+    allowed_origins: Sequence[str],
+    max_body_bytes: int,
+) -> None:
+    """The middleware stack, innermost first: API key, CORS, Host/Origin/size guard, access log."""
+    if key is not None:
+        app.add_middleware(_Auth, key=key)
     origins = [o for o in allowed_origins if o]
     if origins:  # outside _Auth: a browser's preflight carries no key
         if "*" in origins:
@@ -908,17 +728,195 @@ def create_app(
             regex = "|".join(fnmatch.translate(o) for o in origins)
             app.add_middleware(CORSMiddleware, allow_origin_regex=regex, allow_methods=["*"], allow_headers=["*"])
     # With a key, neither rebinding nor a cross-site page gets anywhere without it: Host and Origin go unchecked.
-    hosts = (
-        None if key_bytes is not None or "*" in allowed_hosts else {*LOCAL_HOSTS, *(h.lower() for h in allowed_hosts)}
-    )
+    hosts = None if key is not None or "*" in allowed_hosts else {*LOCAL_HOSTS, *(h.lower() for h in allowed_hosts)}
     app.add_middleware(
         _Guard,
         max_body_bytes=max_body_bytes,
         hosts=hosts,
-        origins=None if key_bytes is not None or "*" in origins else origins,
+        origins=None if key is not None or "*" in origins else origins,
     )
     app.add_middleware(_AccessLog)  # outermost: refusals and 401s are logged too
+
+
+def create_app(
+    models: ModelSet,
+    api_key: str | None = None,
+    max_queue: int = 16,
+    max_batch: int = MAX_BATCH,
+    log_prompts: bool = False,
+    default_max_tokens: int = 256,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_messages: int = MAX_MESSAGES,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
+):
+    """The FastAPI app: ``/v1/models``, ``/v1/chat/completions`` (SSE streaming), ``/health`` and the page at ``/``.
+
+    Args:
+        models: what :func:`load_models` returned.
+        api_key: if set, every ``/v1/*`` call needs ``Authorization: Bearer <api_key>``, and ``/health`` says only
+            ``{"status": "ok"}``. Without one, ``Host`` must be an IP address, localhost or in ``allowed_hosts``,
+            and a browser's ``Origin`` must be the server's own or match ``allowed_origins``.
+        max_queue: requests that may wait beyond a full batch; more get 503 with ``Retry-After``.
+        max_batch: requests generated together (dynamic batching, :class:`~chatlora.infer.Batcher`); 1: one at a
+            time.
+        log_prompts: also log the request's messages (off by default: prompts may be private).
+        default_max_tokens: reply length limit for requests that give no ``max_tokens``.
+        max_body_bytes: larger request bodies get 413.
+        max_messages: requests with more messages get 400.
+        allowed_hosts: more ``Host`` names to accept (``"*"``: any).
+        allowed_origins: ``Origin`` patterns to accept and answer with CORS headers, e.g. ``http://localhost:*``
+            (``"*"``: any).
+    """
+    if max_queue < 0 or max_batch < 1:
+        raise ConfigError("max_queue must be >= 0 and max_batch >= 1")
+    if max_body_bytes <= 0 or max_messages <= 0:
+        raise ConfigError("max_body_bytes and max_messages must be > 0")
+    app = FastAPI(title="chatlora", docs_url=None, redoc_url=None, openapi_url=None)
+    first = next(iter(models.models.values())).chat  # every served model shares this network
+    batcher = Batcher(first.model, first.tokenizer.pad_token_id, max_batch)
+    admission = Admission(max_queue, max_batch, batcher.gate)
+    app.state.models, app.state.admission, app.state.batcher = models, admission, batcher
+    key = api_key.encode() if api_key else None
+    _add_error_handlers(app)
+    _add_info_routes(app, models, admission, public=key is None)
+    _add_chat_route(app, models, admission, batcher, default_max_tokens, max_messages, log_prompts)
+    _add_guards(app, key, allowed_hosts, allowed_origins, max_body_bytes)
     return app
+
+
+# ---------------------------------------------------------------- generation
+
+
+class _Job:
+    """One admitted request on its way through the batcher: its events arrive on an asyncio queue.
+
+    Events: ``("delta", text)``, then ``("done", Reply)`` or ``("error", exception)``. The admission slot is given back
+    exactly once, when the row finishes, fails or is cancelled (``cancel`` set: the client left).
+    """
+
+    def __init__(self, req: ChatRequest, admission: Admission) -> None:
+        self.req = req
+        self.admission = admission
+        self.cancel = threading.Event()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self._loop = asyncio.get_running_loop()
+        self._submitted = time.perf_counter()
+
+    def row(self) -> Row:
+        return self.req.model.chat.row(
+            self.req.prompt_ids,
+            self.req.sampling,
+            stop=self.req.stop,
+            on_text=lambda text: self._emit("delta", text),
+            on_done=self._done,
+            on_error=self._failed,
+            cancel=self.cancel,
+        )
+
+    def _emit(self, kind: str, value: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            self.cancel.set()
+
+    def _done(self, reply: Reply) -> None:
+        cancelled = reply.finish_reason == "cancelled"
+        self.admission.leave(None if cancelled else time.perf_counter() - self._submitted, cancelled)
+        self._emit("done", reply)
+
+    def _failed(self, e: BaseException) -> None:
+        self.admission.leave()
+        self._emit("error", e)
+
+    def usage(self, reply: Reply) -> dict:
+        return {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+        }
+
+
+def _generation_failed(e: BaseException) -> ApiError:
+    return ApiError(500, f"generation failed: {e}", None, "generation_error", kind="server_error")
+
+
+async def _complete(job: _Job, request: Request) -> dict:
+    """A non-streamed reply: wait for the row, cancelling it if the client hangs up meanwhile."""
+    reply: Reply | None = None
+    try:
+        while reply is None:
+            try:
+                kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel.set()  # the batcher ends the row at its next token and frees the slot
+                continue
+            if kind == "error":
+                raise _generation_failed(value)
+            if kind == "done":
+                reply = value
+    finally:
+        if reply is None:
+            job.cancel.set()
+    if reply.finish_reason == "cancelled":
+        raise ApiError(499, "client closed the request", None, "cancelled")
+    return {
+        "id": job.id,
+        "object": "chat.completion",
+        "created": job.created,
+        "model": job.req.model.name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": reply.text},
+                "logprobs": None,
+                "finish_reason": reply.finish_reason,
+            }
+        ],
+        "usage": job.usage(reply),
+        "system_fingerprint": None,
+    }
+
+
+def _chunk(job: _Job, delta: dict | None, finish: str | None = None, **extra) -> str:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    data = {
+        "id": job.id,
+        "object": "chat.completion.chunk",
+        "created": job.created,
+        "model": job.req.model.name,
+        "system_fingerprint": None,
+        "choices": choices,
+        **extra,
+    }
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _sse(job: _Job, on_end: Callable[[Reply | None], None]) -> AsyncIterator[str]:
+    """A streamed reply as server-sent events in OpenAI's shape; a client that leaves cancels its row."""
+    reply: Reply | None = None
+    try:
+        yield _chunk(job, {"role": "assistant", "content": ""})
+        while True:
+            kind, value = await job.events.get()
+            if kind == "delta":
+                yield _chunk(job, {"content": value})
+            elif kind == "error":
+                yield f"data: {json.dumps(_generation_failed(value).body())}\n\n"
+                break
+            else:
+                reply = value
+                yield _chunk(job, {}, reply.finish_reason)
+                if job.req.include_usage:  # OpenAI's shape: one more chunk, no choices, the usage
+                    yield _chunk(job, None, usage=job.usage(reply))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if reply is None:
+            job.cancel.set()  # client gone (or error): cancel the row, free the slot
+        on_end(reply)
 
 
 # ---------------------------------------------------------------- running
@@ -1040,7 +1038,7 @@ def _server_config(
     import uvicorn
 
     if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:
-        raise ValueError("read_timeout, timeout_keep_alive and max_connections must be > 0")
+        raise ConfigError("read_timeout, timeout_keep_alive and max_connections must be > 0")
     protocol = type("HttpProtocol", (_Http,), {"read_timeout": read_timeout, "max_connections": max_connections})
     return uvicorn.Config(
         app,
@@ -1057,7 +1055,7 @@ def _server_config(
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port``, or a ValueError that says why not (the port is taken, ...)."""
+    """A socket bound to ``host:port``, or a ConfigError that says why not (the port is taken, ...)."""
     sock = None
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(
@@ -1076,7 +1074,7 @@ def _bind(host: str, port: int) -> socket.socket:
             if e.errno == errno.EADDRINUSE
             else e.strerror or str(e)
         )
-        raise ValueError(f"cannot serve on {where}: {why}; pick another --port or --host") from None
+        raise ConfigError(f"cannot serve on {where}: {why}; pick another --port or --host") from None
 
 
 def run(
@@ -1088,6 +1086,7 @@ def run(
     port: int = 8000,
     api_key: str | None = None,
     max_queue: int = 16,
+    max_batch: int = MAX_BATCH,
     log_prompts: bool = False,
     default_max_tokens: int = 256,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -1100,7 +1099,7 @@ def run(
 ) -> None:
     """Load the models and serve them with uvicorn until interrupted (see :func:`create_app` for the options).
 
-    The port is taken before the models load: a busy port fails at once, with a ValueError saying so.
+    The port is taken before the models load: a busy port fails at once, with a ConfigError saying so.
     ``read_timeout``, ``timeout_keep_alive`` and ``max_connections``: see :class:`_Http`.
     """
     import uvicorn
@@ -1109,7 +1108,7 @@ def run(
     if host not in LOCAL_HOSTS and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
     if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:  # before the minutes of loading
-        raise ValueError("read_timeout, timeout_keep_alive and max_connections must be > 0")
+        raise ConfigError("read_timeout, timeout_keep_alive and max_connections must be > 0")
     sock = _bind(host, port)
     try:
         models = load_models(adapters, model, base_only, device)
@@ -1117,6 +1116,7 @@ def run(
             models,
             api_key=api_key,
             max_queue=max_queue,
+            max_batch=max_batch,
             log_prompts=log_prompts,
             default_max_tokens=default_max_tokens,
             max_body_bytes=max_body_bytes,
@@ -1131,41 +1131,3 @@ def run(
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
-
-
-class BackgroundServer:
-    """Run an app with uvicorn in a daemon thread on a free localhost port (for tests and benchmarks).
-
-    Use as a context manager; ``url`` is ``http://127.0.0.1:PORT``. The keyword options are :func:`run`'s.
-    """
-
-    def __init__(
-        self,
-        app,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        read_timeout: float = READ_TIMEOUT_S,
-        timeout_keep_alive: float = KEEP_ALIVE_S,
-        max_connections: int = MAX_CONNECTIONS,
-    ) -> None:
-        import uvicorn
-
-        config = _server_config(app, host, port, read_timeout, timeout_keep_alive, max_connections, graceful_s=2)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = ""
-
-    def __enter__(self) -> BackgroundServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
-        self.url = f"http://{host}:{port}"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)

@@ -3,12 +3,18 @@
 Both come from the same code path (:func:`_pieces`), so the prompt a tuned model sees at inference is a byte-exact
 (and token-exact) prefix of what it was trained on. Labels are ``-100`` everywhere except the assistant replies,
 which include their end-of-turn token (``<|im_end|>`` for ChatML) so the model learns to stop.
+
+Nothing about the model family is assumed: the end-of-turn token is read off the template (:func:`end_of_turn`),
+a template's own default system prompt is left to it, a system prompt it cannot take is folded into the first user
+turn (:func:`takes_system`), and a template's refusal (``raise_exception``) is a :class:`TemplateError`.
 """
 
 from __future__ import annotations
 
 import weakref
 from typing import NamedTuple
+
+from .errors import TemplateError
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -21,6 +27,7 @@ __all__ = [
     "ensure_chat_template",
     "render_text",
     "stop_token_ids",
+    "takes_system",
     "with_system",
 ]
 
@@ -35,10 +42,6 @@ CHATML_TEMPLATE = (
 )
 
 _PROBE = "\u2063chatlora-probe\u2063"
-
-
-class TemplateError(ValueError):
-    """The chat template cannot be split into prompt and reply spans."""
 
 
 class Encoded(NamedTuple):
@@ -66,14 +69,67 @@ def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def _apply(messages: list[dict], tokenizer, add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages],
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE,
+        )
+    except JinjaError as e:  # raise_exception() in the template (e.g. Gemma's strict user/model alternation)
+        roles = "/".join(m["role"] for m in messages[:8]) + ("/..." if len(messages) > 8 else "")
+        raise TemplateError(f"the chat template refuses the conversation {roles}: {e}") from None
+
+
 def render_text(messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> str:
-    """Render messages to text with the tokenizer's chat template (ChatML when it has none)."""
-    return tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in messages],
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        chat_template=getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE,
-    )
+    """Render messages to text with the tokenizer's chat template (ChatML when it has none).
+
+    A template that cannot take a system message (see :func:`takes_system`) gets the system prompt folded into the
+    first user turn, ``system + "\n\n" + user``, as Gemma-3's template does itself.
+
+    Raises:
+        TemplateError: The template refuses the conversation (its ``raise_exception``), or there is no user turn
+            right after a system prompt the template cannot take.
+    """
+    if messages and messages[0]["role"] == "system" and not takes_system(tokenizer):
+        messages = _fold_system(messages)
+    return _apply(messages, tokenizer, add_generation_prompt)
+
+
+_SYSTEM_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def takes_system(tokenizer) -> bool:
+    """Whether the chat template writes a system message, both in a prompt and in a conversation that ends on a
+    reply (training's). Gemma-2's raises on one, some drop it, Mistral v0.3's writes it into a final user turn only."""
+    key = getattr(tokenizer, "chat_template", None)
+    cached = _SYSTEM_CACHE.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    probe = [
+        {"role": "system", "content": _PROBE},
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "y"},
+    ]
+    try:
+        found = _PROBE in _apply(probe[:2], tokenizer, True) and _PROBE in _apply(probe, tokenizer, False)
+    except TemplateError:
+        found = False
+    _SYSTEM_CACHE[tokenizer] = (key, found)
+    return found
+
+
+def _fold_system(messages: list[dict]) -> list[dict]:
+    system, rest = messages[0]["content"], messages[1:]
+    if not rest or rest[0]["role"] != "user":
+        raise TemplateError(
+            "the chat template has no system role and the system prompt is not followed by a user turn to fold it into"
+        )
+    content = f"{system}\n\n{rest[0]['content']}" if system else rest[0]["content"]
+    return [{"role": "user", "content": content}, *rest[1:]]
 
 
 _EOT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

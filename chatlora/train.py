@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -20,10 +19,22 @@ from .config import TrainConfig
 from .data import DataError, Record, load_records, parse_columns
 from .kernels import apply_liger, label_only_loss
 from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
-from .packing import PackedDataset, collate_buckets, collate_packed
+from .packing import PackedDataset, collate
 from .plan import RunPlan, auto_val_count, make_plan, read_shape
+from .runcard import (
+    LOSS_PLOT,
+    METRICS,
+    RUN_CARD,
+    file_sha256,
+    json_safe,
+    plot_loss_curve,
+    read_adapter,
+    read_metrics,
+    read_run_card,
+    write_run_card,
+)
 from .rundir import begin_save, check_output_dir, clear_previous_run, find_resume, mark_complete, rotate
-from .template import IGNORE_INDEX, encode_conversation, end_of_turn, with_system
+from .template import IGNORE_INDEX, TemplateError, encode_conversation, end_of_turn, with_system
 
 __all__ = [
     "RUN_CARD",
@@ -31,7 +42,6 @@ __all__ = [
     "Split",
     "TrainingDiverged",
     "TrainResult",
-    "collate",
     "compile_layers",
     "encode_records",
     "file_sha256",
@@ -46,11 +56,9 @@ __all__ = [
     "train",
 ]
 
+# RUN_CARD, file_sha256, plot_loss_curve, read_adapter and read_run_card are re-exported from chatlora.runcard,
+# their home since inference stopped importing the trainer
 log = logging.getLogger(__name__)
-
-RUN_CARD = "chatlora.json"
-METRICS = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
 
 
 @dataclass
@@ -101,37 +109,32 @@ def split_records(records: list[Record], val_size: float | None, seed: int, allo
 
 
 def encode_records(
-    records: list[Record], tokenizer, system_prompt: str | None, max_length: int, train_on_prompt: bool = False
+    records: list[Record],
+    tokenizer,
+    system_prompt: str | None,
+    max_length: int,
+    source="data",
+    train_on_prompt: bool = False,
 ):
     """Encode records for training. Returns the examples, how many were truncated, and the records dropped because
-    not one reply token survived the cut (their prompt alone is longer than ``max_length``).
+    not one reply token survived the cut (their prompt alone is longer than ``max_length``). A record the chat
+    template refuses raises a DataError naming ``source`` and its line.
 
     ``train_on_prompt`` labels every token of a kept conversation (system prompt, user turns, template), not only
     the replies; the records kept are the same either way.
     """
     examples, truncated, empty = [], 0, []
     for r in records:
-        enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length)
+        try:
+            enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length)
+        except TemplateError as e:
+            raise DataError([f"{source}:{r.line}: {e}"]) from None
         truncated += enc.truncated
         if all(label == IGNORE_INDEX for label in enc.labels):
             empty.append(r)
             continue
         examples.append({"input_ids": enc.input_ids, "labels": list(enc.input_ids) if train_on_prompt else enc.labels})
     return examples, truncated, empty
-
-
-def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence of the batch; padding is masked out of attention and loss."""
-    width = max(len(ex["input_ids"]) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, ex in enumerate(batch):
-        n = len(ex["input_ids"])
-        ids[i, :n] = torch.tensor(ex["input_ids"])
-        labels[i, :n] = torch.tensor(ex["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -143,10 +146,6 @@ class _ListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return self.examples[i]
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -161,86 +160,6 @@ def _versions() -> dict[str, str]:
         "peft": peft.__version__,
         "accelerate": accelerate.__version__,
     }
-
-
-def read_run_card(adapter_dir: str | Path) -> dict[str, Any]:
-    """The ``chatlora.json`` of a run, or ``{}`` for an adapter trained elsewhere; ModelError naming a broken one."""
-    from .files import FileError, read_json_object
-
-    path = Path(adapter_dir) / RUN_CARD
-    if not path.is_file():
-        return {}
-    try:
-        card = read_json_object(path)
-    except FileError as e:
-        raise ModelError(str(e)) from None
-    for key in ("base_model", "template"):  # the parts that loaders index into
-        if key in card and not isinstance(card[key], dict):
-            raise ModelError(f'{path}: "{key}" is {json.dumps(card[key])[:40]}: expected a JSON object')
-    spec = card.get("base_model", {}).get("spec")
-    if spec is not None and not isinstance(spec, str):
-        raise ModelError(f'{path}: "base_model.spec" is {json.dumps(spec)[:40]}: expected the base model as a string')
-    return card
-
-
-def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], str]:
-    """Check that ``adapter_dir`` holds a PEFT adapter; return its run card and its base model spec.
-
-    The spec is the run card's (``embedded``, a dir, a hub id), else PEFT's ``base_model_name_or_path``. A missing,
-    damaged or incomplete file is a ModelError that names it.
-    """
-    from .files import FileError, read_json_object
-
-    adapter = Path(adapter_dir)
-    config_path = adapter / "adapter_config.json"
-    if not config_path.is_file():
-        raise ModelError(f"{adapter}: no adapter_config.json here; is this a chatlora output dir?")
-    try:
-        config = read_json_object(config_path)
-    except FileError as e:
-        raise ModelError(str(e)) from None
-    weights = [adapter / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
-    if not any(w.is_file() for w in weights):
-        raise ModelError(
-            f"{adapter}: no adapter weights ({weights[0]} is missing): the run may not have finished; "
-            "use one of its checkpoint-N folders or train again"
-        )
-    card = read_run_card(adapter)
-    spec = card.get("base_model", {}).get("spec")
-    if spec is None:
-        spec = config.get("base_model_name_or_path")
-        if not isinstance(spec, str) or not spec:
-            raise ModelError(
-                f'{config_path}: no "base_model_name_or_path": expected the base model the adapter was trained on'
-            )
-    return card, spec
-
-
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """Training loss (and held-out loss points) against step, from ``metrics.jsonl``; None if nothing to plot."""
-    rows = _read_metrics(Path(metrics_path))
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", color="#1f77b4")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o--", label="held-out loss", color="#d62728")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return Path(png_path)
 
 
 def _trainer_callback(metrics_path: Path):
@@ -309,7 +228,7 @@ def _trainer_callback(metrics_path: Path):
 
         def _write(self, row: dict) -> None:
             with metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+                f.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -318,21 +237,10 @@ def _trainer_callback(metrics_path: Path):
     return RunLogger()
 
 
-def _json_safe(value: Any) -> Any:
-    """JSON has no NaN or Infinity: a non-finite number (an fp16 overflow's grad norm) is written as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def whole_run(metrics_path: Path, end_time: float) -> dict[str, Any]:
     """Training time, mean loss and the last interval's tokens/s over every segment of a run (resumes included),
     from ``metrics.jsonl``."""
-    rows = _read_metrics(metrics_path)
+    rows = read_metrics(metrics_path)
     runtime, seg_start, seg_last = 0.0, None, None
     for r in rows:
         if r.get("event") == "begin":
@@ -354,12 +262,6 @@ def whole_run(metrics_path: Path, end_time: float) -> dict[str, Any]:
         "train_loss_mean": weighted / steps if steps else None,
         "tokens_per_second_recent": losses[-1].get("tokens_per_second_recent") if losses else None,
     }
-
-
-def _read_metrics(metrics_path: Path) -> list[dict]:
-    if not metrics_path.exists():
-        return []
-    return [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def training_args(cfg: TrainConfig, precision, device, has_eval: bool, plan: RunPlan):
@@ -470,14 +372,12 @@ def _trim_metrics(metrics_path: Path, checkpoint: str | None) -> None:
 
 
 def _collator(pad_id: int, label_index: bool, strategy: str = "pack"):
-    """Collates both packed micro-batches (training with packing) and plain examples (held-out loss)."""
+    """The Trainer's collator: PackedDataset micro-batches laid out by the packing strategy, plain examples (training
+    without packing, the held-out loss) padded."""
 
     def collate_any(batch: list) -> dict[str, Any]:
         if batch and isinstance(batch[0], list):  # PackedDataset items: lists of rows
-            rows = [row for item in batch for row in item]
-            if strategy == "bucket":
-                return collate_buckets(rows, pad_id, label_index=label_index)
-            return collate_packed(rows, pad_id, label_index=label_index)
+            return collate([row for item in batch for row in item], pad_id, strategy, label_index=label_index)
         return collate(batch, pad_id)
 
     return collate_any
@@ -660,10 +560,10 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     tokenizer = load_tokenizer(model_path)
     system_prompt = cfg.system_prompt or None
     train_ex, train_trunc, train_empty = encode_records(
-        split.train, tokenizer, system_prompt, cfg.max_length, cfg.train_on_prompt
+        split.train, tokenizer, system_prompt, cfg.max_length, cfg.data, cfg.train_on_prompt
     )
     # held-out loss counts the replies only, whatever is trained, so it compares across recipes and with `eval`
-    val_ex, val_trunc, val_empty = encode_records(split.val, tokenizer, system_prompt, cfg.max_length)
+    val_ex, val_trunc, val_empty = encode_records(split.val, tokenizer, system_prompt, cfg.max_length, cfg.data)
     if train_trunc or val_trunc:
         log.warning(
             "%d training and %d held-out conversations were longer than max_length=%d and were cut",
@@ -709,66 +609,100 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
 def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     """Run one LoRA training job end to end and write adapter, checkpoints, metrics, loss plot and run card.
 
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. a benchmark's timer).
+    Phases: encode the splits and plan (:func:`prepare_run`), claim the output dir, build the trainer, train, write
+    the adapter and run card. ``callbacks``: extra ``transformers.TrainerCallback`` objects (e.g. a benchmark's
+    timer).
     """
-    from transformers import set_seed
-
-    out = Path(cfg.output_dir)
     run = prepare_run(cfg)
     for line in run.lines():
         log.info("%s", line)
+    checkpoint = _claim_output_dir(cfg, run)
+    built = _build_trainer(cfg, run, checkpoint, callbacks)
+    built.trainer.train(resume_from_checkpoint=checkpoint)
+    ended = time.time()
+    return _write_outputs(cfg, run, built, ended, _final_eval_loss(built.trainer, run))
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _claim_output_dir(cfg: TrainConfig, run: PreparedRun) -> str | None:
+    """Stop before any weights load if the run cannot fit or would clobber another; return the checkpoint to resume."""
     if not run.plan.fits and run.device.type == "cuda":
         raise ModelError(
             f"this run would not fit on {run.device}: estimated {run.plan.estimate.total:.1f} GiB against "
             f"{run.plan.available_gib:.1f} GiB available. "
             + ("Would fit: " + "; ".join(run.plan.alternatives) if run.plan.alternatives else "")
         )
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    if rank0:  # before weights load or anything is written: never clobber another run by accident
+    out = Path(cfg.output_dir)
+    if _rank0():
         check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
-    checkpoint = find_resume(out, cfg.resume)
-    plan, device, precision = run.plan, run.device, run.precision
+    return find_resume(out, cfg.resume)
 
+
+@dataclass
+class _BuiltTrainer:
+    trainer: Any
+    args: Any
+    logger: Any  # the RunLogger callback: progress bar, metrics.jsonl, skipped fp16 steps
+    metrics_path: Path
+    params: tuple[int, int]  # trainable, total
+
+
+def _build_trainer(cfg: TrainConfig, run: PreparedRun, checkpoint: str | None, callbacks) -> _BuiltTrainer:
+    """Model with LoRA as planned, a fresh (or, resuming, trimmed) metrics.jsonl, and the Trainer around both."""
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    out = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    model = prepare_model(cfg, run.model_path, device, precision, plan)
-    trainable, total = model.get_nb_trainable_parameters()
+    model = prepare_model(cfg, run.model_path, run.device, run.precision, run.plan)
+    params = model.get_nb_trainable_parameters()
 
-    if rank0 and cfg.overwrite and not checkpoint:
+    if _rank0() and cfg.overwrite and not checkpoint:
         clear_previous_run(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS
-    args = training_args(cfg, precision, device, bool(run.val_ex), plan)
+    args = training_args(cfg, run.precision, run.device, bool(run.val_ex), run.plan)
     if args.process_index == 0:
         _trim_metrics(metrics_path, checkpoint)
     logger = _trainer_callback(metrics_path)
-    trainer = make_trainer(cfg, model, run.tokenizer, args, run.train_ex, run.val_ex, plan, [logger, *callbacks])
-    from transformers.trainer_callback import PrinterCallback
-
+    trainer = make_trainer(cfg, model, run.tokenizer, args, run.train_ex, run.val_ex, run.plan, [logger, *callbacks])
     trainer.remove_callback(PrinterCallback)  # our RunLogger reports instead
-    trainer.train(resume_from_checkpoint=checkpoint)
-    ended = time.time()
-    eval_loss = None
-    if run.val_ex:
-        last = trainer.state.log_history[-2:] if trainer.state.log_history else []
-        done = [h["eval_loss"] for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]
-        eval_loss = done[0] if done else trainer.evaluate()["eval_loss"]
+    return _BuiltTrainer(trainer, args, logger, metrics_path, params)
 
+
+def _final_eval_loss(trainer, run: PreparedRun) -> float | None:
+    """The held-out loss at the last step: the one just logged, else measured now (None without a held-out split)."""
+    if not run.val_ex:
+        return None
+    last = trainer.state.log_history[-2:] if trainer.state.log_history else []
+    done = [h["eval_loss"] for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+    return done[0] if done else trainer.evaluate()["eval_loss"]
+
+
+def _write_outputs(
+    cfg: TrainConfig, run: PreparedRun, built: _BuiltTrainer, ended: float, eval_loss: float | None
+) -> TrainResult:
+    """The adapter and tokenizer (every rank takes part), then, on rank 0, the loss plot and the run card."""
+    out = Path(cfg.output_dir)
+    trainer = built.trainer
     trainer.save_model(str(out))  # PEFT adapter + tokenizer (with its chat template)
     plot_path = None
     card: dict[str, Any] = {}
     if trainer.is_world_process_zero():
-        plot_path = plot_loss_curve(metrics_path, out / LOSS_PLOT)
-        card = _run_card(cfg, run, trainer, args, metrics_path, ended, eval_loss, logger, (trainable, total))
-        (out / RUN_CARD).write_text(
-            json.dumps(_json_safe(card), ensure_ascii=False, indent=2, allow_nan=False) + "\n", encoding="utf-8"
-        )
-    return TrainResult(out, card, metrics_path, plot_path, trainer.model, run.tokenizer, run.split)
+        plot_path = plot_loss_curve(built.metrics_path, out / LOSS_PLOT)
+        card = _run_card(cfg, run, built, ended, eval_loss)
+        write_run_card(out, card)
+    return TrainResult(out, card, built.metrics_path, plot_path, trainer.model, run.tokenizer, run.split)
 
 
-def _run_card(cfg, run: PreparedRun, trainer, args, metrics_path, ended, eval_loss, logger, params) -> dict[str, Any]:
+def _run_card(cfg, run: PreparedRun, built: _BuiltTrainer, ended: float, eval_loss: float | None) -> dict[str, Any]:
+    trainer, args, logger, params = built.trainer, built.args, built.logger, built.params
     train_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     eot_token, _ = end_of_turn(run.tokenizer)
-    whole = whole_run(metrics_path, ended)
+    whole = whole_run(built.metrics_path, ended)
     tokens = trainer.state.num_input_tokens_seen
     peak = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2) if run.device.type == "cuda" else None
     return {

@@ -20,8 +20,11 @@ SMOL_TEMPLATE = (
 )
 
 
-def make_tokenizer(chat_template: str | None = None):
-    """Byte-level tokenizer, one token per byte (exact round trip for any text) plus ChatML specials."""
+CHATML_SPECIALS = {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "additional_special_tokens": ["<|im_start|>"]}
+
+
+def make_tokenizer(chat_template: str | None = None, special_tokens: dict | None = None):
+    """Byte-level tokenizer, one token per byte (exact round trip for any text) plus ChatML (or the given) specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -30,19 +33,19 @@ def make_tokenizer(chat_template: str | None = None):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.add_special_tokens(
-        {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "additional_special_tokens": ["<|im_start|>"]}
-    )
+    fast.add_special_tokens(special_tokens or CHATML_SPECIALS)
     if chat_template:
         fast.chat_template = chat_template
     return fast
 
 
-def make_model_dir(path: Path, chat_template: str | None = None, seed: int = 0) -> Path:
+def make_model_dir(
+    path: Path, chat_template: str | None = None, seed: int = 0, special_tokens: dict | None = None
+) -> Path:
     """Save a tiny random LlamaForCausalLM (2 layers, hidden 32) and its tokenizer into ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_tokenizer(chat_template)
+    tokenizer = make_tokenizer(chat_template, special_tokens)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

@@ -9,8 +9,10 @@ import pytest
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
+from serving import BackgroundServer  # noqa: E402
+
 from chatlora.infer import ChatModel, SamplingConfig  # noqa: E402
-from chatlora.serve import BackgroundServer, create_app, load_models  # noqa: E402
+from chatlora.serve import create_app, load_models  # noqa: E402
 from chatlora.template import encode_prompt, with_system  # noqa: E402
 
 pytestmark = pytest.mark.integration

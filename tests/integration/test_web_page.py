@@ -10,7 +10,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("playwright")
 httpx = pytest.importorskip("httpx")
 
-from chatlora.serve import BackgroundServer, create_app, load_models  # noqa: E402
+from serving import BackgroundServer  # noqa: E402
+
+from chatlora.serve import create_app, load_models  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(

@@ -15,7 +15,9 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from chatlora.serve import BackgroundServer, create_app, load_models  # noqa: E402
+from serving import BackgroundServer  # noqa: E402
+
+from chatlora.serve import create_app, load_models  # noqa: E402
 
 HI = [{"role": "user", "content": "hello there"}]
 

@@ -266,3 +266,25 @@ def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys):
     assert main(args) == 0
     assert (out / "chatlora.json").read_bytes() == card
     assert (tmp_path / "qs-2" / "chatlora.json").is_file() and "qs-2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"max_samples": 0}, "--max-samples must be > 0"),
+        ({"max_new_tokens": 0}, "--max-new-tokens must be > 0"),
+        ({"batch_size": -1}, "--batch-size must be > 0"),
+        ({"repetition_penalty": 0.0}, "--repetition-penalty must be > 0"),
+        ({"format": "alpaca"}, "--format and --columns apply to --data only"),
+        ({"columns": "output=reply"}, "--format and --columns apply to --data only"),
+    ],
+)
+def test_eval_config_refuses_bad_settings_naming_the_flag(settings, message):
+    """Guards against a bad eval setting getting past the config, to fail as a traceback once the model has loaded,
+    or failing with an error that does not name the flag."""
+    from chatlora.config import ConfigError
+    from chatlora.eval import EvalConfig
+
+    with pytest.raises(ConfigError, match=message):
+        EvalConfig("runs/x", **settings)
+    EvalConfig("runs/x", data="d.jsonl", format="alpaca", columns="output=reply")  # with --data they apply

@@ -562,3 +562,18 @@ def test_ollama_check(llama_f16, tmp_path, monkeypatch):
         == "created from the Modelfile; 2/2 greedy replies identical, 2/2 stop where the export's weights stop"
     )
     assert len(fake.chats) == 2 and json.loads(registry.read_text()) == {}  # removed again
+
+
+def test_parity_prompts_fall_back_to_built_in_ones_when_the_held_out_split_is_unusable(tmp_path):
+    """Guards against the parity check failing with a traceback (or a wall of data errors) when the run's dataset
+    is gone or no longer valid: it uses built-in prompts and says why in one line."""
+    from chatlora.export import _conversations, _Source
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n[]\n", encoding="utf-8")
+    for path, expected in ((tmp_path / "gone.jsonl", "the run's dataset is gone"), (bad, f"{bad}:1:")):
+        card = {"dataset": {"path": str(path), "val_indices": [0]}, "template": {"system_prompt": "S"}}
+        convs, what = _conversations(_Source("adapter", tmp_path, card, None), 2)
+        assert what.startswith("2 built-in prompts: ") and expected in what and "\n" not in what, what
+        assert convs[0][0] == {"role": "system", "content": "S"} and convs[0][-1]["role"] == "user"
+    assert "held-out" in _conversations(_Source("adapter", tmp_path, {}, None), 2)[1]  # no split recorded

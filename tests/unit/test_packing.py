@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from chatlora.config import ConfigError, TrainConfig
 from chatlora.kernels import label_only_loss
 from chatlora.model import apply_lora, load_model
-from chatlora.packing import PackedDataset, collate_buckets, collate_packed, pack_rows, plan_batches, plan_buckets
-from chatlora.train import collate, train
+from chatlora.packing import PackedDataset, collate, pack_rows, plan_batches, plan_buckets
+from chatlora.train import train
 
 
 def _examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -43,18 +43,33 @@ def test_pack_rows_fills_rows_without_overflow_and_uses_each_example_once():
     assert all(len(b) <= 4 for b in batches) and sum(len(b) for b in batches) == len(rows)
 
 
-def test_collate_packed_restarts_positions_and_masks_each_first_label():
+def test_collate_pack_restarts_positions_and_masks_each_first_label():
     """Guards against a conversation's first token being trained as the continuation of the previous one."""
     rows = [
         [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}],
         [{"input_ids": [4], "labels": [4]}],
     ]
-    b = collate_packed(rows, pad_id=0, label_index=True)
+    b = collate(rows, pad_id=0, layout="pack", label_index=True)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 0, 0, 0, 0]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
     assert b["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, -100, -100, -100, -100]]
     assert "attention_mask" not in b and b["num_real_tokens"] == 6
     assert b["label_index"].tolist() == [0, 1, 3]  # flat positions in labels[:, 1:]
+
+
+def test_collate_bucket_pads_right_without_mask_or_positions():
+    """Guards against the bucket layout growing an attention mask or position_ids (either takes attention off the
+    fused causal kernels) or masking a first label, and against the padded layout counting real tokens (the
+    Trainer counts those batches itself: they would be counted twice)."""
+    rows = [[{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}], [{"input_ids": [8], "labels": [8]}]]
+    b = collate(rows, pad_id=0, layout="bucket", label_index=True)
+    assert sorted(b) == ["input_ids", "label_index", "labels", "num_real_tokens"]
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["labels"].tolist() == [[5, 6, 7], [8, -100, -100]]
+    assert b["num_real_tokens"] == 4 and b["label_index"].tolist() == [0, 1]
+    padded = collate([row[0] for row in rows], pad_id=0)
+    assert sorted(padded) == ["attention_mask", "input_ids", "labels"]
+    assert padded["labels"].tolist() == b["labels"].tolist()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -73,7 +88,7 @@ def test_packed_forward_gives_the_same_per_sample_loss_as_one_at_a_time(tiny_mod
             )
             for e in exs
         }
-        b = collate_packed(rows, pad_id=0)
+        b = collate(rows, pad_id=0, layout="pack")
         logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"]).logits
         leaky = model(input_ids=b["input_ids"]).logits  # no restarts: later conversations see earlier ones
     differs = False
@@ -116,10 +131,10 @@ def test_packed_label_only_training_step_equals_padded_full_loss_step(tiny_model
     lengths = [len(e["input_ids"]) for e in exs]
     if strategy == "pack":
         plan = [row for batch in plan_batches(lengths, 64, 10**6) for row in batch]
-        b = collate_packed([[exs[i] for i in row] for row in plan], pad_id=0, label_index=True)
+        b = collate([[exs[i] for i in row] for row in plan], pad_id=0, layout="pack", label_index=True)
     else:
         plan = [row for batch in plan_buckets(lengths, 10**6) for row in batch]
-        b = collate_buckets([[exs[i] for i in row] for row in plan], pad_id=0, label_index=True)
+        b = collate([[exs[i] for i in row] for row in plan], pad_id=0, layout="bucket", label_index=True)
     b.pop("num_real_tokens")
     got, got_g = _loss_and_grads(model, lambda: label_only_loss(model, b))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

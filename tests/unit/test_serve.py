@@ -14,30 +14,14 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
+from serving import BackgroundServer, make_adapter  # noqa: E402
+
 from chatlora.infer import ChatModel, SamplingConfig  # noqa: E402
 from chatlora.model import ModelError  # noqa: E402
-from chatlora.serve import BackgroundServer, create_app, load_models, parse_adapters  # noqa: E402
+from chatlora.serve import create_app, load_models, parse_adapters  # noqa: E402
 
 HI = [{"role": "user", "content": "hello there"}]
 GREEDY = {"temperature": 0, "max_tokens": 8}
-
-
-def make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
-    """A random (non-zero) LoRA adapter for ``base_dir``, saved with its tokenizer like a chatlora run."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from chatlora.model import load_tokenizer
-
-    torch.manual_seed(seed)
-    net = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(
-        r=4, lora_alpha=256, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], init_lora_weights=False
-    )
-    get_peft_model(net, config).save_pretrained(out)
-    load_tokenizer(str(base_dir)).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +46,8 @@ def server(models):
 
 @pytest.fixture(scope="module")
 def locked_server(models):
-    """An API-key server with no queue room beyond the running request, logging prompts."""
-    with BackgroundServer(create_app(models, api_key="s3cret", max_queue=0, log_prompts=True)) as srv:
+    """An API-key server with room for one request (a batch of one, no queue), logging prompts."""
+    with BackgroundServer(create_app(models, api_key="s3cret", max_queue=0, max_batch=1, log_prompts=True)) as srv:
         yield srv
 
 

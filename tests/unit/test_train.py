@@ -17,7 +17,8 @@ from conftest import write_jsonl
 from chatlora.config import ConfigError, TrainConfig, load_config
 from chatlora.data import DataError
 from chatlora.model import ModelError, apply_lora, linear_module_names, load_model, pick_precision
-from chatlora.train import collate, split_records, train
+from chatlora.packing import collate
+from chatlora.train import split_records, train
 
 
 def tiny_cfg(model_dir, data, out, **kw) -> TrainConfig:

@@ -1,0 +1,292 @@
+"""Batched generation (issue 12): rows of one batch behave as if each were generated alone."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+from serving import make_adapter
+
+from chatlora.infer import BASE, Batcher, ChatModel, SamplingConfig, generate_rows
+
+GREEDY = SamplingConfig(max_new_tokens=10, temperature=0)
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "hello there, how are you today? " * 3}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c d e"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chats(tiny_model_dir, tmp_path_factory) -> dict[str, ChatModel]:
+    """Three views of one network: the base and two random adapters (as the server holds them)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from chatlora.model import load_tokenizer
+
+    root = tmp_path_factory.mktemp("batch-adapters")
+    dirs = {name: make_adapter(tiny_model_dir, root / name, seed) for name, seed in (("alpha", 1), ("beta", 2))}
+    net = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(dirs["alpha"]), adapter_name="alpha"
+    )
+    net.load_adapter(str(dirs["beta"]), adapter_name="beta")
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.padding_side = "left"
+    return {
+        name: ChatModel(net, tok, None, name, adapter=adapter)
+        for name, adapter in [("base", BASE), *((n, n) for n in dirs)]
+    }
+
+
+def _rows(chats, sampling):
+    return [
+        chats[name].row(chats[name].prompt_ids(conv), sampling)
+        for name in ("alpha", "base", "beta")
+        for conv in CONVERSATIONS
+    ]
+
+
+def test_mixed_batch_equals_each_request_alone(chats):
+    """Bug: a batch mixed lengths and adapters wrongly (padding seen as tokens, positions off by the padding, a row
+    run with another row's adapter), so a reply depended on its batch company instead of being the one it gets alone."""
+    alone = []
+    for row in _rows(chats, GREEDY):
+        generate_rows(chats["base"].model, [row], chats["base"].tokenizer.pad_token_id)
+        alone.append(row._tokens)
+    together = _rows(chats, GREEDY)
+    generate_rows(chats["base"].model, together, chats["base"].tokenizer.pad_token_id)
+    assert len({len(r.prompt_ids) for r in together}) == 3, "the prompts should differ in length"
+    assert len({tuple(t) for t in alone}) >= 6, "the three models should answer differently"
+    assert [r._tokens for r in together] == alone
+    assert all(r.reply.completion_tokens == len(t) for r, t in zip(together, alone, strict=True))
+
+
+def test_greedy_rows_match_plain_generate(chats):
+    """Bug: the per-row sampler changed greedy decoding (e.g. the repetition penalty applied twice or not at all)."""
+    import torch
+
+    chat = chats["beta"]
+    ids = chat.prompt_ids(CONVERSATIONS[1])
+    x = torch.tensor([ids])
+
+    def plain(penalty: float) -> list[int]:
+        out = chat.model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=24,
+            do_sample=False,
+            repetition_penalty=penalty,
+            eos_token_id=chat.stop_ids,
+            adapter_names=["beta"],
+        )
+        return out[0, len(ids) :].tolist()
+
+    want = plain(3.0)
+    assert want != plain(1.0), "the penalty should change this reply"
+    row = chat.row(ids, SamplingConfig(max_new_tokens=24, temperature=0, repetition_penalty=3.0))
+    chat.run([row])
+    assert row._tokens == [t for t in want if t not in chat.stop_ids]
+
+
+def test_the_penalty_never_sees_left_padding(chats):
+    """Bug: the repetition penalty of a left-padded row also hit the pad token, which a row alone never holds."""
+    import torch
+
+    from chatlora.infer import _RowSampler
+
+    chat = chats["base"]
+    pad = chat.tokenizer.pad_token_id
+    short, long_ = [5, 6], [7, 8, 9, 10]
+    rows = [chat.row(p, SamplingConfig(temperature=0, repetition_penalty=2.0)) for p in (short, long_)]
+    scores = torch.randn(2, len(chat.tokenizer))
+    scores[:, pad] = 3.0
+    batched = _RowSampler(rows, 4, torch.device("cpu"))(torch.tensor([[pad, pad, *short], long_]), scores.clone())
+    alone = _RowSampler(rows[:1], 2, torch.device("cpu"))(torch.tensor([short]), scores[:1].clone())
+    assert torch.equal(batched[0], alone[0])
+    assert batched[0, pad] == 3.0 and batched[0, 5] != scores[0, 5]
+
+
+def test_a_seed_gives_the_same_reply_in_any_batch(chats):
+    """Bug: seeded rows drew from one shared generator, so a seeded reply changed with what else was batched."""
+    seeded = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=7)
+    chat = chats["alpha"]
+    ids = chat.prompt_ids(CONVERSATIONS[0])
+    alone = chat.run([chat.row(ids, seeded)])[0].text
+    others = [chats["beta"].row(chats["beta"].prompt_ids(c), SamplingConfig(temperature=0.9)) for c in CONVERSATIONS]
+    together = chat.run([*others, chat.row(ids, seeded)])[-1].text
+    assert together == alone
+    other_seed = chat.run([chat.row(ids, SamplingConfig(**{**seeded.__dict__, "seed": 8}))])[0].text
+    assert other_seed != alone
+
+
+class _CancelAfter(threading.Event):
+    """A cancel flag that turns on at its n-th look: the row is cancelled mid-generation."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.looks, self.n = 0, n
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > self.n
+
+
+def test_rows_end_on_their_own(chats):
+    """Bug: a row's reply limit, stop string or cancellation ended the whole batch, or was ignored."""
+    chat = chats["base"]
+    ids = chat.prompt_ids(CONVERSATIONS[0])
+    full = chat.run([chat.row(ids, SamplingConfig(max_new_tokens=12, temperature=0))])[0]
+    stop = full.text[3:5]
+    cancel = threading.Event()
+    texts: list[str] = []
+    rows = [
+        chat.row(ids, SamplingConfig(max_new_tokens=3, temperature=0)),
+        chat.row(ids, SamplingConfig(max_new_tokens=12, temperature=0), stop=[stop], on_text=texts.append),
+        chat.row(ids, SamplingConfig(max_new_tokens=12, temperature=0), cancel=cancel),
+        chat.row(ids, SamplingConfig(max_new_tokens=12, temperature=0)),
+    ]
+    cancel.set()
+    later = _CancelAfter(3)  # cancelled at the third token
+    rows.append(chat.row(ids, SamplingConfig(max_new_tokens=12, temperature=0), cancel=later))
+    short, stopped, cancelled, whole, cut = chat.run(rows)
+    assert (cut.finish_reason, cut.completion_tokens) == ("cancelled", 2)
+    assert (short.finish_reason, short.completion_tokens) == ("length", 3)
+    assert full.text.startswith(short.text)
+    assert stopped.finish_reason == "stop" and stopped.text == full.text[: full.text.index(stop)]
+    assert "".join(texts) == stopped.text
+    assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens == 0
+    assert whole == full
+
+
+def test_batcher_runs_waiting_requests_together(chats):
+    """Bug: the batcher ran requests one at a time (or dropped some) instead of batching those that wait."""
+    chat = chats["alpha"]
+    batcher = Batcher(chat.model, chat.tokenizer.pad_token_id, max_batch=4, window_s=0)
+    done = threading.Semaphore(0)
+    rows = [chat.row(chat.prompt_ids(c), GREEDY, on_done=lambda r: done.release()) for c in CONVERSATIONS * 2]
+    with batcher.gate:  # the model is busy: all six wait
+        for row in rows:
+            batcher.submit(row)
+        time.sleep(0.1)
+        assert batcher.waiting() == 6
+    for _ in rows:
+        assert done.acquire(timeout=60)
+    assert (batcher.batches, batcher.rows_run) == (2, 6)
+    alone = [chat.run([chat.row(chat.prompt_ids(c), GREEDY)])[0] for c in CONVERSATIONS * 2]
+    assert [r.reply for r in rows] == alone
+
+
+def test_sampling_ranges_are_one_definition(tmp_path, capsys):
+    """Bug: the CLI and the server checked sampling values against different ranges."""
+    from chatlora.cli import main
+
+    assert SamplingConfig(top_p=0).problems() == [("top_p", "must be > 0 and <= 1")]
+    assert SamplingConfig(temperature=2.5).problems() == [("temperature", "must be >= 0 and <= 2")]
+    with pytest.raises(ValueError, match="repetition_penalty must be > 0"):
+        SamplingConfig(repetition_penalty=0).check()
+    assert main(["chat", "--model", str(tmp_path), "--prompt", "x", "--temperature", "2.5"]) == 2
+    assert "--temperature must be >= 0 and <= 2, got 2.5" in capsys.readouterr().err
+    from chatlora.serve import _ChatBody
+
+    limits = _ChatBody.model_json_schema()["properties"]["temperature"]["anyOf"][0]
+    assert (limits["minimum"], limits["maximum"]) == (0, 2)
+
+
+def test_generate_file_writes_each_prompt_with_its_own_system(chats, tmp_path):
+    """Bug: batching by length mixed system prompts up, or rows came back out of input order."""
+    from chatlora.infer import ReplyFile, generate_file, read_prompts
+
+    chat = chats["beta"]
+    rows = [
+        {"prompt": c[-1]["content"], **({"system": f"S{i}"} if i % 2 else {})} for i, c in enumerate(CONVERSATIONS)
+    ]
+    prompts = read_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
+    with ReplyFile(tmp_path / "out.jsonl") as out:
+        generate_file(chat, prompts, out, GREEDY, batch_size=2, system="default")
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [g["prompt"] for g in got] == [r["prompt"] for r in rows]
+    for row, g in zip(rows, got, strict=True):
+        want = chat.generate([{"role": "user", "content": row["prompt"]}], GREEDY, system=row.get("system", "default"))
+        assert g["reply"] == want.text
+
+
+def test_adapter_dir_has_what_vllm_needs(tmp_path, tiny_model_dir):
+    """Bug: a run's adapter dir lacked what `vllm serve BASE --enable-lora --lora-modules NAME=DIR` reads (PEFT
+    config with rank and targets, safetensors weights), or the tokenizer with the training chat template that the
+    README's recipe passes as --chat-template."""
+    from chatlora.config import TrainConfig
+    from chatlora.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "input": "", "output": "ok"} for i in range(8)])
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        data=str(data),
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        batch_size=4,
+        val_size=2,
+        eval_steps=0,
+        save_steps=100,
+        logging_steps=1,
+    )
+    out = Path(train(cfg).output_dir)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] > 0 and config["target_modules"]
+    assert not config.get("modules_to_save"), "vLLM's LoRA serves low-rank weights only"
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+    template = out / "chat_template.jinja"
+    if not template.exists():
+        template_text = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    else:
+        template_text = template.read_text()
+    assert "<|im_start|>" in template_text and "add_generation_prompt" in template_text
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>assistant\n")
+
+
+def test_a_dora_adapter_is_served_beside_lora_and_base(tiny_model_dir, tmp_path):
+    """Bug: a DoRA adapter (`chatlora train --dora`) made every batch it joined fail, since PEFT cannot mix DoRA
+    rows into a batch (`adapter_names=`); its rows must run apart, with the adapter active, and reply as alone."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from chatlora.model import load_tokenizer
+
+    net = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+        str(make_adapter(tiny_model_dir, tmp_path / "alpha", 1)),
+        adapter_name="alpha",
+    )
+    net.load_adapter(str(make_adapter(tiny_model_dir, tmp_path / "gamma", 3, dora=True)), adapter_name="gamma")
+    tok = load_tokenizer(str(tiny_model_dir))
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0, repetition_penalty=1.0)
+    views = {
+        n: ChatModel(net, tok, None, n, adapter=a) for n, a in (("base", BASE), ("alpha", "alpha"), ("gamma", "gamma"))
+    }
+    ids = views["base"].prompt_ids(CONVERSATIONS[0])
+
+    def plain(adapter: str | None) -> list[int]:
+        net.set_adapter(adapter or "alpha")
+        x = torch.tensor([ids])
+        kw = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False)
+        if adapter is None:
+            with net.disable_adapter():
+                return net.generate(**kw)[0, len(ids) :].tolist()
+        return net.generate(**kw)[0, len(ids) :].tolist()
+
+    want = {"base": plain(None), "alpha": plain("alpha"), "gamma": plain("gamma")}
+    assert len({tuple(w) for w in want.values()}) == 3
+    net.set_adapter("alpha")
+    rows = [views[n].row(ids, greedy) for n in ("gamma", "alpha", "base", "gamma")]
+    views["base"].run(rows)
+    assert [r._tokens for r in rows] == [want[n] for n in ("gamma", "alpha", "base", "gamma")]
+    assert net.active_adapter == "alpha"
