@@ -214,6 +214,24 @@ def test_records_without_a_reply_token_in_max_length_are_dropped(tiny_model_dir,
         train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=8, val_size=0))
 
 
+def test_train_on_prompt_labels_every_token_of_training_records_only(tiny_model_dir, tmp_path):
+    """Guards against `train_on_prompt` being ignored (replies-only labels), against it changing which records are
+    kept, and against it reaching the held-out examples (their loss must count the replies only, as `eval` does)."""
+    from chatlora.train import prepare_run
+
+    rows = [{"instruction": f"问题{i}", "input": "", "output": f"臣妾{i}。"} for i in range(8)]
+    rows.append({"instruction": "q" * 200, "input": "", "output": "嗯。"})  # no reply token fits max_length=64
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    plain = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "a", max_length=64))
+    run = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "b", max_length=64, train_on_prompt=True))
+    assert [ex["input_ids"] for ex in run.train_ex] == [ex["input_ids"] for ex in plain.train_ex]
+    assert run.dropped == plain.dropped == {"train": 1, "val": 0}
+    for ex, replies_only in zip(run.train_ex, plain.train_ex, strict=True):
+        assert ex["labels"] == ex["input_ids"]
+        assert -100 in replies_only["labels"]
+    assert run.val_ex == plain.val_ex and all(-100 in ex["labels"] for ex in run.val_ex)
+
+
 def test_config_yaml_and_flags(tmp_path):
     """Guards against YAML quirks ('1e-4' is a string in YAML 1.1) and flags not winning over the file."""
     y = tmp_path / "c.yaml"
