@@ -46,7 +46,7 @@ def main() -> int:
     p.add_argument("--make-random", metavar="DIR", help="only build the random Yi-6B-shaped model into DIR")
     p.add_argument("--device", default="auto")
     p.add_argument("--prompts", type=int, default=256)
-    p.add_argument("--batch-sizes", default="64,1")
+    p.add_argument("--batch-sizes", default="default,1", help="'default': what `chatlora generate` uses here")
     p.add_argument("--limit", action="append", default=[], metavar="B=N", help="batch size B: first N prompts only")
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args()
@@ -72,7 +72,7 @@ def main() -> int:
     chat = ChatModel.load(model=args.model, device=args.device)
     chat.generate_many([p["messages"] for p in prompts[:4]], sampling, batch_size=4, desc=None)  # warm-up
     rows = []
-    for b in (int(x) for x in args.batch_sizes.split(",")):
+    for b in (chat.batch_size if x == "default" else int(x) for x in args.batch_sizes.split(",")):
         subset = prompts[: limits.get(b, len(prompts))]
         with tempfile.TemporaryDirectory() as tmp, ReplyFile(Path(tmp) / "out.jsonl") as out:
             if chat.device.type == "cuda":

@@ -127,21 +127,17 @@ def _load_chat(args: argparse.Namespace):
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .data import describe, length_stats, load_records, parse_columns
+    from .data import describe, load_records, parse_columns
 
     records = load_records(args.path, args.format, parse_columns(args.columns))
     stats = describe(records)
     if not args.no_tokenize:
         from .model import load_tokenizer, resolve_model
-        from .template import encode_conversation, with_system
+        from .template import token_length_stats
 
         tokenizer = load_tokenizer(resolve_model(args.model))
-        lengths = [
-            len(encode_conversation(with_system(r.messages, args.system_prompt or None), tokenizer).input_ids)
-            for r in records
-        ]
-        stats["tokens"] = length_stats(lengths, args.max_length)
-        stats["tokens"]["max_length"] = args.max_length
+        messages = [r.messages for r in records]
+        stats["tokens"] = token_length_stats(messages, tokenizer, args.system_prompt or None, args.max_length)
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2))
         return 0
@@ -254,7 +250,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .infer import ReplyFile, generate_file, read_prompts
 
     sampling = _sampling(args)
-    if args.batch_size <= 0:
+    if args.batch_size is not None and args.batch_size <= 0:
         raise CliError("--batch-size must be > 0")
     prompts = read_prompts(args.input)
     with ReplyFile(args.output, inputs={"--input": args.input}) as out:  # checked before the model loads
@@ -356,7 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not args.adapter and not args.model:
         raise CliError("give --adapter DIR (or NAME=DIR, repeatable) or --model M (a base or merged model)")
-    if args.max_queue < 0 or args.max_tokens <= 0 or args.max_batch <= 0:
+    if args.max_queue < 0 or args.max_tokens <= 0 or (args.max_batch is not None and args.max_batch <= 0):
         raise CliError("--max-queue must be >= 0, --max-tokens and --max-batch > 0")
     for flag in ("max_body_mb", "max_messages", "read_timeout", "timeout_keep_alive", "max_connections"):
         if not getattr(args, flag) > 0:
@@ -438,7 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSONL: each input line plus reply and finish_reason; replaced when complete, never the --input",
     )
     gen.add_argument(
-        "--batch-size", type=int, default=8, help="prompts generated together, similar lengths batched (default: 8)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompts generated together, similar lengths batched (default: 64 on a GPU, 8 on the CPU)",
     )
     _add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -518,7 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (env CHATLORA_API_KEY)"
     )
     sv.add_argument(
-        "--max-batch", type=int, default=8, help="requests generated together; 1: one at a time (default: 8)"
+        "--max-batch",
+        type=int,
+        default=None,
+        help="requests generated together; 1: one at a time (default: 64 on a GPU, 8 on the CPU)",
     )
     sv.add_argument(
         "--max-queue", type=int, default=16, help="requests waiting beyond a full batch; more get 503 (default: 16)"

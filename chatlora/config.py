@@ -126,6 +126,11 @@ class TrainConfig:
     )
     split_seed: int = _f(42, "seed of the held-out split (recorded in the run card)")
     allow_small_train: bool = _f(False, "allow a held-out split larger than what is left to train on")
+    train_on_prompt: bool = _f(
+        False,
+        "train on every token (system prompt, user turns, template), not only the replies: more supervised tokens "
+        "per forward pass; held-out loss still counts the replies only",
+    )
     # output
     output_dir: str = _f("runs/huanhuan-smollm2", "where the adapter, checkpoints, metrics and plot go")
     # optimisation

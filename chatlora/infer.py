@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -348,13 +349,21 @@ class Batcher:
     ``max_batch``, and generates them together; rows that arrive meanwhile form the next batch.
 
     ``gate`` is held while a batch runs. ``window_s``: when fewer than ``max_batch`` rows wait, wait this long for
-    more before starting (clients whose replies just finished send their next request within it).
+    more before starting (a burst of requests arrives over a few milliseconds). ``return_s``: the clients answered
+    by the batch that just ended tend to send their next request at once (the next turn, the next prompt); for
+    this long after a batch ends, wait for as many rows as it held. Without it a full batch splits in two for good:
+    the rows that waited start alone while the returning ones, a few milliseconds late, wait a whole batch.
     """
 
-    def __init__(self, model, pad_token_id: int, max_batch: int = 8, window_s: float = 0.01) -> None:
+    def __init__(
+        self, model, pad_token_id: int, max_batch: int = 8, window_s: float = 0.01, return_s: float = 0.1
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.model, self.pad_token_id, self.max_batch, self.window_s = model, pad_token_id, max_batch, window_s
+        self.return_s = return_s
+        self._ended = -math.inf  # when the last batch ended, and how many rows it held
+        self._last_size = 0
         self.gate = threading.Lock()
         self.batches = 0
         self.rows_run = 0
@@ -395,11 +404,19 @@ class Batcher:
                         if not r.done and r.on_error is not None:
                             r.on_error(e)
                 self.last_batch_s = time.perf_counter() - started
+                with self._cv:
+                    self._ended, self._last_size = time.perf_counter(), len(batch)
 
     def _pop(self) -> list[Row]:
         with self._cv:
-            if len(self._waiting) < self.max_batch and self.window_s > 0:
-                self._cv.wait_for(lambda: len(self._waiting) >= self.max_batch, timeout=self.window_s)
+            now = time.perf_counter()
+            if now - self._ended < self.return_s:
+                want = min(self.max_batch, len(self._waiting) + self._last_size)
+                timeout = self._ended + self.return_s - now
+            else:
+                want, timeout = self.max_batch, self.window_s
+            if len(self._waiting) < want and timeout > 0:
+                self._cv.wait_for(lambda: len(self._waiting) >= want, timeout=timeout)
             n = min(self.max_batch, len(self._waiting))
             return [self._waiting.popleft() for _ in range(n)]
 
@@ -425,10 +442,20 @@ class ChatModel:
         self.eot_token, eot_id = end_of_turn(tokenizer)
         self.stop_ids = list(dict.fromkeys(i for i in (eot_id, tokenizer.eos_token_id) if i is not None))
         self.lock = threading.Lock()  # one generate() at a time on one model
+        if self.device.type == "cuda":
+            # cuDNN's attention builds an execution plan for every new shape, and a decode step's key length is new
+            # at every token of every batch: measured slower than the flash/memory-efficient kernels (bench/NOTES.md).
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def batch_size(self) -> int:
+        """Rows generated together by default: a GPU's decode step costs about the same for 64 rows as for one, a
+        CPU's grows with the rows."""
+        return 64 if self.device.type == "cuda" else 8
 
     @property
     def has_adapter(self) -> bool:
@@ -518,11 +545,12 @@ class ChatModel:
         sampling: SamplingConfig | None = None,
         systems: Sequence[str | None] | None = None,
         use_adapter: bool = True,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         desc: str | None = "generate",
         on_reply: Callable[[int, Reply], None] | None = None,
     ) -> list[Reply]:
-        """Replies to many conversations, ``batch_size`` at a time, with a progress bar (``desc``; None: none).
+        """Replies to many conversations, ``batch_size`` at a time (None: :attr:`batch_size`), with a progress bar
+        (``desc``; None: none).
 
         Batches are formed by prompt length (less padding); each conversation keeps its own system prompt
         (``systems[i]``, else the model's). ``on_reply(i, reply)`` is called as each reply finishes. Replies come back
@@ -530,6 +558,7 @@ class ChatModel:
         """
         from tqdm.auto import tqdm
 
+        batch_size = batch_size or self.batch_size
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be > 0, got {batch_size}")
         systems = systems if systems is not None else [None] * len(conversations)
@@ -734,7 +763,7 @@ def generate_file(
     prompts: list[dict],
     out: ReplyFile,
     sampling: SamplingConfig | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     system: str | None = None,
 ) -> Path:
     """Answer ``prompts`` (from :func:`read_prompts`) in batches and write each input row plus its reply to ``out``.

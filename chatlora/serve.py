@@ -62,7 +62,11 @@ ROLES = ("system", "user", "assistant")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Defaults of the limits (`chatlora serve` flags of the same names).
-MAX_BATCH = 8  # --max-batch
+# --max-batch: a GPU's decode step costs about the same for 1 row as for 64 (it is bound by launching kernels and
+# reading weights), so a GPU serves 64 at once; a CPU's step grows with the rows, where 8 keeps replies streaming.
+MAX_BATCH = {"cuda": 64}
+MAX_BATCH_OTHER = 8
+STREAM_INTERVAL_S = 0.05  # a stream's deltas go out at most this often (20 per second), the first at once
 MAX_BODY_BYTES = 8 * 2**20  # --max-body-mb
 MAX_MESSAGES = 1000  # --max-messages
 READ_TIMEOUT_S = 30.0  # --read-timeout: to receive a whole request, headers and body
@@ -742,7 +746,7 @@ def create_app(
     models: ModelSet,
     api_key: str | None = None,
     max_queue: int = 16,
-    max_batch: int = MAX_BATCH,
+    max_batch: int | None = None,
     log_prompts: bool = False,
     default_max_tokens: int = 256,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -759,7 +763,7 @@ def create_app(
             and a browser's ``Origin`` must be the server's own or match ``allowed_origins``.
         max_queue: requests that may wait beyond a full batch; more get 503 with ``Retry-After``.
         max_batch: requests generated together (dynamic batching, :class:`~chatlora.infer.Batcher`); 1: one at a
-            time.
+            time; None: 64 on a GPU, 8 elsewhere.
         log_prompts: also log the request's messages (off by default: prompts may be private).
         default_max_tokens: reply length limit for requests that give no ``max_tokens``.
         max_body_bytes: larger request bodies get 413.
@@ -768,12 +772,14 @@ def create_app(
         allowed_origins: ``Origin`` patterns to accept and answer with CORS headers, e.g. ``http://localhost:*``
             (``"*"``: any).
     """
+    first = next(iter(models.models.values())).chat  # every served model shares this network
+    if max_batch is None:
+        max_batch = MAX_BATCH.get(first.device.type, MAX_BATCH_OTHER)
     if max_queue < 0 or max_batch < 1:
         raise ConfigError("max_queue must be >= 0 and max_batch >= 1")
     if max_body_bytes <= 0 or max_messages <= 0:
         raise ConfigError("max_body_bytes and max_messages must be > 0")
     app = FastAPI(title="chatlora", docs_url=None, redoc_url=None, openapi_url=None)
-    first = next(iter(models.models.values())).chat  # every served model shares this network
     batcher = Batcher(first.model, first.tokenizer.pad_token_id, max_batch)
     admission = Admission(max_queue, max_batch, batcher.gate)
     app.state.models, app.state.admission, app.state.batcher = models, admission, batcher
@@ -803,19 +809,35 @@ class _Job:
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self._loop = asyncio.get_running_loop()
         self._submitted = time.perf_counter()
+        self._pending, self._sent_at = "", -math.inf  # text not yet handed to the loop, and when text last was
 
     def row(self) -> Row:
         return self.req.model.chat.row(
             self.req.prompt_ids,
             self.req.sampling,
             stop=self.req.stop,
-            on_text=lambda text: self._emit("delta", text),
+            on_text=self._text,
             on_done=self._done,
             on_error=self._failed,
             cancel=self.cancel,
         )
 
+    def _text(self, text: str) -> None:
+        # Called by the generating thread for every token of every row. Handing each one to the event loop makes
+        # the loop write a chunk per token per stream, holding the GIL the generating thread needs between its
+        # kernel launches; so after the first delta, text goes out at most every STREAM_INTERVAL_S (the rest
+        # follows with the next delta or the end).
+        self._pending += text
+        now = time.perf_counter()
+        if now - self._sent_at >= STREAM_INTERVAL_S:
+            self._sent_at = now
+            self._emit("delta", self._pending)
+            self._pending = ""
+
     def _emit(self, kind: str, value: Any) -> None:
+        if kind != "delta" and self._pending:
+            text, self._pending = self._pending, ""
+            self._emit("delta", text)
         try:
             self._loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is gone (server shutting down)
@@ -899,9 +921,16 @@ async def _sse(job: _Job, on_end: Callable[[Reply | None], None]) -> AsyncIterat
     reply: Reply | None = None
     try:
         yield _chunk(job, {"role": "assistant", "content": ""})
+        pending = None
         while True:
-            kind, value = await job.events.get()
+            kind, value = pending or await job.events.get()
+            pending = None
             if kind == "delta":
+                # Deltas that piled up while this loop was busy (many streams at once) go out as one chunk.
+                while pending is None and not job.events.empty():
+                    pending = job.events.get_nowait()
+                    if pending[0] == "delta":
+                        value, pending = value + pending[1], None
                 yield _chunk(job, {"content": value})
             elif kind == "error":
                 yield f"data: {json.dumps(_generation_failed(value).body())}\n\n"
@@ -1086,7 +1115,7 @@ def run(
     port: int = 8000,
     api_key: str | None = None,
     max_queue: int = 16,
-    max_batch: int = MAX_BATCH,
+    max_batch: int | None = None,
     log_prompts: bool = False,
     default_max_tokens: int = 256,
     max_body_bytes: int = MAX_BODY_BYTES,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import weakref
 from typing import NamedTuple
 
+from .data import length_stats
 from .errors import TemplateError
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "render_text",
     "stop_token_ids",
     "takes_system",
+    "token_length_stats",
     "with_system",
 ]
 
@@ -290,3 +292,16 @@ def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
     for text, _ in _pieces(messages, tokenizer, add_generation_prompt=True):
         ids += _tokenize(text, tokenizer)
     return ids
+
+
+def token_length_stats(
+    conversations: list[list[dict]], tokenizer, system_prompt: str | None, max_length: int | None
+) -> dict:
+    """Token lengths of ``conversations`` as training encodes them (``system_prompt`` added, nothing cut).
+
+    Returns:
+        :func:`chatlora.data.length_stats` of the lengths (``truncated``: how many exceed ``max_length``) and
+        ``max_length`` itself.
+    """
+    lengths = [len(encode_conversation(with_system(m, system_prompt), tokenizer).input_ids) for m in conversations]
+    return {**length_stats(lengths, max_length), "max_length": max_length}

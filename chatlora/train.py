@@ -109,10 +109,21 @@ def split_records(records: list[Record], val_size: float | None, seed: int, allo
     return Split(train, val, dropped, rule)
 
 
-def encode_records(records: list[Record], tokenizer, system_prompt: str | None, max_length: int, source="data"):
+def encode_records(
+    records: list[Record],
+    tokenizer,
+    system_prompt: str | None,
+    max_length: int,
+    source="data",
+    train_on_prompt: bool = False,
+):
     """Encode records for training. Returns the examples, how many were truncated, and the records dropped because
-    not one trained token survived the cut (their prompt alone is longer than ``max_length``). A record the chat
-    template refuses raises a DataError naming ``source`` and its line."""
+    not one reply token survived the cut (their prompt alone is longer than ``max_length``). A record the chat
+    template refuses raises a DataError naming ``source`` and its line.
+
+    ``train_on_prompt`` labels every token of a kept conversation (system prompt, user turns, template), not only
+    the replies; the records kept are the same either way.
+    """
     examples, truncated, empty = [], 0, []
     for r in records:
         try:
@@ -123,7 +134,7 @@ def encode_records(records: list[Record], tokenizer, system_prompt: str | None, 
         if all(label == IGNORE_INDEX for label in enc.labels):
             empty.append(r)
             continue
-        examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
+        examples.append({"input_ids": enc.input_ids, "labels": list(enc.input_ids) if train_on_prompt else enc.labels})
     return examples, truncated, empty
 
 
@@ -550,8 +561,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     tokenizer = load_tokenizer(model_path)
     system_prompt = cfg.system_prompt or None
     train_ex, train_trunc, train_empty = encode_records(
-        split.train, tokenizer, system_prompt, cfg.max_length, cfg.data
+        split.train, tokenizer, system_prompt, cfg.max_length, cfg.data, cfg.train_on_prompt
     )
+    # held-out loss counts the replies only, whatever is trained, so it compares across recipes and with `eval`
     val_ex, val_trunc, val_empty = encode_records(split.val, tokenizer, system_prompt, cfg.max_length, cfg.data)
     if train_trunc or val_trunc:
         log.warning(

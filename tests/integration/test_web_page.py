@@ -15,10 +15,13 @@ from serving import BackgroundServer  # noqa: E402
 from chatlora.serve import create_app, load_models  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(
-    not os.access(CHROMIUM, os.X_OK),
-    reason=f"{CHROMIUM} is absent: apt-get install -y chromium to run the browser test",
-)
+pytestmark = [
+    pytest.mark.integration,  # drives a real browser: not part of the fast tier
+    pytest.mark.skipif(
+        not os.access(CHROMIUM, os.X_OK),
+        reason=f"{CHROMIUM} is absent: apt-get install -y chromium to run the browser test",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,38 @@ def test_batcher_runs_waiting_requests_together(chats):
     assert [r.reply for r in rows] == alone
 
 
+def test_batcher_waits_for_the_rows_its_last_batch_answered(chats):
+    """Bug: after a batch, the first row back started alone and the others, a moment late, waited a whole batch
+    (a full batch split in two for good, halving the server's throughput under steady load)."""
+    chat = chats["alpha"]
+    batcher = Batcher(chat.model, chat.tokenizer.pad_token_id, max_batch=4, window_s=0, return_s=5)
+    done = threading.Semaphore(0)
+
+    def wave(n: int, gap: float) -> list:
+        rows = [chat.row(chat.prompt_ids(c), GREEDY, on_done=lambda r: done.release()) for c in CONVERSATIONS[:n]]
+        for row in rows:
+            batcher.submit(row)
+            time.sleep(gap)
+        for _ in rows:
+            assert done.acquire(timeout=60)
+        return rows
+
+    with batcher.gate:
+        first = [chat.row(chat.prompt_ids(c), GREEDY, on_done=lambda r: done.release()) for c in CONVERSATIONS[:3]]
+        for row in first:
+            batcher.submit(row)
+        time.sleep(0.1)
+    for _ in first:
+        assert done.acquire(timeout=60)
+    assert batcher.batches == 1
+    wave(3, gap=0.2)  # the three answered come back one by one, within return_s: one batch, not three
+    assert (batcher.batches, batcher.rows_run) == (2, 6)
+    batcher.return_s = 0  # nobody is expected back: a lone row starts at once, without waiting for company
+    started = time.perf_counter()
+    wave(1, gap=0)
+    assert batcher.batches == 3 and time.perf_counter() - started < 4
+
+
 def test_sampling_ranges_are_one_definition(tmp_path, capsys):
     """Bug: the CLI and the server checked sampling values against different ranges."""
     from chatlora.cli import main

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -13,45 +15,61 @@ from chatlora.cli import main
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
+def trained(tiny_model_dir, tmp_path_factory):
+    """One `chatlora train` run for the module: its output dir and what it printed to stdout."""
     tmp = tmp_path_factory.mktemp("cli")
     data = write_jsonl(tmp / "d.jsonl", [{"instruction": f"问{i}", "input": "", "output": "嗯。"} for i in range(10)])
     out = tmp / "run"
-    code = main(
-        [
-            "train",
-            "--model",
-            str(tiny_model_dir),
-            "--data",
-            str(data),
-            "--output-dir",
-            str(out),
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "4",
-            "--val-size",
-            "2",
-            "--logging-steps",
-            "1",
-            "--eval-steps",
-            "0",
-            "--save-steps",
-            "100",
-            "--lora-r",
-            "4",
-            "--lr",
-            "1e-3",
-        ]
-    )
+    printed = io.StringIO()  # capsys is per test; this module-wide run keeps its own stdout
+    with contextlib.redirect_stdout(printed):
+        code = main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--val-size",
+                "2",
+                "--logging-steps",
+                "1",
+                "--eval-steps",
+                "0",
+                "--save-steps",
+                "100",
+                "--lora-r",
+                "4",
+                "--lr",
+                "1e-3",
+            ]
+        )
     assert code == 0
-    return out
+    return out, printed.getvalue()
 
 
-def test_train_writes_adapter_and_prints_where(run_dir, capsys):
-    """Guards against a train command that exits 0 without an adapter or run card."""
+@pytest.fixture(scope="module")
+def run_dir(trained):
+    return trained[0]
+
+
+def test_train_writes_adapter_and_prints_where(trained):
+    """Guards against a train command that exits 0 without an adapter or run card, or without printing where
+    the adapter, run card and metrics are and the final loss."""
+    run_dir, printed = trained
     card = json.loads((run_dir / "chatlora.json").read_text())
     assert card["config"]["lora_r"] == 4 and card["results"]["global_step"] == 3
+    assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / "adapter_config.json").is_file()
+    lines = printed.splitlines()
+    assert lines[0] == f"adapter:     {run_dir}  (PEFT format; run card {run_dir / 'chatlora.json'})"
+    assert lines[1] == f"metrics:     {run_dir / 'metrics.jsonl'}"
+    loss = card["results"]["train_loss_final"]
+    assert f"steps 3, final train loss {loss:.4f}" in printed
 
 
 def test_data_check_valid(tmp_path, tiny_model_dir, capsys):
@@ -118,10 +136,19 @@ def test_train_bad_lora_target_is_a_clear_error(tiny_model_dir, tiny_dataset, tm
 
 
 def test_chat_prompt_prints_one_reply(run_dir, capsys):
-    """Guards against `chat --prompt` hanging on stdin or printing nothing."""
-    assert main(["chat", "--adapter", str(run_dir), "--prompt", "你好", "--max-new-tokens", "5", "--seed", "0"]) == 0
-    assert capsys.readouterr().out.endswith("\n")
-    assert main(["chat", "--adapter", str(run_dir), "--base-only", "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    """Guards against `chat --prompt` hanging on stdin, printing nothing, or printing other than the model's reply
+    (the library's greedy reply to the same prompt, then one newline)."""
+    from chatlora.infer import ChatModel, SamplingConfig
+
+    greedy = SamplingConfig(max_new_tokens=5, temperature=0)
+    tuned = ChatModel.load(run_dir).generate([{"role": "user", "content": "你好"}], greedy).text
+    base = ChatModel.load(run_dir, base_only=True).generate([{"role": "user", "content": "hi"}], greedy).text
+    assert tuned.strip() and base.strip(), "the tiny model's replies should not be empty: pick another prompt"
+    flags = ["--max-new-tokens", "5", "--temperature", "0"]
+    assert main(["chat", "--adapter", str(run_dir), "--prompt", "你好", *flags]) == 0
+    assert capsys.readouterr().out == tuned + "\n"
+    assert main(["chat", "--adapter", str(run_dir), "--base-only", "--prompt", "hi", *flags]) == 0
+    assert capsys.readouterr().out == base + "\n"
 
 
 def test_chat_interactive_multi_turn(run_dir):

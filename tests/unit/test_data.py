@@ -675,3 +675,20 @@ def test_length_stats_nearest_rank():
 def test_length_stats_empty():
     """Guards against length_stats() crashing on no data."""
     assert length_stats([], 10) == {"count": 0, "p50": 0, "p95": 0, "max": 0, "mean": 0.0, "truncated": 0}
+
+
+def test_token_length_stats_counts_what_training_encodes(tokenizer):
+    """Guards against `data check` counting other tokens than training sees: without the system prompt training
+    adds, or the lengths after truncation instead of before (then nothing is ever reported as too long)."""
+    from chatlora.template import encode_conversation, token_length_stats, with_system
+
+    conversations = [
+        [{"role": "user", "content": "问" * n}, {"role": "assistant", "content": "答"}] for n in (1, 5, 30)
+    ]
+    expected = sorted(len(encode_conversation(with_system(m, "系统"), tokenizer).input_ids) for m in conversations)
+    stats = token_length_stats(conversations, tokenizer, "系统", max_length=expected[1])
+    assert (stats["count"], stats["max"], stats["p50"]) == (3, expected[2], expected[1])
+    assert stats["truncated"] == 1 and stats["max_length"] == expected[1]
+    assert token_length_stats(conversations, tokenizer, None, None)["max"] == expected[2] - len(
+        encode_conversation([{"role": "system", "content": "系统"}], tokenizer).input_ids
+    )

@@ -1,6 +1,8 @@
-"""The CUDA paths (QLoRA, the fp16 base, the compiled default) on tiny models; skipped without a CUDA GPU.
+"""The CUDA paths on tiny models: precision (bf16, fp16 with loss scaling), autocast, the compiled default, Liger,
+QLoRA. Skipped without a CUDA GPU.
 
-Run on a GPU machine with ``python -m pytest -m gpu tests/unit/test_gpu.py`` (bitsandbytes for the QLoRA test).
+Run on a GPU machine with ``python -m pytest -m gpu tests/unit/test_gpu.py`` (bitsandbytes for the QLoRA test,
+liger-kernel for the Liger test; each skips without its package).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import pytest
 import torch
 from conftest import make_model_dir, write_jsonl
+from transformers import TrainerCallback
 
 from chatlora.config import TrainConfig
 from chatlora.train import prepare_run, train
@@ -40,6 +43,7 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
         eval_steps=0,
         save_steps=100,
         lr=5e-3,
+        lora_dropout=0.0,  # compiled and eager dropout draw different masks; the loss comparisons need none
         system_prompt="S",
     )
     base.update(kw)
@@ -51,15 +55,77 @@ def _losses(out) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_default_plan_on_one_gpu_is_the_compiled_fast_path(tmp_path):
+class _Probe(TrainerCallback):
+    """Records, during training, the dtype LoRA's ``lora_A`` matmuls return (bf16/fp16 only under autocast: their
+    weights are fp32) and the loss scale of each optimizer step (None without a GradScaler)."""
+
+    def __init__(self):
+        self.lora_out_dtypes: set[torch.dtype] = set()
+        self.loss_scales: list[float | None] = []
+        self.hooks: list = []
+
+    def _record(self, module, inputs, output):
+        if torch.is_grad_enabled():  # training steps, not the held-out loss
+            self.lora_out_dtypes.add(output.dtype)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for name, module in model.named_modules():
+            if name.endswith("lora_A.default"):
+                self.hooks.append(module.register_forward_hook(self._record))
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        scaler = getattr(optimizer, "scaler", None)
+        self.loss_scales.append(None if scaler is None else scaler.get_scale())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for hook in self.hooks:
+            hook.remove()
+
+
+@pytest.fixture(scope="module")
+def eager_bf16(tmp_path_factory):
+    """The bf16 run without compile or Liger (the default label-only head and packing), with a probe."""
+    probe = _Probe()
+    result = train(_cfg(tmp_path_factory.mktemp("eager"), dtype="bf16", compile=False, liger=False), [probe])
+    return result, probe
+
+
+def test_bf16_autocasts_lora_and_keeps_its_weights_fp32(eager_bf16):
+    """Guards against the label-only loss bypassing the Trainer's autocast (every LoRA matmul then runs in fp32:
+    measured 26 % of GPU time), bf16 LoRA weights or optimizer state (updates underflow), or a loss scaler in bf16."""
+    result, probe = eager_bf16
+    assert result.run_card["plan"]["logits_at_labels"] and result.run_card["hardware"]["precision"] == "bf16"
+    params = dict(result.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    assert probe.lora_out_dtypes == {torch.bfloat16}
+    assert probe.loss_scales and set(probe.loss_scales) == {None}
+    losses = _losses(result.output_dir)
+    assert all(x == x for x in losses) and losses[-1] < losses[0]
+
+
+def test_fp16_autocasts_in_fp16_and_scales_the_loss(tmp_path):
+    """Guards against the seed tutorial's fp16 training without loss scaling (small gradients flush to zero) and
+    against fp16 runs computing LoRA in fp32 or bf16."""
+    probe = _Probe()
+    result = train(_cfg(tmp_path, dtype="fp16", compile=False, liger=False), [probe])
+    assert probe.lora_out_dtypes == {torch.float16}
+    assert probe.loss_scales and all(s is not None and s > 1 for s in probe.loss_scales)
+    assert result.run_card["results"]["fp16_skipped_steps"] is not None
+
+
+def test_default_plan_on_one_gpu_is_the_compiled_fast_path(tmp_path, eager_bf16):
     """Guards against the speed-ups existing only behind flags: a plain run on one GPU must pack, use the
-    label-only head and compile, and the run card must say so."""
-    cfg = _cfg(tmp_path)
+    label-only head and compile, and the run card must say so; and against the compiled layers computing other
+    losses than the eager ones (same bf16 run, compile off)."""
+    cfg = _cfg(tmp_path, dtype="bf16")
     plan = prepare_run(cfg).plan
     assert plan.packing and plan.logits_at_labels and plan.compile and not plan.memory_mode
-    card = train(cfg).run_card
-    assert card["plan"]["compile"] and card["hardware"]["precision"] in ("bf16", "fp16")
+    result = train(cfg)
+    card = result.run_card
+    assert card["plan"]["compile"] and card["hardware"]["precision"] == "bf16"
     assert card["hardware"]["peak_gpu_memory_gib"] > 0 and card["hardware"]["estimated_peak_gib"] > 0
+    assert _losses(result.output_dir) == pytest.approx(_losses(eager_bf16[0].output_dir), abs=0.02)
 
 
 def test_fp16_keeps_the_base_in_fp16_and_lora_in_fp32(tmp_path):
@@ -105,3 +171,13 @@ def test_qlora_trains_reloads_in_4bit_and_merges_into_full_precision(tmp_path, c
     full = AutoModelForCausalLM.from_pretrained(merged)
     assert isinstance(full.model.layers[0].self_attn.q_proj, torch.nn.Linear)
     assert not isinstance(full.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+def test_liger_kernels_are_applied_and_match_the_eager_losses(tmp_path, eager_bf16):
+    """Guards against --liger silently training without Liger's kernels, or with kernels that change the loss
+    (same bf16 run without them). Last in the file: Liger patches transformers' Llama RoPE for the whole process."""
+    pytest.importorskip("liger_kernel")
+    result = train(_cfg(tmp_path, dtype="bf16", compile=False, liger=True))
+    assert result.run_card["plan"]["liger"]
+    assert any(m._get_name().startswith("Liger") for m in result.model.modules())
+    assert _losses(result.output_dir) == pytest.approx(_losses(eager_bf16[0].output_dir), abs=0.02)

@@ -12,7 +12,7 @@ from chatlora.config import ConfigError, TrainConfig
 from chatlora.kernels import label_only_loss
 from chatlora.model import apply_lora, load_model
 from chatlora.packing import PackedDataset, collate, pack_rows, plan_batches, plan_buckets
-from chatlora.train import train
+from chatlora.train import prepare_run, train
 
 
 def _examples(n: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -152,7 +152,8 @@ def test_label_only_loss_uses_the_accumulation_window_count(tiny_model_dir):
 
 
 def test_train_with_packing_runs_and_counts_real_tokens(tiny_model_dir, tiny_dataset, tmp_path):
-    """Guards against the packed path breaking the run card, held-out loss or the tokens/s metric."""
+    """Guards against the packed path breaking the run card, held-out loss or the tokens/s metric: in one process
+    the tokens seen are exactly the real tokens of the micro-batches trained on (no padding, each counted once)."""
     cfg = TrainConfig(
         model=str(tiny_model_dir),
         data=str(tiny_dataset),
@@ -169,8 +170,14 @@ def test_train_with_packing_runs_and_counts_real_tokens(tiny_model_dir, tiny_dat
         tokens_per_batch=256,
         max_length=128,
     )
+    run = prepare_run(cfg)
+    batches = run.plan.batches
+    # one micro-batch per step, three per epoch: the three steps train on every training conversation once
+    assert (batches.micro_batches_per_step, batches.micro_batches_per_epoch) == (1, 3)
+    real_tokens = sum(len(ex["input_ids"]) for ex in run.train_ex)
     res = train(cfg).run_card["results"]
-    assert res["global_step"] == 3 and res["eval_loss"] is not None and res["tokens_seen"] > 0
+    assert res["global_step"] == 3 and res["eval_loss"] is not None
+    assert res["tokens_seen"] == real_tokens
     ds = PackedDataset([{"input_ids": [1] * 100, "labels": [1] * 100}] * 5, 128, 256)
     assert len(ds) == 3  # five 100-token rows, two rows per 256-token micro-batch
 

@@ -418,3 +418,34 @@ def test_unknown_routes_and_methods_are_openai_shaped(server):
     r = httpx.get(server.url + "/v1/models/alpha")
     assert r.json()["id"] == "alpha"
     assert httpx.get(server.url + "/v1/models/..%2F..%2Fetc").status_code == 404
+
+
+def test_stream_sends_piled_up_deltas_as_one_chunk():
+    """Bug: a stream that fell behind (many streams at once) sent every token as its own event, so a busy server
+    spent its time writing chunks instead of catching up; the text and the end must come out unchanged."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from chatlora.infer import Reply
+    from chatlora.serve import _sse
+
+    async def collect() -> list[dict]:
+        job = SimpleNamespace(
+            id="chatcmpl-x",
+            created=0,
+            req=SimpleNamespace(model=SimpleNamespace(name="m"), include_usage=False),
+            events=asyncio.Queue(),
+            cancel=threading.Event(),
+        )
+        for piece in ("臣", "妾", "在"):
+            job.events.put_nowait(("delta", piece))
+        job.events.put_nowait(("done", Reply("臣妾在", "stop", 3, 4)))
+        ended = []
+        chunks = [c async for c in _sse(job, ended.append)]
+        assert chunks[-1] == "data: [DONE]\n\n" and ended[0].text == "臣妾在" and not job.cancel.is_set()
+        return [json.loads(c[len("data: ") :]) for c in chunks[:-1]]
+
+    events = asyncio.run(collect())
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert deltas == [{"role": "assistant", "content": ""}, {"content": "臣妾在"}, {}]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"

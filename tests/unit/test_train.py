@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ from conftest import write_jsonl
 
 from chatlora.config import ConfigError, TrainConfig, load_config
 from chatlora.data import DataError
-from chatlora.model import ModelError, apply_lora, linear_module_names, load_model, pick_precision
+from chatlora.model import ModelError, Precision, apply_lora, linear_module_names, load_model, pick_precision
 from chatlora.packing import collate
-from chatlora.train import split_records, train
+from chatlora.train import prepare_run, split_records, train, training_args
 
 
 def tiny_cfg(model_dir, data, out, **kw) -> TrainConfig:
@@ -125,6 +124,31 @@ def test_outputs_run_card_metrics_plot_and_checkpoints(trained):
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {p.name for p in (out / "checkpoint-6").iterdir()}
 
 
+# The first losses of the tiny run (tests/conftest.py's seed-0 model, the `trained` fixture's data and config),
+# measured with CPU fp32 on torch 2.13.0 and transformers 5 (identical with 1 and 2 threads). Step 1 trains at lr 0
+# (warm-up), so it is the random model's loss, about ln(vocab size). A tolerance of 1e-4 absorbs the summation
+# order of other CPUs; an lr, scheduler, label-shift, loss-normalisation or masking change moves them by far more.
+PINNED_LOSSES = {
+    "packed": [5.564567, 5.561653, 5.494630, 5.438020],
+    "padded": [5.556477, 5.563923, 5.521863, 5.447497],
+}
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_first_losses_are_pinned(trained, tiny_model_dir, tmp_path):
+    """Guards against a change that shifts every training path alike (the equivalence tests compare paths with
+    each other, so they cannot see it): the default (packed) and the padded run's first losses are pinned."""
+    assert trained.run_card["plan"]["packing"]
+    assert _losses(trained.output_dir)[:4] == pytest.approx(PINNED_LOSSES["packed"], abs=1e-4)
+    data = trained.run_card["dataset"]["path"]
+    padded = train(tiny_cfg(tiny_model_dir, data, tmp_path / "padded", packing=False))
+    assert _losses(padded.output_dir)[:4] == pytest.approx(PINNED_LOSSES["padded"], abs=1e-4)
+
+
 def test_reloaded_adapter_gives_identical_logits(trained):
     """Guards against an adapter that saves or reloads wrong (PEFT format, PeftModel.from_pretrained)."""
     from peft import PeftModel
@@ -190,6 +214,24 @@ def test_records_without_a_reply_token_in_max_length_are_dropped(tiny_model_dir,
         train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=8, val_size=0))
 
 
+def test_train_on_prompt_labels_every_token_of_training_records_only(tiny_model_dir, tmp_path):
+    """Guards against `train_on_prompt` being ignored (replies-only labels), against it changing which records are
+    kept, and against it reaching the held-out examples (their loss must count the replies only, as `eval` does)."""
+    from chatlora.train import prepare_run
+
+    rows = [{"instruction": f"问题{i}", "input": "", "output": f"臣妾{i}。"} for i in range(8)]
+    rows.append({"instruction": "q" * 200, "input": "", "output": "嗯。"})  # no reply token fits max_length=64
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    plain = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "a", max_length=64))
+    run = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "b", max_length=64, train_on_prompt=True))
+    assert [ex["input_ids"] for ex in run.train_ex] == [ex["input_ids"] for ex in plain.train_ex]
+    assert run.dropped == plain.dropped == {"train": 1, "val": 0}
+    for ex, replies_only in zip(run.train_ex, plain.train_ex, strict=True):
+        assert ex["labels"] == ex["input_ids"]
+        assert -100 in replies_only["labels"]
+    assert run.val_ex == plain.val_ex and all(-100 in ex["labels"] for ex in run.val_ex)
+
+
 def test_config_yaml_and_flags(tmp_path):
     """Guards against YAML quirks ('1e-4' is a string in YAML 1.1) and flags not winning over the file."""
     y = tmp_path / "c.yaml"
@@ -203,12 +245,34 @@ def test_config_yaml_and_flags(tmp_path):
         TrainConfig(lora_dropout=1.5)
 
 
-def test_precision_never_fp16_weights():
-    """Guards against the seed's fp16 weights + fp16 optimizer state without loss scaling."""
+@pytest.mark.parametrize("gpu_has_bf16", [True, False])
+def test_precision_never_fp16_weights(monkeypatch, tiny_model_dir, tiny_dataset, tmp_path, gpu_has_bf16):
+    """Guards against the seed's fp16 weights + fp16 optimizer state without loss scaling: on a GPU without bf16
+    (faked here) the base is fp16 but autocast is fp16 with the Trainer's loss scaling, and the LoRA weights (so
+    AdamW's state) are fp32; bf16 where the GPU has it; fp32 on the CPU."""
     cpu = pick_precision(torch.device("cpu"))
     assert cpu.weights == torch.float32 and cpu.amp is None
     with pytest.raises(ModelError):
         pick_precision(torch.device("cpu"), "fp16")
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_has_bf16)
+    cuda = torch.device("cuda")
+    auto = pick_precision(cuda)
+    assert auto == (Precision(torch.bfloat16, "bf16") if gpu_has_bf16 else Precision(torch.float16, "fp16"))
+    assert pick_precision(cuda, "fp16") == Precision(torch.float16, "fp16")
+    if not gpu_has_bf16:
+        with pytest.raises(ModelError, match="bf16"):
+            pick_precision(cuda, "bf16")
+
+    # what the Trainer is told: fp16 autocast turns on its GradScaler (loss scaling), bf16 needs none
+    cfg = tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path / "o")
+    args = training_args(cfg, auto, torch.device("cpu"), True, prepare_run(cfg).plan)
+    assert (args.fp16, args.bf16) == ((False, True) if gpu_has_bf16 else (True, False))
+
+    # the frozen base keeps the run's dtype; the trainable LoRA weights are fp32 whatever it is
+    model = apply_lora(load_model(str(tiny_model_dir), auto.weights), 4, 8, 0.0, ["q_proj", "v_proj"])
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {auto.weights}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
 
 
 def test_shipped_configs_load():
@@ -220,26 +284,51 @@ def test_shipped_configs_load():
         load_config(path)
 
 
-def test_resume_after_kill_continues_the_curve(tiny_model_dir, tiny_dataset, tmp_path):
-    """Guards against --resume restarting from scratch or duplicating loss points after a crash (kill -9)."""
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "chatlora",
+# `chatlora train` that SIGKILLs itself at a chosen point: after step KILL_AT is logged (KILL_IN=step), or in the
+# middle of checkpoint-KILL_AT's save, after the weights and optimizer, before the RNG and trainer state (=save).
+# It patches only transformers' Trainer, so it does not depend on how chatlora.train is laid out.
+KILL_SELF = """
+import os, signal, sys
+import transformers.trainer as T
+
+at, where = int(os.environ["KILL_AT"]), os.environ["KILL_IN"]
+original_log, original_rng = T.Trainer.log, T.Trainer._save_rng_state
+
+
+def log(self, logs, *args, **kwargs):
+    original_log(self, logs, *args, **kwargs)  # metrics.jsonl has its line for this step
+    if where == "step" and "loss" in logs and self.state.global_step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_rng_state(self, output_dir):
+    if where == "save" and self.state.global_step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original_rng(self, output_dir)
+
+
+T.Trainer.log, T.Trainer._save_rng_state = log, save_rng_state
+from chatlora.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _kill_args(model, data, out) -> list[str]:
+    return [
         "train",
         "--model",
-        str(tiny_model_dir),
+        str(model),
         "--data",
-        str(tiny_dataset),
+        str(data),
         "--output-dir",
         str(out),
         "--max-steps",
-        "300",
+        "8",
         "--save-steps",
-        "10",
+        "2",
         "--save-total-limit",
-        "3",
+        "2",
         "--logging-steps",
         "1",
         "--eval-steps",
@@ -249,23 +338,73 @@ def test_resume_after_kill_continues_the_curve(tiny_model_dir, tiny_dataset, tmp
         "--val-size",
         "2",
         "--lr",
-        "1e-3",
+        "5e-3",
+        "--lora-dropout",
+        "0",
+        "--system-prompt",
+        "S",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint-20" / "trainer_state.json").exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "chatlora.json").exists(), "run finished before it could be killed"
-    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    """The run the killed and resumed runs must reproduce: 8 steps, checkpoints every 2, never killed."""
+    from chatlora.cli import main
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    data = write_jsonl(
+        tmp / "d.jsonl",
+        [
+            {"instruction": f"问题{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
+            for i in range(12)
+        ],
+    )
+    assert main(_kill_args(tiny_model_dir, data, tmp / "run")) == 0
+    return data, tmp / "run"
+
+
+def _loss_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize(("kill_in", "kill_at", "resumes_from"), [("step", 5, 4), ("save", 6, 4)])
+def test_resume_after_kill_continues_the_curve(
+    tiny_model_dir, uninterrupted, tmp_path, kill_in, kill_at, resumes_from
+):
+    """Guards against --resume after a `kill -9` (between checkpoints, or in the middle of writing one) restarting
+    from scratch, resuming from a half-written checkpoint, duplicating or dropping loss points, or training other
+    steps than an uninterrupted run: the resumed run's curve and adapter equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from chatlora.cli import main
+
+    data, reference = uninterrupted
+    out = tmp_path / "run"
+    script = tmp_path / "kill_self.py"
+    script.write_text(KILL_SELF)
+    env = {**os.environ, "KILL_AT": str(kill_at), "KILL_IN": kill_in}
+    killed = subprocess.run(
+        [sys.executable, str(script), *_kill_args(tiny_model_dir, data, out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (out / "chatlora.json").exists()
+    assert [r["step"] for r in _loss_rows(out)] == list(range(1, kill_at + 1)), "killed after logging its last step"
+    assert (out / f"checkpoint-{resumes_from}" / "chatlora-complete.json").is_file()
+    assert not (out / f"checkpoint-{kill_at}" / "chatlora-complete.json").exists()
+
+    assert main([*_kill_args(tiny_model_dir, data, out), "--resume"]) == 0
     card = json.loads((out / "chatlora.json").read_text())
-    assert card["results"]["global_step"] == 300
-    steps = [
-        json.loads(line)["step"]
-        for line in (out / "metrics.jsonl").read_text().splitlines()
-        if "loss" in json.loads(line)
-    ]
-    assert steps == list(range(1, 301)), "loss curve must continue without gaps or duplicates"
+    assert card["results"]["global_step"] == 8
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("event") == "begin"] == [0, resumes_from]
+    assert [r["step"] for r in _loss_rows(out)] == list(range(1, 9)), "the curve continues without gaps or duplicates"
+    assert [r["loss"] for r in _loss_rows(out)] == pytest.approx([r["loss"] for r in _loss_rows(reference)], abs=1e-5)
+    resumed, expected = (load_file(d / "adapter_model.safetensors") for d in (out, reference))
+    assert resumed.keys() == expected.keys()
+    for name, weight in expected.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=1e-5, atol=1e-6, msg=name)
