@@ -140,7 +140,7 @@ def test_generate_crash_keeps_the_finished_replies(adapter_dir, tmp_path, monkey
 
     inp = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"问{i}", "id": i} for i in range(6)])
     out = tmp_path / "r.jsonl"
-    real = ChatModel.generate_batch
+    real = ChatModel.run  # generate's one call per batch
     calls = []
 
     def crash_on_third_batch(self, *args, **kwargs):
@@ -149,7 +149,7 @@ def test_generate_crash_keeps_the_finished_replies(adapter_dir, tmp_path, monkey
             raise KeyboardInterrupt
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(ChatModel, "generate_batch", crash_on_third_batch)
+    monkeypatch.setattr(ChatModel, "run", crash_on_third_batch)
     assert generate(adapter_dir, inp, out, "--batch-size", "2") == 130
     assert not out.exists()
     (partial,) = tmp_path.glob("r.jsonl.*.partial")
