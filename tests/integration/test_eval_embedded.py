@@ -37,9 +37,13 @@ def test_eval_real_model_report(embedded_model_dir, tmp_path):
         lr=1e-3,
     )
     out = train(cfg).output_dir
-    assert (
-        main(["eval", "--adapter", str(out), "--max-samples", "4", "--max-new-tokens", "8", "--batch-size", "4"]) == 0
+    # the persona section on the real model too, sized for a test (its defaults ask 24 probes and run 4 x 20 turns)
+    persona = tmp_path / "persona.yaml"
+    persona.write_text(
+        "persona:\n  probes: 2\n  drift_conversations: 1\n  drift_turns: 2\n  max_new_tokens: 8\n", encoding="utf-8"
     )
+    args = ["--max-samples", "4", "--max-new-tokens", "8", "--batch-size", "4", "--persona-config", str(persona)]
+    assert main(["eval", "--adapter", str(out), *args]) == 0
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     base, tuned = metrics["loss"]["base"]["loss"], metrics["loss"]["tuned"]["loss"]
     assert math.isfinite(base) and math.isfinite(tuned) and 0 < tuned < 15 and 0 < base < 15
@@ -48,4 +52,5 @@ def test_eval_real_model_report(embedded_model_dir, tmp_path):
     stops = [metrics["replies"][k]["stop_rate"] for k in ("base", "tuned")]
     assert all(0 <= s <= 1 for s in stops)
     md = (out / "eval" / "report.md").read_text()
-    assert "## Targets" in md and md.count("**PASS**") + md.count("**FAIL**") == 3
+    assert "## Targets" in md and md.count("**PASS**") + md.count("**FAIL**") == 3 + 2  # + identity leaks, markers
+    assert "## Persona" in md and (out / "eval" / "persona_drift.png").is_file()
