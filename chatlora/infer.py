@@ -210,7 +210,6 @@ class _RowSampler:
 
     def __init__(self, rows: list[Row], width: int, device: torch.device) -> None:
         self.rows = rows
-        self.width = width
         self.pad = torch.tensor([width - len(r.prompt_ids) for r in rows], device=device)
         self.penalty = torch.tensor([[r.sampling.repetition_penalty] for r in rows], device=device)
         self.any_penalty = any(r.sampling.repetition_penalty != 1.0 for r in rows)
@@ -558,7 +557,8 @@ class ChatModel:
         """
         from tqdm.auto import tqdm
 
-        batch_size = batch_size or self.batch_size
+        if batch_size is None:
+            batch_size = self.batch_size
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be > 0, got {batch_size}")
         systems = systems if systems is not None else [None] * len(conversations)

@@ -26,6 +26,7 @@ __all__ = [
     "base_quantization",
     "cache_root",
     "check_quantize",
+    "context_length",
     "dtype_for",
     "embedded_gguf",
     "linear_module_names",
@@ -147,6 +148,14 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise ModelError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def context_length(model, tokenizer) -> int:
+    """Tokens the model reads at most: its config's ``max_position_embeddings``, else the tokenizer's limit, else 2048."""
+    n = getattr(model.config, "max_position_embeddings", None)
+    if not n:
+        n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if n and n < 10**8 else 2048
 
 
 def dtype_for(device: torch.device) -> torch.dtype:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_SYSTEM_PROMPT, PersonaConfig
+from .model import context_length
 
 __all__ = [
     "DEFAULT_FORBIDDEN",
@@ -237,16 +238,14 @@ def load_retention() -> list[list[dict]]:
 
 
 def _replies(chat, conversations: list[list[dict]], sampling, system: str | None, batch_size: int, use_adapter: bool):
-    out = []
-    for start in range(0, len(conversations), batch_size):
-        batch = conversations[start : start + batch_size]
-        out += chat.generate_batch(batch, sampling, system=system, use_adapter=use_adapter)
-    return out
+    systems = [system] * len(conversations)
+    return chat.generate_many(conversations, sampling, systems, use_adapter, batch_size, desc=None)
 
 
-def _context_limit(chat) -> int:
-    config = getattr(chat.model, "config", None)
-    return int(getattr(config, "max_position_embeddings", None) or 2048)
+def _drift_context(chat, cfg: PersonaConfig) -> int:
+    """Tokens a drift turn may hold: ``cfg.drift_context``, at most the model's context."""
+    limit = context_length(chat.model, chat.tokenizer)
+    return min(limit, cfg.drift_context or limit)
 
 
 def _fit(chat, messages: list[dict], system: str | None, budget: int) -> list[dict]:
@@ -338,7 +337,7 @@ def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_s
     prompts = drift_prompts(records_messages, cfg.drift_conversations, cfg.drift_turns)
     if not prompts:
         return None, []
-    budget = min(_context_limit(chat), cfg.drift_context or _context_limit(chat)) - cfg.max_new_tokens
+    budget = _drift_context(chat, cfg) - cfg.max_new_tokens
     per_turn: dict[str, list[Rates]] = {}
     rows = []
     for system_name in ("base", "tuned"):
@@ -593,7 +592,7 @@ def evaluate_persona(
         "probe_turns": cfg.probe_turns,
         "drift_conversations": cfg.drift_conversations,
         "drift_turns": cfg.drift_turns,
-        "drift_context": min(_context_limit(chat), cfg.drift_context or _context_limit(chat)),
+        "drift_context": _drift_context(chat, cfg),
         "max_new_tokens": cfg.max_new_tokens,
     }
     return PersonaResult(

@@ -50,7 +50,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import ConfigError
 from .infer import BASE, Batcher, ChatModel, Reply, Row, SamplingConfig
-from .model import ModelError, base_quantization, dtype_for, load_model, load_tokenizer, pick_device, resolve_model
+from .model import (
+    ModelError,
+    base_quantization,
+    context_length,
+    dtype_for,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+)
 from .runcard import read_adapter, read_run_card, system_prompt
 from .template import TemplateError
 
@@ -62,10 +71,6 @@ ROLES = ("system", "user", "assistant")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # Defaults of the limits (`chatlora serve` flags of the same names).
-# --max-batch: a GPU's decode step costs about the same for 1 row as for 64 (it is bound by launching kernels and
-# reading weights), so a GPU serves 64 at once; a CPU's step grows with the rows, where 8 keeps replies streaming.
-MAX_BATCH = {"cuda": 64}
-MAX_BATCH_OTHER = 8
 STREAM_INTERVAL_S = 0.05  # a stream's deltas go out at most this often (20 per second), the first at once
 MAX_BODY_BYTES = 8 * 2**20  # --max-body-mb
 MAX_MESSAGES = 1000  # --max-messages
@@ -118,13 +123,6 @@ def parse_adapters(specs: Sequence[str]) -> dict[str, Path]:
             raise ConfigError(f"--adapter {spec}: the name {name!r} is used twice; give NAME=DIR")
         out[name] = Path(path)
     return out
-
-
-def _context_length(net, tokenizer) -> int:
-    n = getattr(net.config, "max_position_embeddings", None)
-    if not n:
-        n = getattr(tokenizer, "model_max_length", None)
-    return int(n) if n and n < 10**8 else 2048
 
 
 def load_models(
@@ -187,7 +185,7 @@ def load_models(
     base_system = system_prompt(base_card)
     base_chat = ChatModel(net, base_tok, base_system, base_name, adapter=BASE)
     served = {base_name: ServedModel(base_name, base_chat, None), **served}
-    return ModelSet(served, _context_length(net, base_tok))
+    return ModelSet(served, context_length(net, base_tok))
 
 
 # ---------------------------------------------------------------- queue
@@ -774,7 +772,7 @@ def create_app(
     """
     first = next(iter(models.models.values())).chat  # every served model shares this network
     if max_batch is None:
-        max_batch = MAX_BATCH.get(first.device.type, MAX_BATCH_OTHER)
+        max_batch = first.batch_size  # generate's default batch, which depends on the device
     if max_queue < 0 or max_batch < 1:
         raise ConfigError("max_queue must be >= 0 and max_batch >= 1")
     if max_body_bytes <= 0 or max_messages <= 0:

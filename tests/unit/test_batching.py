@@ -213,6 +213,16 @@ def test_batcher_waits_for_the_rows_its_last_batch_answered(chats):
     assert batcher.batches == 3 and time.perf_counter() - started < 4
 
 
+def test_generate_many_refuses_a_zero_batch_and_defaults_by_device(chats):
+    """Bug: a batch size of 0 passed silently as "use the default" (``batch_size or default``) instead of an error."""
+    from chatlora.errors import ConfigError
+
+    chat = chats["alpha"]
+    with pytest.raises(ConfigError, match="batch_size must be > 0"):
+        chat.generate_many(CONVERSATIONS, GREEDY, batch_size=0, desc=None)
+    assert chat.batch_size == 8  # the CPU's default; 64 on a GPU
+
+
 def test_sampling_ranges_are_one_definition(tmp_path, capsys):
     """Bug: the CLI and the server checked sampling values against different ranges."""
     from chatlora.cli import main
