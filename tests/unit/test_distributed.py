@@ -82,7 +82,7 @@ from chatlora.train import train
 bs, ga, out, data, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 r = train(TrainConfig(model=model, data=data, output_dir=out, max_steps=3, batch_size=bs, grad_accum=ga, val_size=0,
     logging_steps=1, save_steps=100, device="cpu", lora_dropout=0.0, lr=1e-2, warmup_ratio=0, group_by_length=False,
-    max_grad_norm=1e9, system_prompt="S", packing=False, logits_at_labels=False))
+    max_grad_norm=1e9, system_prompt="S", packing=False, logits_at_labels=False, dtype="fp32"))
 if int(os.environ.get("RANK", 0)) == 0:
     s = sum(p.double().abs().sum().item() for n, p in r.model.named_parameters() if "lora_B" in n)
     print("LORA_B", repr(s), flush=True)

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from conftest import make_model_dir, write_jsonl
-from transformers import TrainerCallback
+from probes import PrecisionProbe
 
 from chatlora.config import TrainConfig
 from chatlora.train import prepare_run, train
@@ -55,37 +55,10 @@ def _losses(out) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-class _Probe(TrainerCallback):
-    """Records, during training, the dtype LoRA's ``lora_A`` matmuls return (bf16/fp16 only under autocast: their
-    weights are fp32) and the loss scale of each optimizer step (None without a GradScaler)."""
-
-    def __init__(self):
-        self.lora_out_dtypes: set[torch.dtype] = set()
-        self.loss_scales: list[float | None] = []
-        self.hooks: list = []
-
-    def _record(self, module, inputs, output):
-        if torch.is_grad_enabled():  # training steps, not the held-out loss
-            self.lora_out_dtypes.add(output.dtype)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        for name, module in model.named_modules():
-            if name.endswith("lora_A.default"):
-                self.hooks.append(module.register_forward_hook(self._record))
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        scaler = getattr(optimizer, "scaler", None)
-        self.loss_scales.append(None if scaler is None else scaler.get_scale())
-
-    def on_train_end(self, args, state, control, **kwargs):
-        for hook in self.hooks:
-            hook.remove()
-
-
 @pytest.fixture(scope="module")
 def eager_bf16(tmp_path_factory):
     """The bf16 run without compile or Liger (the default label-only head and packing), with a probe."""
-    probe = _Probe()
+    probe = PrecisionProbe()
     result = train(_cfg(tmp_path_factory.mktemp("eager"), dtype="bf16", compile=False, liger=False), [probe])
     return result, probe
 
@@ -107,7 +80,7 @@ def test_bf16_autocasts_lora_and_keeps_its_weights_fp32(eager_bf16):
 def test_fp16_autocasts_in_fp16_and_scales_the_loss(tmp_path):
     """Guards against the seed tutorial's fp16 training without loss scaling (small gradients flush to zero) and
     against fp16 runs computing LoRA in fp32 or bf16."""
-    probe = _Probe()
+    probe = PrecisionProbe()
     result = train(_cfg(tmp_path, dtype="fp16", compile=False, liger=False), [probe])
     assert probe.lora_out_dtypes == {torch.float16}
     assert probe.loss_scales and all(s is not None and s > 1 for s in probe.loss_scales)

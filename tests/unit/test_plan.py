@@ -110,6 +110,7 @@ def test_dry_run_prints_the_split_and_plan_and_loads_no_weights(tiny_model_dir, 
         raise AssertionError("dry run loaded weights")
 
     monkeypatch.setattr(chatlora.train, "load_model", no_weights)
+    monkeypatch.setattr("chatlora.model.cpu_has_native_bf16", lambda: False)  # the plan line below is fp32's
     data = write_jsonl(tmp_path / "d.jsonl", _rows(30))
     out = tmp_path / "out"
     args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--dry-run"]
@@ -285,7 +286,31 @@ def test_precision_keeps_the_frozen_base_in_half_on_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert pick_precision(CUDA) == Precision(torch.bfloat16, "bf16")
     assert pick_precision(CUDA, "fp16") == Precision(torch.float16, "fp16")
-    assert pick_precision(torch.device("cpu")) == Precision(torch.float32, None)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_precision_on_the_cpu_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, native_bf16):
+    """Guards against the CPU default being fp32 on CPUs with bf16 units (1.6x slower steps there) and against
+    bf16 on CPUs without them (emulated: slower than fp32)."""
+    monkeypatch.setattr("chatlora.model.cpu_has_native_bf16", lambda: native_bf16)
+    want = Precision(torch.bfloat16, "bf16") if native_bf16 else Precision(torch.float32, None)
+    assert pick_precision(torch.device("cpu")) == want
+    assert pick_precision(torch.device("cpu"), "fp32") == Precision(torch.float32, None)
+    assert pick_precision(torch.device("cpu"), "bf16") == Precision(torch.bfloat16, "bf16")
+
+
+def test_cpu_bf16_probe_reads_torchs_cpu_checks(monkeypatch):
+    """Guards against the probe answering without asking the CPU (or failing on a torch without the checks)."""
+    from chatlora.model import cpu_has_native_bf16
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert cpu_has_native_bf16() is True
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert cpu_has_native_bf16() is False
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_jsonl
+from probes import PrecisionProbe
 
 from chatlora.config import ConfigError, TrainConfig, load_config
 from chatlora.data import DataError
@@ -34,6 +35,7 @@ def tiny_cfg(model_dir, data, out, **kw) -> TrainConfig:
         lr=5e-3,
         lora_dropout=0.0,
         system_prompt="S",
+        dtype="fp32",  # the pinned losses are fp32's; "auto" is bf16 on CPUs with bf16 units (tested on its own)
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -232,6 +234,22 @@ def test_train_on_prompt_labels_every_token_of_training_records_only(tiny_model_
     assert run.val_ex == plain.val_ex and all(-100 in ex["labels"] for ex in run.val_ex)
 
 
+def test_train_on_user_reaches_the_training_examples_only(tiny_model_dir, tmp_path):
+    """Guards against `train_on_user` being ignored, against it labelling the system prompt, and against it reaching
+    the held-out examples (their loss counts the replies only)."""
+    rows = [{"instruction": f"问题{i}", "input": "", "output": f"臣妾{i}。"} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    plain = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "a", system_prompt="SYSTEM"))
+    run = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "b", system_prompt="SYSTEM", train_on_user=True))
+    assert [ex["input_ids"] for ex in run.train_ex] == [ex["input_ids"] for ex in plain.train_ex]
+    tok = run.tokenizer
+    for ex, replies_only in zip(run.train_ex, plain.train_ex, strict=True):
+        text = tok.decode([t for t in ex["labels"] if t != -100])
+        reply = tok.decode([t for t in replies_only["labels"] if t != -100])
+        assert text.startswith("问题") and text.endswith(reply) and "SYSTEM" not in text
+    assert run.val_ex == plain.val_ex
+
+
 def test_config_yaml_and_flags(tmp_path):
     """Guards against YAML quirks ('1e-4' is a string in YAML 1.1) and flags not winning over the file."""
     y = tmp_path / "c.yaml"
@@ -250,6 +268,7 @@ def test_precision_never_fp16_weights(monkeypatch, tiny_model_dir, tiny_dataset,
     """Guards against the seed's fp16 weights + fp16 optimizer state without loss scaling: on a GPU without bf16
     (faked here) the base is fp16 but autocast is fp16 with the Trainer's loss scaling, and the LoRA weights (so
     AdamW's state) are fp32; bf16 where the GPU has it; fp32 on the CPU."""
+    monkeypatch.setattr("chatlora.model.cpu_has_native_bf16", lambda: False)
     cpu = pick_precision(torch.device("cpu"))
     assert cpu.weights == torch.float32 and cpu.amp is None
     with pytest.raises(ModelError):
@@ -273,6 +292,22 @@ def test_precision_never_fp16_weights(monkeypatch, tiny_model_dir, tiny_dataset,
     model = apply_lora(load_model(str(tiny_model_dir), auto.weights), 4, 8, 0.0, ["q_proj", "v_proj"])
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {auto.weights}
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_cpu_bf16_autocasts_lora_and_keeps_its_weights_fp32(tiny_model_dir, tiny_dataset, tmp_path):
+    """Guards against CPU bf16 runs (the CPU default where the CPU has bf16 units) computing LoRA in fp32 (the
+    label-only loss bypassing accelerate's autocast), storing LoRA weights or AdamW state in bf16 (updates
+    underflow), or scaling the loss."""
+    probe = PrecisionProbe()
+    result = train(tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path / "o", dtype="bf16", eval_steps=0), [probe])
+    assert result.run_card["hardware"]["precision"] == "bf16" and result.run_card["plan"]["logits_at_labels"]
+    params = dict(result.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    assert probe.lora_out_dtypes == {torch.bfloat16}
+    assert probe.loss_scales and set(probe.loss_scales) == {None}
+    losses = _losses(result.output_dir)
+    assert all(x == x for x in losses) and losses[-1] < losses[0]
 
 
 def test_shipped_configs_load():
