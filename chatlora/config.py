@@ -131,6 +131,11 @@ class TrainConfig:
         "train on every token (system prompt, user turns, template), not only the replies: more supervised tokens "
         "per forward pass; held-out loss still counts the replies only",
     )
+    train_on_user: bool = _f(
+        False,
+        "also train on the user turns' text (not the system prompt or the template's tokens): more of the same "
+        "dialogue per forward pass at almost no cost; held-out loss still counts the replies only",
+    )
     # output
     output_dir: str = _f("runs/huanhuan-smollm2", "where the adapter, checkpoints, metrics and plot go")
     # optimisation

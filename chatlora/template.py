@@ -261,20 +261,60 @@ def _tokenize(text: str, tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_conversation(messages: list[dict], tokenizer, max_length: int | None = None) -> Encoded:
+def _user_spans(messages: list[dict], full: str) -> list[tuple[int, int]]:
+    """Character spans of the user turns' text in the rendering ``full``, found in order (a template that rewrites
+    a turn's text, e.g. folding the system prompt into it or stripping it, gets no span for that turn)."""
+    spans, pos = [], 0
+    for m in messages:
+        if m["role"] != "user" or not m["content"]:
+            continue
+        start = full.find(m["content"], pos)
+        if start < 0:
+            continue
+        spans.append((start, start + len(m["content"])))
+        pos = start + len(m["content"])
+    return spans
+
+
+def _user_labels(text: str, offset: int, spans: list[tuple[int, int]], tokenizer) -> list[int]:
+    """Token ids of an untrained piece (``text``, starting at ``offset`` of the rendering) with the tokens that lie
+    wholly inside a user turn's text as labels and the rest ``-100``; the tokens are the same as ``_tokenize``'s."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError("train_on_user needs a fast tokenizer (character offsets); this one is not")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = []
+    for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+        inside = any(s <= offset + a and offset + b <= e for s, e in spans) and b > a
+        labels.append(token if inside else IGNORE_INDEX)
+    return labels
+
+
+def encode_conversation(
+    messages: list[dict], tokenizer, max_length: int | None = None, label_user: bool = False
+) -> Encoded:
     """Messages -> ``input_ids`` and ``labels`` (``-100`` except assistant replies + their end-of-turn token).
 
-    Every assistant turn is trained. When the conversation is longer than ``max_length`` tokens, it is cut after
-    the last whole assistant turn that fits; only when not even the first reply fits is it cut mid-turn.
-    ``truncated`` says whether anything was cut.
+    Every assistant turn is trained; with ``label_user`` the text of the user turns is too (not the system prompt
+    or the template's own tokens), as more of the same dialogue to learn from. When the conversation is longer
+    than ``max_length`` tokens, it is cut after the last whole assistant turn that fits; only when not even the
+    first reply fits is it cut mid-turn. ``truncated`` says whether anything was cut.
     """
     input_ids: list[int] = []
     labels: list[int] = []
     last_whole_turn = 0
-    for text, trained in _pieces(messages, tokenizer, add_generation_prompt=False):
+    pieces = _pieces(messages, tokenizer, add_generation_prompt=False)
+    spans = _user_spans(messages, "".join(text for text, _ in pieces)) if label_user else []
+    offset = 0
+    for text, trained in pieces:
         ids = _tokenize(text, tokenizer)
         input_ids += ids
-        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+        if trained:
+            labels += ids
+        elif spans:
+            labels += _user_labels(text, offset, spans, tokenizer)
+        else:
+            labels += [IGNORE_INDEX] * len(ids)
+        offset += len(text)
         if trained and (max_length is None or len(input_ids) <= max_length):
             last_whole_turn = len(input_ids)
     if max_length is None or len(input_ids) <= max_length:

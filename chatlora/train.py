@@ -116,6 +116,7 @@ def encode_records(
     max_length: int,
     source="data",
     train_on_prompt: bool = False,
+    train_on_user: bool = False,
 ):
     """Encode records for training. Returns the examples, how many were truncated, and the records dropped because
     not one reply token survived the cut (their prompt alone is longer than ``max_length``). A record the chat
@@ -127,7 +128,7 @@ def encode_records(
     examples, truncated, empty = [], 0, []
     for r in records:
         try:
-            enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length)
+            enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length, train_on_user)
         except TemplateError as e:
             raise DataError([f"{source}:{r.line}: {e}"]) from None
         truncated += enc.truncated
@@ -561,7 +562,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     tokenizer = load_tokenizer(model_path)
     system_prompt = cfg.system_prompt or None
     train_ex, train_trunc, train_empty = encode_records(
-        split.train, tokenizer, system_prompt, cfg.max_length, cfg.data, cfg.train_on_prompt
+        split.train, tokenizer, system_prompt, cfg.max_length, cfg.data, cfg.train_on_prompt, cfg.train_on_user
     )
     # held-out loss counts the replies only, whatever is trained, so it compares across recipes and with `eval`
     val_ex, val_trunc, val_empty = encode_records(split.val, tokenizer, system_prompt, cfg.max_length, cfg.data)

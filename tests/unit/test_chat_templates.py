@@ -70,6 +70,22 @@ def test_only_replies_and_their_end_of_turn_are_trained(family, system):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("system", [None, HUANHUAN])
+def test_train_on_user_labels_the_user_turns_text_and_no_other_prompt_token(family, system):
+    """Guards against `train_on_user` labelling the system prompt or the template's own tokens, against it changing
+    the tokens (training must stay token-exact with inference prompts), and against it skipping a user turn."""
+    tok = family_tokenizer(family)
+    conv = with_system(CONV, system)
+    plain, user = encode_conversation(conv, tok), encode_conversation(conv, tok, label_user=True)
+    assert user.input_ids == plain.input_ids
+    eot, lead = eot_of(family), REPLY_LEAD.get(family, "")
+    want = f"你是谁？{lead}家父是大理寺少卿甄远道。{eot}皇上驾到！{lead}皇上万福金安。{eot}"
+    assert trained_text(tok, user) == want
+    for token, label in zip(user.input_ids, user.labels, strict=True):
+        assert label in (token, IGNORE_INDEX)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_long_conversations_mask_every_turn(family):
     """Guards against the linear-time window rendering mislocating replies on a template that writes a default
     system block, BOS, trims contents or folds the system prompt (turns past the window must still be exact)."""
