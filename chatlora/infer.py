@@ -543,7 +543,7 @@ class ChatModel:
         conversations: Sequence[list[dict]],
         sampling: SamplingConfig | None = None,
         systems: Sequence[str | None] | None = None,
-        use_adapter: bool = True,
+        use_adapter: bool | Sequence[bool] = True,
         batch_size: int | None = None,
         desc: str | None = "generate",
         on_reply: Callable[[int, Reply], None] | None = None,
@@ -552,8 +552,9 @@ class ChatModel:
         (``desc``; None: none).
 
         Batches are formed by prompt length (less padding); each conversation keeps its own system prompt
-        (``systems[i]``, else the model's). ``on_reply(i, reply)`` is called as each reply finishes. Replies come back
-        in input order.
+        (``systems[i]``, else the model's) and, given a sequence, its own ``use_adapter[i]`` (base and tuned rows
+        then share batches). ``on_reply(i, reply)`` is called as each reply finishes. Replies come back in input
+        order.
         """
         from tqdm.auto import tqdm
 
@@ -562,6 +563,9 @@ class ChatModel:
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be > 0, got {batch_size}")
         systems = systems if systems is not None else [None] * len(conversations)
+        adapters = [use_adapter] * len(conversations) if isinstance(use_adapter, bool) else list(use_adapter)
+        if len(adapters) != len(conversations):
+            raise ConfigError(f"use_adapter: {len(adapters)} values for {len(conversations)} conversations")
         prompts = [self.prompt_ids(m, s) for m, s in zip(conversations, systems, strict=True)]
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         replies: list[Reply | None] = [None] * len(prompts)
@@ -575,7 +579,7 @@ class ChatModel:
         with tqdm(total=len(prompts), desc=desc, unit="reply", disable=desc is None) as bar:
             for start in range(0, len(order), batch_size):
                 members = order[start : start + batch_size]
-                rows = [self.row(prompts[i], sampling, use_adapter, on_done=partial(done, i)) for i in members]
+                rows = [self.row(prompts[i], sampling, adapters[i], on_done=partial(done, i)) for i in members]
                 self.run(rows)
         return replies  # type: ignore[return-value]
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import write_jsonl
 from serving import make_adapter
 
+from chatlora.errors import ConfigError
 from chatlora.infer import BASE, Batcher, ChatModel, SamplingConfig, generate_rows
 
 GREEDY = SamplingConfig(max_new_tokens=10, temperature=0)
@@ -332,3 +333,39 @@ def test_a_dora_adapter_is_served_beside_lora_and_base(tiny_model_dir, tmp_path)
     views["base"].run(rows)
     assert [r._tokens for r in rows] == [want[n] for n in ("gamma", "alpha", "base", "gamma")]
     assert net.active_adapter == "alpha"
+
+
+def test_generate_many_takes_an_adapter_choice_per_conversation(chats):
+    """Bug: a per-row use_adapter list was ignored or misaligned after the length sort (a base row answered by the
+    adapter), so mixing base and tuned rows in one call (the persona drift) changed whose reply is whose."""
+    chat = chats["alpha"]
+    tuned = chat.generate_many(CONVERSATIONS, GREEDY, use_adapter=True, desc=None)
+    base = chat.generate_many(CONVERSATIONS, GREEDY, use_adapter=False, desc=None)
+    assert [r.text for r in tuned] != [r.text for r in base], "base and adapter should answer differently"
+    mixed = chat.generate_many(CONVERSATIONS * 2, GREEDY, use_adapter=[True] * 3 + [False] * 3, desc=None)
+    assert [r.text for r in mixed] == [r.text for r in tuned + base]
+    with pytest.raises(ConfigError, match="use_adapter"):
+        chat.generate_many(CONVERSATIONS, GREEDY, use_adapter=[True], desc=None)
+
+
+def test_persona_drift_feeds_each_system_its_own_replies(chats):
+    """Bug: base and tuned drift turns, generated in one call, swapped systems or histories (the base conversation
+    continued with the tuned replies), so the drift plot compared the wrong models."""
+    from chatlora.config import PersonaConfig
+    from chatlora.persona import _drift_phase, resolve
+
+    chat = chats["alpha"]
+    cfg = PersonaConfig(markers=["x"], drift_conversations=2, drift_turns=3, max_new_tokens=10)
+    records = [conv[:1] for conv in CONVERSATIONS]
+    persona = resolve(cfg, "Huanhuan", [])
+    _, rows = _drift_phase(chat, persona, records, cfg, GREEDY, None, 8)
+    for name, adapter in (("base", False), ("tuned", True)):
+        for c in range(2):
+            mine = [r for r in rows if r["system"] == name and r["conversation"] == c]
+            history: list[dict] = []
+            for r in mine:
+                history.append({"role": "user", "content": r["user"]})
+                want = chat.generate_many([list(history)], GREEDY, use_adapter=adapter, desc=None)[0].text
+                assert r["reply"] == want, (name, c, r["turn"])
+                history.append({"role": "assistant", "content": r["reply"]})
+    assert [r["system"] for r in rows] == ["base"] * 6 + ["tuned"] * 6
