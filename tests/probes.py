@@ -31,3 +31,15 @@ class PrecisionProbe(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         for hook in self.hooks:
             hook.remove()
+
+
+def assert_bf16_autocast(result, probe: PrecisionProbe, losses: list[float]) -> None:
+    """A bf16 run as planned: frozen base in bf16, LoRA weights (so AdamW's state) fp32, LoRA matmuls autocast to
+    bf16 (the label-only loss inside autocast), no loss scaler, and a finite, falling loss."""
+    assert result.run_card["hardware"]["precision"] == "bf16" and result.run_card["plan"]["logits_at_labels"]
+    params = dict(result.model.named_parameters())
+    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
+    assert probe.lora_out_dtypes == {torch.bfloat16}
+    assert probe.loss_scales and set(probe.loss_scales) == {None}
+    assert all(x == x for x in losses) and losses[-1] < losses[0]

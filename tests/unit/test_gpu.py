@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from conftest import make_model_dir, write_jsonl
-from probes import PrecisionProbe
+from probes import PrecisionProbe, assert_bf16_autocast
 
 from chatlora.config import TrainConfig
 from chatlora.train import prepare_run, train
@@ -67,14 +67,7 @@ def test_bf16_autocasts_lora_and_keeps_its_weights_fp32(eager_bf16):
     """Guards against the label-only loss bypassing the Trainer's autocast (every LoRA matmul then runs in fp32:
     measured 26 % of GPU time), bf16 LoRA weights or optimizer state (updates underflow), or a loss scaler in bf16."""
     result, probe = eager_bf16
-    assert result.run_card["plan"]["logits_at_labels"] and result.run_card["hardware"]["precision"] == "bf16"
-    params = dict(result.model.named_parameters())
-    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
-    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
-    assert probe.lora_out_dtypes == {torch.bfloat16}
-    assert probe.loss_scales and set(probe.loss_scales) == {None}
-    losses = _losses(result.output_dir)
-    assert all(x == x for x in losses) and losses[-1] < losses[0]
+    assert_bf16_autocast(result, probe, _losses(result.output_dir))
 
 
 def test_fp16_autocasts_in_fp16_and_scales_the_loss(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_jsonl
-from probes import PrecisionProbe
+from probes import PrecisionProbe, assert_bf16_autocast
 
 from chatlora.config import ConfigError, TrainConfig, load_config
 from chatlora.data import DataError
@@ -300,14 +300,7 @@ def test_cpu_bf16_autocasts_lora_and_keeps_its_weights_fp32(tiny_model_dir, tiny
     underflow), or scaling the loss."""
     probe = PrecisionProbe()
     result = train(tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path / "o", dtype="bf16", eval_steps=0), [probe])
-    assert result.run_card["hardware"]["precision"] == "bf16" and result.run_card["plan"]["logits_at_labels"]
-    params = dict(result.model.named_parameters())
-    assert {p.dtype for n, p in params.items() if "lora_" not in n} == {torch.bfloat16}
-    assert {p.dtype for n, p in params.items() if "lora_" in n} == {torch.float32}
-    assert probe.lora_out_dtypes == {torch.bfloat16}
-    assert probe.loss_scales and set(probe.loss_scales) == {None}
-    losses = _losses(result.output_dir)
-    assert all(x == x for x in losses) and losses[-1] < losses[0]
+    assert_bf16_autocast(result, probe, _losses(result.output_dir))
 
 
 def test_shipped_configs_load():
