@@ -266,13 +266,14 @@ def _user_spans(messages: list[dict], full: str) -> list[tuple[int, int]]:
     a turn's text, e.g. folding the system prompt into it or stripping it, gets no span for that turn)."""
     spans, pos = [], 0
     for m in messages:
-        if m["role"] != "user" or not m["content"]:
+        if m["role"] not in ("user", "system") or not m["content"]:
             continue
         start = full.find(m["content"], pos)
         if start < 0:
             continue
-        spans.append((start, start + len(m["content"])))
-        pos = start + len(m["content"])
+        if m["role"] == "user":
+            spans.append((start, start + len(m["content"])))
+        pos = start + len(m["content"])  # past a system prompt too: a short user turn may also occur inside it
     return spans
 
 

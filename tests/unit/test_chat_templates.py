@@ -83,6 +83,11 @@ def test_train_on_user_labels_the_user_turns_text_and_no_other_prompt_token(fami
     assert trained_text(tok, user) == want
     for token, label in zip(user.input_ids, user.labels, strict=True):
         assert label in (token, IGNORE_INDEX)
+    # a user turn whose text also occurs in the system prompt: its own span is labelled, not the prompt's
+    short = encode_conversation(with_system(CONV, "你是谁？" + HUANHUAN), tok, label_user=True)
+    assert trained_text(tok, short) == want
+    system_end = next(k for k in range(len(short.input_ids)) if HUANHUAN in tok.decode(short.input_ids[:k]))
+    assert all(label == IGNORE_INDEX for label in short.labels[:system_end])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
