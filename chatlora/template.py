@@ -277,9 +277,9 @@ def _user_spans(messages: list[dict], full: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _user_labels(text: str, offset: int, spans: list[tuple[int, int]], tokenizer) -> list[int]:
-    """Token ids of an untrained piece (``text``, starting at ``offset`` of the rendering) with the tokens that lie
-    wholly inside a user turn's text as labels and the rest ``-100``; the tokens are the same as ``_tokenize``'s."""
+def _user_labels(text: str, offset: int, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
+    """``(ids, labels)`` of an untrained piece (``text``, starting at ``offset`` of the rendering): the ids are
+    ``_tokenize``'s, and a token is its own label when it lies wholly inside a user turn's text, else ``-100``."""
     if not getattr(tokenizer, "is_fast", False):
         raise TemplateError("train_on_user needs a fast tokenizer (character offsets); this one is not")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -287,7 +287,7 @@ def _user_labels(text: str, offset: int, spans: list[tuple[int, int]], tokenizer
     for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
         inside = any(s <= offset + a and offset + b <= e for s, e in spans) and b > a
         labels.append(token if inside else IGNORE_INDEX)
-    return labels
+    return list(enc["input_ids"]), labels
 
 
 def encode_conversation(
@@ -303,25 +303,28 @@ def encode_conversation(
     input_ids: list[int] = []
     labels: list[int] = []
     last_whole_turn = 0
+    first_reply = None  # where the first reply starts
     pieces = _pieces(messages, tokenizer, add_generation_prompt=False)
     spans = _user_spans(messages, "".join(text for text, _ in pieces)) if label_user else []
     offset = 0
     for text, trained in pieces:
-        ids = _tokenize(text, tokenizer)
-        input_ids += ids
-        if trained:
-            labels += ids
-        elif spans:
-            labels += _user_labels(text, offset, spans, tokenizer)
+        if spans and not trained:
+            ids, piece_labels = _user_labels(text, offset, spans, tokenizer)
         else:
-            labels += [IGNORE_INDEX] * len(ids)
+            ids = _tokenize(text, tokenizer)
+            piece_labels = ids if trained else [IGNORE_INDEX] * len(ids)
+        if trained and first_reply is None:
+            first_reply = len(input_ids)
+        input_ids += ids
+        labels += piece_labels
         offset += len(text)
         if trained and (max_length is None or len(input_ids) <= max_length):
             last_whole_turn = len(input_ids)
-    if max_length is None or len(input_ids) <= max_length:
-        return Encoded(input_ids, labels, False)
-    keep = last_whole_turn or max_length
-    return Encoded(input_ids[:keep], labels[:keep], True)
+    truncated = max_length is not None and len(input_ids) > max_length
+    keep = (last_whole_turn or max_length) if truncated else len(input_ids)
+    if first_reply is None or keep <= first_reply:  # not one reply token kept: nothing is trained (user text neither)
+        return Encoded(input_ids[:keep], [IGNORE_INDEX] * keep, truncated)
+    return Encoded(input_ids[:keep], labels[:keep], truncated)
 
 
 def encode_prompt(messages: list[dict], tokenizer) -> list[int]:

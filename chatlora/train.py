@@ -123,12 +123,13 @@ def encode_records(
     template refuses raises a DataError naming ``source`` and its line.
 
     ``train_on_prompt`` labels every token of a kept conversation (system prompt, user turns, template), not only
-    the replies; the records kept are the same either way.
+    the replies; ``train_on_user`` the user turns' text too. The records kept are the same either way.
     """
     examples, truncated, empty = [], 0, []
+    label_user = train_on_user and not train_on_prompt  # train_on_prompt labels those tokens and more
     for r in records:
         try:
-            enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length, train_on_user)
+            enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length, label_user)
         except TemplateError as e:
             raise DataError([f"{source}:{r.line}: {e}"]) from None
         truncated += enc.truncated

@@ -235,12 +235,17 @@ def test_train_on_prompt_labels_every_token_of_training_records_only(tiny_model_
 
 
 def test_train_on_user_reaches_the_training_examples_only(tiny_model_dir, tmp_path):
-    """Guards against `train_on_user` being ignored, against it labelling the system prompt, and against it reaching
-    the held-out examples (their loss counts the replies only)."""
+    """Guards against `train_on_user` being ignored, against it labelling the system prompt, against it keeping a
+    record none of whose reply fits (trained on its user text alone), and against it reaching the held-out examples
+    (their loss counts the replies only)."""
     rows = [{"instruction": f"问题{i}", "input": "", "output": f"臣妾{i}。"} for i in range(8)]
+    rows.append({"instruction": "问" * 200, "input": "", "output": "嗯。"})  # no reply token fits max_length=64
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    plain = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "a", system_prompt="SYSTEM"))
-    run = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "b", system_prompt="SYSTEM", train_on_user=True))
+    plain = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "a", system_prompt="SYSTEM", max_length=64))
+    run = prepare_run(
+        tiny_cfg(tiny_model_dir, data, tmp_path / "b", system_prompt="SYSTEM", max_length=64, train_on_user=True)
+    )
+    assert run.dropped == plain.dropped == {"train": 1, "val": 0}
     assert [ex["input_ids"] for ex in run.train_ex] == [ex["input_ids"] for ex in plain.train_ex]
     tok = run.tokenizer
     for ex, replies_only in zip(run.train_ex, plain.train_ex, strict=True):
