@@ -321,9 +321,11 @@ def _print_eval(result) -> None:
         f"held-out loss: base {loss['base'].loss:.4f} -> tuned {loss['tuned'].loss:.4f} "
         f"(ratio {result.loss_ratio:.3f}) on {result.source['records']} records"
     )
+    test = result.significance.get("chrF")
     print(
-        f"chrF: base {base.chrf:.2f} -> tuned {tuned.chrf:.2f} | stop rate: base {base.stop_rate:.1%}, "
-        f"tuned {tuned.stop_rate:.1%}"
+        f"chrF: base {base.chrf:.2f} -> tuned {tuned.chrf:.2f}"
+        + (f" (paired bootstrap p = {test.p_value:.3f})" if test else "")
+        + f" | stop rate: base {base.stop_rate:.1%}, tuned {tuned.stop_rate:.1%}"
     )
     if result.persona is not None:
         base, tuned = result.persona.probe_total("base"), result.persona.probe_total("tuned")

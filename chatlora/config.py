@@ -150,6 +150,11 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "share of steps spent warming up the learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    neftune_noise_alpha: float = _f(
+        0.0,
+        "NEFTune: uniform noise of this scale on the input embeddings while training (HF Trainer's "
+        "neftune_noise_alpha; 5 in the paper); 0: off",
+    )
     seed: int = _f(42, "training seed (LoRA init, shuffling, dropout)")
     data_seed: int | None = _f(None, "seed of the data order alone (default: seed); vary it to see run-to-run noise")
     group_by_length: bool = _f(True, "without packing: batch sequences of similar length together (less padding)")
@@ -256,6 +261,11 @@ class TrainConfig:
             ),
             (_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be a finite number >= 0"),
             (_finite(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "must be a finite number >= 0"),
+            (
+                _finite(self.neftune_noise_alpha) and self.neftune_noise_alpha >= 0,
+                "neftune_noise_alpha",
+                "must be a finite number >= 0 (0: off)",
+            ),
             (
                 self.val_size is None or (_finite(self.val_size) and self.val_size >= 0),
                 "val_size",

@@ -153,10 +153,19 @@ def _reply_metrics(result: EvalResult, examples: int) -> Section:
         ]
         for k, m in result.replies.items()
     ]
+    notes = [_NOTES]
+    if result.significance:
+        n = result.replies["tuned"].n
+        tests = "; ".join(f"{s.metric} {s.describe()}" for s in result.significance.values())
+        samples = next(iter(result.significance.values())).samples
+        notes.append(
+            f"Tuned minus base, paired bootstrap over the {n} records ({samples} resamples): {tests}. A p-value "
+            "above 0.05 means these records cannot tell the two systems apart on that metric."
+        )
     return Section(
         "Reply metrics",
-        [*_md_table(head, rows), "", _NOTES],
-        f'{_html_table(head, rows)}<p class="note">{html.escape(_NOTES)}</p>',
+        [*_md_table(head, rows), *(line for note in notes for line in ("", note))],
+        _html_table(head, rows) + "".join(f'<p class="note">{html.escape(note)}</p>' for note in notes),
     )
 
 

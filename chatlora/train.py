@@ -281,6 +281,7 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool, plan: Run
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
+        neftune_noise_alpha=cfg.neftune_noise_alpha or None,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         seed=cfg.seed,

@@ -16,7 +16,7 @@ from conftest import write_jsonl
 
 from chatlora.cli import main
 from chatlora.config import PersonaConfig, TrainConfig
-from chatlora.eval import bleu, chrf, distinct_n, mean_length, reply_metrics, stop_rate
+from chatlora.eval import bleu, chrf, distinct_n, mean_length, paired_bootstrap, reply_metrics, stop_rate
 from chatlora.train import train
 
 # ---------------------------------------------------------------- pure metrics
@@ -53,6 +53,44 @@ def test_chrf_and_bleu_match_sacrebleu_corpus_scores():
     assert bleu(["皇上万福金安。"], ["皇上万福。"]) > 40
     assert chrf(refs, refs) == pytest.approx(100.0)
     assert bleu(refs, refs) == pytest.approx(100.0)
+
+
+LINES = [
+    "皇上万福金安。",
+    "臣妾做不到啊。",
+    "本宫乏了，你们都退下吧。",
+    "嬛嬛与皇上的情分，岂是旁人能比的。",
+    "娘娘吉祥，奴婢这就去办。",
+    "这碗药是温宜公主的，谁敢动？",
+    "臣妾给皇后娘娘请安。",
+    "今日的月色倒是极好。",
+    "你下去吧，本宫想一个人静一静。",
+    "皇上驾到！",
+    "这宫里，谁不是步步惊心。",
+    "臣妾惶恐，还请皇上明鉴。",
+]
+
+
+def test_paired_bootstrap_tells_a_clear_winner_from_a_tie():
+    """Guards against swapped systems (the difference's sign), a p-value that is not the paired test's (a clear
+    winner must be significant, identical or one-record-apart systems must not), scores that differ from the
+    report's chrF/BLEU, and an unseeded bootstrap (two calls must agree)."""
+    refs = LINES
+    good = [line[:-1] for line in refs]  # each reply misses its last character
+    bad = ["今天天气很好，我们去公园散步吧。"] * len(refs)
+    won = paired_bootstrap(bad, good, refs)
+    assert set(won) == {"chrF", "BLEU"}
+    assert won["chrF"].tuned == pytest.approx(chrf(good, refs)) and won["chrF"].base == pytest.approx(chrf(bad, refs))
+    assert won["BLEU"].tuned == pytest.approx(bleu(good, refs)) and won["BLEU"].base == pytest.approx(bleu(bad, refs))
+    assert won["chrF"].difference > 50 and won["chrF"].p_value < 0.01 and won["BLEU"].p_value < 0.01
+    assert paired_bootstrap(bad, good, refs)["chrF"].p_value == won["chrF"].p_value
+    assert paired_bootstrap(good, bad, refs)["chrF"].difference == pytest.approx(-won["chrF"].difference)
+    tie = paired_bootstrap(good, good, refs)
+    assert tie["chrF"].difference == 0 and tie["chrF"].p_value == 1.0 and tie["BLEU"].p_value == 1.0
+    one_off = [*good[:-1], bad[-1]]  # one record of twelve worse
+    assert paired_bootstrap(one_off, good, refs)["chrF"].p_value > 0.05
+    with pytest.raises(ValueError, match="2 base, 1 tuned"):
+        paired_bootstrap(["a", "b"], ["a"], ["a", "b"])
 
 
 def test_reply_metrics_rejects_mismatched_lengths():
@@ -166,6 +204,12 @@ def test_report_has_sections_targets_curve_and_replies(evaluated):
     # A random tiny model never emits <|im_end|> within 8 tokens: the stop-rate target must FAIL, not PASS.
     assert metrics["replies"]["tuned"]["stop_rate"] < 0.99
     assert "**FAIL** tuned stop rate >= 99%" in md
+    chrf_test = metrics["significance"]["chrF"]
+    assert chrf_test["tuned"] == pytest.approx(metrics["replies"]["tuned"]["chrf"])
+    assert chrf_test["base"] == pytest.approx(metrics["replies"]["base"]["chrf"])
+    assert 0 < chrf_test["p_value"] <= 1 and chrf_test["samples"] == 1000
+    assert f"chrF {chrf_test['difference']:+.2f}, p = {chrf_test['p_value']:.3f}" in md.split("## Reply metrics")[1]
+    assert f"(paired bootstrap: {chrf_test['difference']:+.2f}, p = {chrf_test['p_value']:.3f})" in md
     assert "![training loss](loss.png)" in md and (evaluated / "loss.png").stat().st_size > 0
     assert md.split("## Replies")[1].count("### ") == 2  # --examples 2
     html = (evaluated / "report.html").read_text()

@@ -255,6 +255,20 @@ def test_train_on_user_reaches_the_training_examples_only(tiny_model_dir, tmp_pa
     assert run.val_ex == plain.val_ex
 
 
+def test_neftune_noises_the_training_embeddings_only(trained, tiny_model_dir, tmp_path):
+    """Guards against `neftune_noise_alpha` being ignored (the losses would be the pinned noiseless ones) and against
+    the noise outliving training (the returned model's embeddings would change from call to call)."""
+    data = trained.run_card["dataset"]["path"]
+    noisy = train(tiny_cfg(tiny_model_dir, data, tmp_path / "neftune", neftune_noise_alpha=5.0))
+    assert _losses(noisy.output_dir)[:4] != pytest.approx(PINNED_LOSSES["packed"], abs=1e-4)
+    assert noisy.run_card["config"]["neftune_noise_alpha"] == 5.0
+    embeddings = noisy.model.get_input_embeddings().train()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    torch.testing.assert_close(embeddings(ids), embeddings(ids), rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="neftune_noise_alpha"):
+        TrainConfig(neftune_noise_alpha=-1.0)
+
+
 def test_config_yaml_and_flags(tmp_path):
     """Guards against YAML quirks ('1e-4' is a string in YAML 1.1) and flags not winning over the file."""
     y = tmp_path / "c.yaml"
