@@ -201,10 +201,14 @@ def paired_bootstrap(
     metrics = {"chrF": CHRF(), "BLEU": BLEU(tokenize="zh")}
     seed = os.environ.get("SACREBLEU_SEED")
     os.environ["SACREBLEU_SEED"] = str(BOOTSTRAP_SEED)  # PairedTest reads its seed from here
+    chatter = logging.getLogger("sacrebleu")
+    level = chatter.level
+    chatter.setLevel(max(level, logging.WARNING))  # its progress lines would land among chatlora's output
     try:
         test = PairedTest([("base", base), ("tuned", tuned)], metrics, [references], test_type="bs", n_samples=samples)
         _, scores = test()
     finally:
+        chatter.setLevel(level)
         if seed is None:
             del os.environ["SACREBLEU_SEED"]
         else:

@@ -71,14 +71,16 @@ LINES = [
 ]
 
 
-def test_paired_bootstrap_tells_a_clear_winner_from_a_tie():
+def test_paired_bootstrap_tells_a_clear_winner_from_a_tie(caplog):
     """Guards against swapped systems (the difference's sign), a p-value that is not the paired test's (a clear
     winner must be significant, identical or one-record-apart systems must not), scores that differ from the
-    report's chrF/BLEU, and an unseeded bootstrap (two calls must agree)."""
+    report's chrF/BLEU, an unseeded bootstrap (two calls must agree), and sacrebleu's progress lines in our output."""
     refs = LINES
     good = [line[:-1] for line in refs]  # each reply misses its last character
     bad = ["今天天气很好，我们去公园散步吧。"] * len(refs)
-    won = paired_bootstrap(bad, good, refs)
+    with caplog.at_level(logging.INFO):
+        won = paired_bootstrap(bad, good, refs)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("sacrebleu")]
     assert set(won) == {"chrF", "BLEU"}
     assert won["chrF"].tuned == pytest.approx(chrf(good, refs)) and won["chrF"].base == pytest.approx(chrf(bad, refs))
     assert won["BLEU"].tuned == pytest.approx(bleu(good, refs)) and won["BLEU"].base == pytest.approx(bleu(bad, refs))
