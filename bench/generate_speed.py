@@ -5,6 +5,8 @@
     python bench/generate_speed.py --model /tmp/yi6b --prompts 256 --batch-sizes 64,1 --limit 1=16
     # CPU, the embedded model:
     .venv/bin/python bench/generate_speed.py --model embedded --prompts 32 --batch-sizes 16,1 --max-new-tokens 32
+    # the same in fp32, to compare with the default (bf16 on CPUs that multiply bf16 in hardware):
+    .venv/bin/python bench/generate_speed.py --model embedded --prompts 32 --batch-sizes 16,1 --max-new-tokens 32 --dtype fp32
 
 Each batch size runs :func:`chatlora.infer.generate_file` (what `chatlora generate --batch-size N` calls) after the
 model is loaded, greedy, on user turns taken from data/huanhuan.json. ``--limit B=N`` times batch size B on the first
@@ -45,6 +47,7 @@ def main() -> int:
     p.add_argument("--model", default="embedded")
     p.add_argument("--make-random", metavar="DIR", help="only build the random Yi-6B-shaped model into DIR")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="the base's dtype, as `chatlora generate --dtype` (default: auto)")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--batch-sizes", default="default,1", help="'default': what `chatlora generate` uses here")
     p.add_argument("--limit", action="append", default=[], metavar="B=N", help="batch size B: first N prompts only")
@@ -69,7 +72,7 @@ def main() -> int:
     ]
     limits = {int(b): int(n) for b, n in (x.split("=") for x in args.limit)}
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=0, repetition_penalty=1.0)
-    chat = ChatModel.load(model=args.model, device=args.device)
+    chat = ChatModel.load(model=args.model, device=args.device, dtype=args.dtype)
     chat.generate_many([p["messages"] for p in prompts[:4]], sampling, batch_size=4, desc=None)  # warm-up
     rows = []
     for b in (chat.batch_size if x == "default" else int(x) for x in args.batch_sizes.split(",")):
@@ -86,7 +89,8 @@ def main() -> int:
                 json.loads(line)["usage"]["completion_tokens"] for line in out.output.read_text().splitlines()
             )
         rows.append((b, len(subset), tokens, seconds, tokens / seconds))
-    print(f"\nmodel {args.model} on {chat.device}, greedy, max {args.max_new_tokens} new tokens")
+    dtype = str(next(chat.model.parameters()).dtype).removeprefix("torch.")
+    print(f"\nmodel {args.model} on {chat.device} in {dtype}, greedy, max {args.max_new_tokens} new tokens")
     print("| --batch-size | prompts | completion tokens | seconds | tokens/s | vs last row |")
     print("|---|---|---|---|---|---|")
     for b, n, tokens, seconds, rate in rows:

@@ -106,6 +106,11 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="Character Card V2 JSON compiled into the system prompt, as train does (default: the adapter's own)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="the base model's dtype: auto (bf16 on GPUs and CPUs that have it, else fp16 on a GPU / fp32), fp32, bf16, fp16",
+    )
 
 
 def _load_chat(args: argparse.Namespace):
@@ -120,7 +125,9 @@ def _load_chat(args: argparse.Namespace):
         if args.system is not None:
             raise CliError("--character and --system both set the system prompt: give one of them")
         system_prompt = load_card(args.character).prompt
-    return ChatModel.load(args.adapter, args.model, args.base_only, args.device, system_prompt=system_prompt)
+    return ChatModel.load(
+        args.adapter, args.model, args.base_only, args.device, system_prompt=system_prompt, dtype=args.dtype
+    )
 
 
 # ---------------------------------------------------------------- commands
@@ -365,6 +372,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model,
         base_only=args.base_only,
         device=args.device,
+        dtype=args.dtype,
         host=args.host,
         port=args.port,
         api_key=args.api_key or os.environ.get("CHATLORA_API_KEY"),
@@ -487,6 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--examples", type=int, default=10, help="replies shown in the report (default: 10)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ev.add_argument(
+        "--dtype",
+        default="auto",
+        help="the base model's dtype: auto (bf16 on GPUs and CPUs that have it, else fp16 on a GPU / fp32), fp32, bf16, fp16",
+    )
+    ev.add_argument(
         "--persona",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -513,6 +526,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--base-only", action="store_true", help="serve only the base model of the adapters")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sv.add_argument(
+        "--dtype",
+        default="auto",
+        help="the base model's dtype: auto (bf16 on GPUs and CPUs that have it, else fp16 on a GPU / fp32), fp32, bf16, fp16",
+    )
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     sv.add_argument(

@@ -309,6 +309,7 @@ class EvalConfig:
     repetition_penalty: float = _f(1.1, "greedy decoding's repetition penalty (1.0: plain greedy)")
     examples: int = _f(10, "replies shown side by side in the report (all go to replies.jsonl)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N (ignored when evaluate is given a loaded model)")
+    dtype: str = _f("auto", "the base model's dtype: auto, fp32, bf16, fp16 (ignored when given a loaded model)")
     persona: bool = _f(True, "the persona section: identity probes, drift, retention (README Persona eval)")
     persona_config: str | Path | None = _f(None, "a training YAML whose persona: block replaces the run's")
 
@@ -493,7 +494,7 @@ def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:
     card = read_run_card(cfg.adapter)
     records, source = select_records(cfg, card)
     if chat is None:
-        chat = ChatModel.load(cfg.adapter, device=cfg.device)
+        chat = ChatModel.load(cfg.adapter, device=cfg.device, dtype=cfg.dtype)
     if not chat.has_adapter:
         raise ModelError(f"{cfg.adapter}: the loaded model has no LoRA adapter to compare against its base")
     result = measure(cfg, card, chat, records, source)

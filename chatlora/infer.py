@@ -468,8 +468,10 @@ class ChatModel:
         base_only: bool = False,
         device: str = "auto",
         system_prompt: str | None = None,
+        dtype: str = "auto",
     ) -> ChatModel:
-        """Load for inference: ``adapter`` (its run card names the base) or ``model`` (base or merged dir)."""
+        """Load for inference: ``adapter`` (its run card names the base) or ``model`` (base or merged dir); the base
+        in ``dtype`` (:func:`~chatlora.model.dtype_for`)."""
         dev = pick_device(device)
         card: dict = {}
         if adapter is not None:
@@ -483,7 +485,7 @@ class ChatModel:
         tokenizer = load_tokenizer(str(adapter) if adapter is not None else base_path)
         tokenizer.padding_side = "left"
         quantize = base_quantization([card], dev) if adapter is not None else None
-        net = load_model(base_path, dtype_for(dev), dev, quantize=quantize)
+        net = load_model(base_path, dtype_for(dev, dtype), dev, quantize=quantize)
         name = Path(base_path).name
         if adapter is not None and not base_only:
             from peft import PeftModel

@@ -130,6 +130,7 @@ def load_models(
     model: str | None = None,
     base_only: bool = False,
     device: str = "auto",
+    dtype: str = "auto",
 ) -> ModelSet:
     """Load the base once and every adapter into it by name; the base model is served too (adapters disabled).
 
@@ -138,6 +139,7 @@ def load_models(
         model: base or merged model (hub id, dir, .gguf, 'embedded'); default: the adapters' base.
         base_only: serve only the base model of the adapters.
         device: auto, cpu, cuda or cuda:N.
+        dtype: the base's dtype: auto, fp32, bf16 or fp16 (:func:`~chatlora.model.dtype_for`).
     """
     adapters = {name: Path(d) for name, d in (adapters or {}).items()}
     if not adapters and not model:
@@ -162,7 +164,7 @@ def load_models(
 
     dev = pick_device(device)
     quantize = base_quantization(list(cards.values()), dev) if adapters and not base_only else None
-    net = load_model(base_path, dtype_for(dev), dev, quantize=quantize)
+    net = load_model(base_path, dtype_for(dev, dtype), dev, quantize=quantize)
     first = next(iter(adapters), None)
     base_tok = load_tokenizer(str(adapters[first]) if first else base_path)
     base_tok.padding_side = "left"
@@ -1109,6 +1111,7 @@ def run(
     model: str | None = None,
     base_only: bool = False,
     device: str = "auto",
+    dtype: str = "auto",
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
@@ -1138,7 +1141,7 @@ def run(
         raise ConfigError("read_timeout, timeout_keep_alive and max_connections must be > 0")
     sock = _bind(host, port)
     try:
-        models = load_models(adapters, model, base_only, device)
+        models = load_models(adapters, model, base_only, device, dtype)
         app = create_app(
             models,
             api_key=api_key,

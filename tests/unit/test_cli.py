@@ -151,6 +151,39 @@ def test_chat_prompt_prints_one_reply(run_dir, capsys):
     assert capsys.readouterr().out == base + "\n"
 
 
+def test_inference_dtype_is_bf16_where_the_cpu_has_bf16_units(run_dir, monkeypatch, capsys):
+    """Guards against inference loading fp32 on a CPU that multiplies bf16 in hardware (generation 1.9x slower),
+    bf16 where bf16 is emulated (slower than fp32), LoRA weights cast down with the base, `--dtype` being ignored,
+    and fp16 accepted on the CPU (a traceback instead of exit 2)."""
+    import torch
+
+    from chatlora import model as model_module
+    from chatlora.infer import ChatModel
+    from chatlora.model import dtype_for
+
+    def dtypes(chat):
+        return {("lora_" in n, p.dtype) for n, p in chat.model.named_parameters()}
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    assert dtype_for(cpu) == torch.bfloat16 and dtype_for(cpu, "fp32") == torch.float32
+    assert dtypes(ChatModel.load(run_dir, device="cpu")) == {(False, torch.bfloat16), (True, torch.float32)}
+    assert dtypes(ChatModel.load(run_dir, device="cpu", dtype="fp32")) == {
+        (False, torch.float32),
+        (True, torch.float32),
+    }
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+    assert dtype_for(cpu) == torch.float32 and dtype_for(cpu, "bf16") == torch.bfloat16
+    reply = ["--prompt", "你好", "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(["chat", "--adapter", str(run_dir), "--dtype", "bf16", *reply]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["chat", "--adapter", str(run_dir), "--dtype", "fp16", "--device", "cpu", *reply]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype fp16 needs a CUDA GPU" in err and "Traceback" not in err
+    assert main(["chat", "--adapter", str(run_dir), "--dtype", "half", *reply]) == 2
+    assert "--dtype must be auto, fp32, bf16, fp16; got 'half'" in capsys.readouterr().err
+
+
 def test_chat_interactive_multi_turn(run_dir):
     """Guards against the interactive loop crashing on /reset, multi-turn history or end of input."""
     proc = subprocess.run(
