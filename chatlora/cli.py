@@ -92,6 +92,14 @@ def _sampling(args: argparse.Namespace):
     return sampling
 
 
+def _add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="the base model's dtype: auto (bf16 on GPUs and CPUs that have it, else fp16 on a GPU / fp32), fp32, bf16, fp16",
+    )
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="a chatlora output dir (adapter + run card)")
     p.add_argument(
@@ -106,11 +114,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="Character Card V2 JSON compiled into the system prompt, as train does (default: the adapter's own)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="the base model's dtype: auto (bf16 on GPUs and CPUs that have it, else fp16 on a GPU / fp32), fp32, bf16, fp16",
-    )
+    _add_dtype_flag(p)
 
 
 def _load_chat(args: argparse.Namespace):
@@ -494,11 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--repetition-penalty", type=float, default=1.1, help="greedy decoding's penalty (default: 1.1)")
     ev.add_argument("--examples", type=int, default=10, help="replies shown in the report (default: 10)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    ev.add_argument(
-        "--dtype",
-        default="auto",
-        help="the base model's dtype: auto (bf16 on GPUs and CPUs that have it, else fp16 on a GPU / fp32), fp32, bf16, fp16",
-    )
+    _add_dtype_flag(ev)
     ev.add_argument(
         "--persona",
         action=argparse.BooleanOptionalAction,
@@ -526,11 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--base-only", action="store_true", help="serve only the base model of the adapters")
     sv.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    sv.add_argument(
-        "--dtype",
-        default="auto",
-        help="the base model's dtype: auto (bf16 on GPUs and CPUs that have it, else fp16 on a GPU / fp32), fp32, bf16, fp16",
-    )
+    _add_dtype_flag(sv)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     sv.add_argument(

@@ -18,6 +18,7 @@ from .errors import ModelError
 from .template import ensure_chat_template
 
 __all__ = [
+    "DTYPES",
     "EMBEDDED",
     "ModelError",
     "Precision",
@@ -28,7 +29,6 @@ __all__ = [
     "check_quantize",
     "context_length",
     "cpu_has_native_bf16",
-    "INFERENCE_DTYPES",
     "dtype_for",
     "embedded_gguf",
     "linear_module_names",
@@ -37,6 +37,7 @@ __all__ = [
     "pick_device",
     "pick_precision",
     "quantization_config",
+    "resolve_dtype",
     "resolve_model",
 ]
 
@@ -160,26 +161,32 @@ def context_length(model, tokenizer) -> int:
     return int(n) if n and n < 10**8 else 2048
 
 
-INFERENCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def dtype_for(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    """The dtype inference loads a base model in (an adapter's LoRA weights stay fp32: peft upcasts them).
+def resolve_dtype(device: torch.device, dtype: str = "auto") -> str:
+    """The dtype name (a key of :data:`DTYPES`) that training and inference use on ``device`` for ``dtype``.
 
     auto: bf16 on GPUs that have it, else fp16 on a GPU; on the CPU bf16 where it multiplies bf16 in hardware
-    (:func:`cpu_has_native_bf16`: generation ran 1.9x as fast as fp32 on a 2-core EPYC, bench/NOTES.md), else fp32.
+    (:func:`cpu_has_native_bf16`), else fp32. fp16 needs a CUDA GPU, and bf16 on a GPU one that supports it.
     """
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
-    if dtype not in INFERENCE_DTYPES:
-        raise ModelError(f"--dtype must be auto, {', '.join(INFERENCE_DTYPES)}; got {dtype!r}")
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     if dtype == "fp16" and device.type != "cuda":
         raise ModelError("--dtype fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
     if dtype == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ModelError("--dtype bf16: this GPU does not support bf16; use fp16 or auto")
-    return INFERENCE_DTYPES[dtype]
+    return dtype
+
+
+def dtype_for(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    """The dtype inference loads a base model in (:func:`resolve_dtype`; an adapter's LoRA weights stay fp32: peft
+    upcasts them). On a CPU with bf16 units generation ran 1.6-1.8x as fast in bf16 as in fp32 (bench/NOTES.md)."""
+    return DTYPES[resolve_dtype(device, dtype)]
 
 
 @dataclass(frozen=True)
@@ -206,25 +213,13 @@ def cpu_has_native_bf16() -> bool:
 
 def pick_precision(device: torch.device, dtype: str = "auto") -> Precision:
     """bf16 where the GPU supports it, fp16 with loss scaling otherwise (T4, V100, RTX 20xx); on the CPU bf16
-    autocast where the CPU multiplies bf16 in hardware, else fp32.
+    autocast where the CPU multiplies bf16 in hardware, else fp32 (:func:`resolve_dtype`).
 
     In fp16 the frozen base is stored in fp16 (a 6B model's weights in 11 GiB, as the tutorial fits a 16 GB T4),
     while LoRA weights and optimizer state stay fp32 and the loss is scaled.
     """
-    if dtype == "auto":
-        if device.type != "cuda":
-            dtype = "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-        else:
-            dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if dtype == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ModelError("--dtype bf16: this GPU does not support bf16; use fp16 or auto")
-        return Precision(torch.bfloat16, "bf16")
-    if dtype == "fp16":
-        if device.type != "cuda":
-            raise ModelError("--dtype fp16 needs a CUDA GPU (loss scaling); use fp32 or bf16 on the CPU")
-        return Precision(torch.float16, "fp16")
-    return Precision(torch.float32, None)
+    name = resolve_dtype(device, dtype)
+    return Precision(DTYPES[name], None if name == "fp32" else name)
 
 
 QUANT_4BIT = "4bit"
