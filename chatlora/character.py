@@ -177,22 +177,15 @@ def load_card(path: str | Path) -> Character:
     Raises:
         CharacterError: One line, ``PATH: field: what is wrong`` (``PATH: what is wrong`` when it is not JSON).
     """
-    from .files import FileError, read_input
+    from .files import FileError, parse_json, read_input
 
     try:
         raw = read_input(path, "a character card (JSON)")
+        if not raw.strip():
+            raise CharacterError(f"{path}: empty file: expected a Character Card V2 JSON object")
+        card = parse_json(path, raw, "a Character Card V2 JSON file")
     except FileError as e:
         raise CharacterError(str(e)) from None
-    if not raw.strip():
-        raise CharacterError(f"{path}: empty file: expected a Character Card V2 JSON object")
-    try:
-        card = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise CharacterError(f"{path}: invalid UTF-8 (byte {e.start + 1}): expected a JSON file in UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise CharacterError(f"{path}:{e.lineno}: not JSON: {e.msg} (column {e.colno})") from None
-    except (RecursionError, ValueError):
-        raise CharacterError(f"{path}: not JSON: nested too deeply or a number too long") from None
     if not isinstance(card, dict):
         raise CharacterError(f"{path}: expected a JSON object (a Character Card V2), got {_kind(card)}")
     spec = card.get("spec")

@@ -25,6 +25,7 @@ from .data import Record, load_records, parse_columns
 from .errors import ConfigError, DataError, ModelError
 from .infer import ChatModel, SamplingConfig
 from .packing import collate
+from .persona import SYSTEMS
 from .report import LOSS_PNG, REPLIES_JSONL, REPORT_HTML, REPORT_MD, write_report
 from .runcard import METRICS, file_sha256, plot_loss_curve, read_run_card
 from .runcard import system_prompt as card_system_prompt
@@ -63,7 +64,6 @@ TARGET_LOSS_RATIO = 0.7  # tuned held-out loss must be at most this share of the
 TARGET_STOP_RATE = 0.99  # share of tuned replies that must end with the end-of-turn token
 BOOTSTRAP_SAMPLES = 1000  # resamples of the paired bootstrap test (sacrebleu's default)
 BOOTSTRAP_SEED = 12345  # sacrebleu's default seed: the same replies always give the same p-value
-SYSTEMS = ("base", "tuned")  # the adapter off, then on
 
 
 # ---------------------------------------------------------------- pure metrics

@@ -15,6 +15,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import FileError
 
@@ -123,17 +124,26 @@ def read_input(path: str | Path, expected: str = "a file") -> bytes:
     return data
 
 
+def parse_json(path: str | Path, data: bytes, what: str, hint: str = "") -> Any:
+    """The JSON value in ``data`` (the bytes of ``path``, UTF-8 with or without a BOM).
+
+    Raises:
+        FileError: ``PATH[:LINE]: what is wrong``, ending in ``hint`` (e.g. ": the file is damaged"); ``what`` names
+            what the file should be ("a JSON file").
+    """
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise FileError(f"{path}: invalid UTF-8 (byte {e.start + 1}): expected {what} in UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise FileError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno}){hint}") from None
+    except (RecursionError, ValueError):  # nesting or an integer beyond what Python parses
+        raise FileError(f"{path}: invalid JSON: nested too deeply or a number too long{hint}") from None
+
+
 def read_json_object(path: str | Path) -> dict:
     """A small JSON file holding one object (a config, a run card); FileError naming the file if it is not one."""
-    data = read_input(path, "a JSON file")
-    try:
-        value = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise FileError(f"{path}: invalid UTF-8 (byte {e.start + 1}): expected a JSON file in UTF-8") from None
-    except json.JSONDecodeError as e:
-        raise FileError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno}): the file is damaged") from None
-    except (RecursionError, ValueError):  # nesting or an integer beyond what Python parses
-        raise FileError(f"{path}: JSON nested too deeply or a number too long: the file is damaged") from None
+    value = parse_json(path, read_input(path, "a JSON file"), "a JSON file", ": the file is damaged")
     if not isinstance(value, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
         raise FileError(f"{path}: file holds {kind}: expected a JSON object")

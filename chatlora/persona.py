@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_FORBIDDEN",
     "DRIFT_PNG",
     "RETENTION_TOLERANCE",
+    "SYSTEMS",
     "Persona",
     "PERSONA_JSONL",
     "PersonaResult",
@@ -57,6 +58,7 @@ PROBES_FILE = "identity_probes.jsonl"
 RETENTION_FILE = "retention.jsonl"
 # A checkpoint is recommended only if its retention loss is at most this much above the base model's.
 RETENTION_TOLERANCE = 0.10
+SYSTEMS = ("base", "tuned")  # what the eval compares: the adapter off, then on
 
 DEFAULT_FORBIDDEN = (
     "AI",
@@ -284,7 +286,7 @@ def _probe_phase(chat, persona, probes, records_messages, cfg, sampling, system,
     conversations = probe_conversations(probes, records_messages, cfg.probe_turns)
     rates: dict[str, dict[str, Rates]] = {}
     rows = []
-    for system_name in ("base", "tuned"):
+    for system_name in SYSTEMS:
         rates[system_name] = {}
         for condition, convs in conversations.items():
             if not convs:
@@ -341,21 +343,20 @@ def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_s
     if not prompts:
         return None, []
     budget = _drift_context(chat, cfg) - cfg.max_new_tokens
-    systems = ("base", "tuned")
-    per_turn: dict[str, list[Rates]] = {name: [] for name in systems}
-    histories = {name: [[] for _ in prompts] for name in systems}
+    per_turn: dict[str, list[Rates]] = {name: [] for name in SYSTEMS}
+    histories = {name: [[] for _ in prompts] for name in SYSTEMS}
     rows = []
     for t in range(cfg.drift_turns):
-        for name in systems:
+        for name in SYSTEMS:
             for c, h in enumerate(histories[name]):
                 h.append({"role": "user", "content": prompts[c][t]})
                 histories[name][c] = _fit(chat, h, system, budget)
-        conversations = [h for name in systems for h in histories[name]]
-        adapters = [name == "tuned" for name in systems for _ in prompts]
+        conversations = [h for name in SYSTEMS for h in histories[name]]
+        adapters = [name == "tuned" for name in SYSTEMS for _ in prompts]
         replies = chat.generate_many(
             conversations, sampling, [system] * len(conversations), adapters, batch_size, None
         )
-        for k, name in enumerate(systems):
+        for k, name in enumerate(SYSTEMS):
             mine = replies[k * len(prompts) : (k + 1) * len(prompts)]
             rates, found = score_replies([r.text for r in mine], persona)
             per_turn[name].append(rates)
@@ -365,7 +366,7 @@ def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_s
                     {"kind": "drift", "system": name, "conversation": c, "turn": t + 1, "user": prompts[c][t]}
                     | {"reply": r.text, "finish": r.finish_reason, **f}
                 )
-    rows.sort(key=lambda r: systems.index(r["system"]))  # base's rows first, as the report reads them
+    rows.sort(key=lambda r: SYSTEMS.index(r["system"]))  # base's rows first, as the report reads them
     return Drift(cfg.drift_turns, len(prompts), per_turn), rows
 
 
@@ -578,8 +579,7 @@ def evaluate_persona(
     if cfg.retention:
         general = load_retention()
         retention = {
-            name: _losses(loss_fn, chat, general, None, max_length, batch_size, name == "tuned")
-            for name in ("base", "tuned")
+            name: _losses(loss_fn, chat, general, None, max_length, batch_size, name == "tuned") for name in SYSTEMS
         }
         final = CheckpointRow("final", final_step, tuned_loss, retention["tuned"])
         table = _checkpoint_phase(
@@ -621,7 +621,7 @@ def tables(result: PersonaResult) -> dict[str, tuple[list[str], list[list[str]]]
     """(header, rows) of each persona table, as display strings: probes, drift summary, checkpoints."""
     out: dict[str, tuple[list[str], list[list[str]]]] = {}
     rows = []
-    for system in ("base", "tuned"):
+    for system in SYSTEMS:
         for condition, rates in result.probes[system].items():
             rows.append(
                 [system, condition.replace("_", " "), str(rates.n), _pct(rates.leak_rate), _pct(rates.marker_rate)]
@@ -634,7 +634,7 @@ def tables(result: PersonaResult) -> dict[str, tuple[list[str], list[list[str]]]
         k = max(1, d.turns // 3)  # first and last third of the turns (one turn each when there are few)
         thirds = [(1, k), (d.turns - k + 1, d.turns)]
         rows = []
-        for system in ("base", "tuned"):
+        for system in SYSTEMS:
             cells = [system]
             for what in ("leak", "marker"):
                 series = d.series(system, what)

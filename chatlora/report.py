@@ -208,6 +208,8 @@ def _persona(result: EvalResult, examples: int) -> Section | None:
 
 
 def _replies(result: EvalResult, examples: int) -> Section:
+    from .persona import SYSTEMS
+
     shown = result.rows[:examples]
 
     def mark(row: dict, system: str) -> str:
@@ -216,7 +218,7 @@ def _replies(result: EvalResult, examples: int) -> Section:
     md: list[str] = []
     for i, row in enumerate(shown, 1):
         table = [["prompt", row["prompt"]], ["reference", row["reference"]]]
-        table += [[system, mark(row, system)] for system in ("base", "tuned")]
+        table += [[system, mark(row, system)] for system in SYSTEMS]
         md += [""] if md else []
         md += [f"### {i}. record {row['index']}", "", *_md_table(["", "text"], table)]
     html_rows = [[str(r["index"]), r["prompt"], r["reference"], mark(r, "base"), mark(r, "tuned")] for r in shown]

@@ -70,7 +70,7 @@ def test_card_without_system_prompt_starts_with_you_are_name():
 
 
 BROKEN = [
-    ("not-json", '{"spec": "chara_card_v2", "data": {', ":1: not JSON: "),
+    ("not-json", '{"spec": "chara_card_v2", "data": {', ":1: invalid JSON: "),
     ("empty", "", ": empty file: "),
     ("wrong-spec", {**CARD, "spec": "chara_card_v3"}, ": spec: expected 'chara_card_v2'"),
     (
