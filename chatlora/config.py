@@ -136,6 +136,11 @@ class TrainConfig:
         "also train on the user turns' text (not the system prompt or the template's tokens): more of the same "
         "dialogue per forward pass at almost no cost; held-out loss still counts the replies only",
     )
+    min_reply_chars: int = _f(
+        0,
+        "drop training records whose replies are all shorter than this many characters (held-out records are kept): "
+        "a model trained on many one-line acknowledgements answers in one line under greedy decoding; 0: keep all",
+    )
     # output
     output_dir: str = _f("runs/huanhuan-smollm2", "where the adapter, checkpoints, metrics and plot go")
     # optimisation
@@ -277,6 +282,7 @@ class TrainConfig:
                 "must be > 0 unless max_steps is set",
             ),
             (self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be > 0, or -1 for all epochs"),
+            (self.min_reply_chars >= 0, "min_reply_chars", "must be >= 0 (0: keep all)"),
             (self.logging_steps > 0, "logging_steps", "must be > 0"),
             (self.eval_steps >= 0, "eval_steps", "must be >= 0 (0: only at the end)"),
             (self.save_steps > 0, "save_steps", "must be > 0"),

@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "TrainingDiverged",
     "TrainResult",
     "compile_layers",
+    "drop_short_replies",
     "encode_records",
     "file_sha256",
     "make_trainer",
@@ -68,6 +69,7 @@ class Split:
     val: list[Record]
     dropped_duplicates: int = 0
     rule: str = ""  # how the held-out size was chosen, for the log and the run card
+    dropped_short: int = 0  # training records dropped by min_reply_chars
 
 
 def split_records(records: list[Record], val_size: float | None, seed: int, allow_small_train: bool = False) -> Split:
@@ -107,6 +109,27 @@ def split_records(records: list[Record], val_size: float | None, seed: int, allo
             continue
         train.append(r)
     return Split(train, val, dropped, rule)
+
+
+def drop_short_replies(split: Split, min_chars: int, data: str) -> Split:
+    """Drop the training records whose replies are all shorter than ``min_chars`` characters; held-out records stay.
+
+    Raises:
+        DataError: when no training record is left.
+    """
+    if min_chars <= 0:
+        return split
+    train = [
+        r for r in split.train if any(len(m["content"]) >= min_chars for m in r.messages if m["role"] == "assistant")
+    ]
+    if not train:
+        raise DataError(
+            [
+                f"{data}: min_reply_chars={min_chars}: no training record has a reply that long "
+                f"({len(split.train)} dropped): lower --min-reply-chars or set it to 0"
+            ]
+        )
+    return replace(split, train=train, dropped_short=len(split.train) - len(train))
 
 
 def encode_records(
@@ -539,8 +562,12 @@ class PreparedRun:
         return [
             f"data: {self.cfg.data}: {len(self.records)} records -> {len(s.train)} train, {len(s.val)} held out "
             f"({s.rule})"
+            + (f", {s.dropped_duplicates} training copies of held-out records dropped" if s.dropped_duplicates else "")
             + (
-                f", {s.dropped_duplicates} training copies of held-out records dropped" if s.dropped_duplicates else ""
+                f", {s.dropped_short} training records with replies under {self.cfg.min_reply_chars} characters "
+                "dropped"
+                if s.dropped_short
+                else ""
             ),
             *self.plan.lines(),
         ]
@@ -555,6 +582,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     # Data first: invalid data must stop us before any model is loaded.
     records = load_records(cfg.data, cfg.format, parse_columns(cfg.columns))
     split = split_records(records, cfg.val_size, cfg.split_seed, cfg.allow_small_train)
+    split = drop_short_replies(split, cfg.min_reply_chars, cfg.data)
     world_size, local_rank = _world()
     device = pick_device(cfg.device)
     if device.type == "cuda" and device.index is None and world_size > 1:
@@ -730,6 +758,7 @@ def _run_card(cfg, run: PreparedRun, built: _BuiltTrainer, ended: float, eval_lo
             "val_rule": run.split.rule,
             "val_indices": [r.index for r in run.split.val],
             "dropped_duplicates_of_val": run.split.dropped_duplicates,
+            "dropped_short_replies": run.split.dropped_short,
             "truncated": run.truncated,
             "dropped_no_reply_tokens": run.dropped,
         },

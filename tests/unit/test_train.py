@@ -255,6 +255,26 @@ def test_train_on_user_reaches_the_training_examples_only(tiny_model_dir, tmp_pa
     assert run.val_ex == plain.val_ex
 
 
+def test_min_reply_chars_drops_short_training_replies_only(tiny_model_dir, tmp_path):
+    """Guards against `min_reply_chars` being ignored, against it reaching the held-out records (their loss and the
+    eval must see the data as it is), against it counting characters of the user turn instead of the reply, and
+    against a filter that leaves nothing silently training on nothing."""
+    rows = [{"instruction": "长长长长长长长长", "input": "", "output": f"是{i}。"} for i in range(6)]
+    rows += [{"instruction": f"问题{i}", "input": "", "output": f"臣妾以为此事{i}不妥。"} for i in range(6)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    plain = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "a", val_size=4))
+    run = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "b", val_size=4, min_reply_chars=5))
+    long_replies = [r for r in plain.split.train if len(r.messages[-1]["content"]) >= 5]
+    assert 0 < len(long_replies) < len(plain.split.train)
+    assert run.split.train == long_replies and run.split.dropped_short == len(plain.split.train) - len(long_replies)
+    assert run.split.val == plain.split.val and run.val_ex == plain.val_ex
+    assert any("training records with replies under 5 characters dropped" in line for line in run.lines())
+    with pytest.raises(DataError, match="min_reply_chars=50: no training record has a reply that long"):
+        prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "c", val_size=4, min_reply_chars=50))
+    with pytest.raises(ConfigError, match="min_reply_chars"):
+        TrainConfig(min_reply_chars=-1)
+
+
 def test_neftune_noises_the_training_embeddings_only(trained, tiny_model_dir, tmp_path):
     """Guards against `neftune_noise_alpha` being ignored (the losses would be the pinned noiseless ones) and against
     the noise outliving training (the returned model's embeddings would change from call to call)."""
