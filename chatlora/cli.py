@@ -170,13 +170,13 @@ def _print_paths(out: Path, card: dict) -> None:
     loss = res.get("train_loss_final")
     ev = res.get("eval_loss")
     hw = card["hardware"]
-    print(
+    parts = [
         f"steps {res.get('global_step')}, final train loss {loss:.4f}" if loss is not None else "no train loss logged",
-        f"held-out loss {ev:.4f}" if ev is not None else "",
+        f"held-out loss {ev:.4f}" if ev is not None else None,
         f"{res.get('tokens_per_second_recent')} tokens/s at the end, {res.get('tokens_per_second_average')} on average "
         f"(warm-up included) on {hw['device']} ({hw['precision']})",
-        sep=" | ",
-    )
+    ]
+    print(" | ".join(p for p in parts if p))
     if hw.get("peak_gpu_memory_gib") is not None:
         print(
             f"GPU memory:  peak {hw['peak_gpu_memory_gib']} GiB (estimated before the run: {hw['estimated_peak_gib']})"

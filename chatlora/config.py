@@ -226,7 +226,9 @@ class TrainConfig:
     random_init: bool = _f(False, "build the model from its config.json with random weights (sizing runs)")
     # logging and checkpoints
     logging_steps: int = _f(10, "log loss, lr and tokens/s every N steps")
-    eval_steps: int = _f(100, "held-out loss every N steps (0: only at the end)")
+    eval_steps: int = _f(
+        100, "held-out loss every N steps (0: only at the end; -1: never, as when `chatlora eval` follows)"
+    )
     save_steps: int = _f(200, "checkpoint (adapter + optimizer + scheduler + RNG) every N steps")
     save_total_limit: int = _f(2, "keep the last K checkpoints")
     resume: str | None = _f(None, "resume from a checkpoint dir, or 'latest' in output_dir")
@@ -284,7 +286,7 @@ class TrainConfig:
             (self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be > 0, or -1 for all epochs"),
             (self.min_reply_chars >= 0, "min_reply_chars", "must be >= 0 (0: keep all)"),
             (self.logging_steps > 0, "logging_steps", "must be > 0"),
-            (self.eval_steps >= 0, "eval_steps", "must be >= 0 (0: only at the end)"),
+            (self.eval_steps >= -1, "eval_steps", "must be > 0 (every N steps), 0 (only at the end) or -1 (never)"),
             (self.save_steps > 0, "save_steps", "must be > 0"),
             (self.save_total_limit > 0, "save_total_limit", "must be > 0"),
             (

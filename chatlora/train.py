@@ -706,8 +706,9 @@ def _build_trainer(cfg: TrainConfig, run: PreparedRun, checkpoint: str | None, c
 
 
 def _final_eval_loss(trainer, run: PreparedRun) -> float | None:
-    """The held-out loss at the last step: the one just logged, else measured now (None without a held-out split)."""
-    if not run.val_ex:
+    """The held-out loss at the last step: the one just logged, else measured now (None without a held-out split, or
+    with ``eval_steps`` -1)."""
+    if not run.val_ex or run.cfg.eval_steps < 0:
         return None
     last = trainer.state.log_history[-2:] if trainer.state.log_history else []
     done = [h["eval_loss"] for h in last if "eval_loss" in h and h.get("step") == trainer.state.global_step]

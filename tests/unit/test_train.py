@@ -275,6 +275,18 @@ def test_min_reply_chars_drops_short_training_replies_only(tiny_model_dir, tmp_p
         TrainConfig(min_reply_chars=-1)
 
 
+def test_eval_steps_minus_one_measures_no_held_out_loss(tiny_model_dir, tiny_dataset, tmp_path):
+    """Guards against `eval_steps: -1` (the quickstart's: its eval measures held-out loss right after) still running
+    the end-of-training held-out pass, and against 0 (only at the end) losing it."""
+    never = train(tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path / "never", max_steps=2, eval_steps=-1))
+    at_end = train(tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path / "end", max_steps=2, eval_steps=0))
+    assert never.run_card["results"]["eval_loss"] is None
+    assert "eval_loss" not in (never.output_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    assert at_end.run_card["results"]["eval_loss"] > 0
+    with pytest.raises(ConfigError, match="eval_steps"):
+        TrainConfig(eval_steps=-2)
+
+
 def test_neftune_noises_the_training_embeddings_only(trained, tiny_model_dir, tmp_path):
     """Guards against `neftune_noise_alpha` being ignored (the losses would be the pinned noiseless ones) and against
     the noise outliving training (the returned model's embeddings would change from call to call)."""
