@@ -92,7 +92,9 @@ def _sampling(args: argparse.Namespace):
     return sampling
 
 
-def _add_dtype_flag(p: argparse.ArgumentParser) -> None:
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, alike for chat/generate, eval and serve."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--dtype",
         default="auto",
@@ -113,8 +115,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         metavar="CARD",
         help="Character Card V2 JSON compiled into the system prompt, as train does (default: the adapter's own)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    _add_dtype_flag(p)
+    _add_device_flags(p)
 
 
 def _load_chat(args: argparse.Namespace):
@@ -497,8 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8, help="conversations per batch (default: 8)")
     ev.add_argument("--repetition-penalty", type=float, default=1.1, help="greedy decoding's penalty (default: 1.1)")
     ev.add_argument("--examples", type=int, default=10, help="replies shown in the report (default: 10)")
-    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    _add_dtype_flag(ev)
+    _add_device_flags(ev)
     ev.add_argument(
         "--persona",
         action=argparse.BooleanOptionalAction,
@@ -525,8 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="base or merged model (hub id, dir, .gguf, 'embedded'); default: the adapters' base"
     )
     sv.add_argument("--base-only", action="store_true", help="serve only the base model of the adapters")
-    sv.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    _add_dtype_flag(sv)
+    _add_device_flags(sv)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     sv.add_argument(

@@ -221,11 +221,11 @@ def _replies(result: EvalResult, examples: int) -> Section:
         table += [[system, mark(row, system)] for system in SYSTEMS]
         md += [""] if md else []
         md += [f"### {i}. record {row['index']}", "", *_md_table(["", "text"], table)]
-    html_rows = [[str(r["index"]), r["prompt"], r["reference"], mark(r, "base"), mark(r, "tuned")] for r in shown]
+    html_rows = [[str(r["index"]), r["prompt"], r["reference"], *(mark(r, s) for s in SYSTEMS)] for r in shown]
     return Section(
         f"Replies (first {len(shown)} of {len(result.rows)}; all in `{REPLIES_JSONL}`)",
         md,
-        _html_table(["record", "prompt", "reference", "base", "tuned"], html_rows, "replies"),
+        _html_table(["record", "prompt", "reference", *SYSTEMS], html_rows, "replies"),
     )
 
 
