@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # The CPU build that lies on CI's disk; a GPU machine with internet gets the CUDA build of the same release.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Real tokenizers for the tests (llama.cpp's vocabulary-only GGUFs, converted once): tests/vocab/fetch.py
+VOCAB := .cache/vocab/.fetched
 
 .PHONY: install quickstart test test-unit lint clean bench-gpu bench-cpu
 
@@ -22,10 +24,14 @@ $(STAMP): pyproject.toml
 quickstart: install
 	$(BIN)/chatlora quickstart --config configs/quickstart-cpu.yaml
 
-test: install
+$(VOCAB): tests/vocab/fetch.py | $(STAMP)
+	$(BIN)/python tests/vocab/fetch.py
+	touch $(VOCAB)
+
+test: install $(VOCAB)
 	$(BIN)/python -m pytest -q -ra
 
-test-unit: install
+test-unit: install $(VOCAB)
 	$(BIN)/python -m pytest -q -ra -m "not integration and not gpu"
 
 lint: install

@@ -143,22 +143,44 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
     records = load_records(args.path, args.format, parse_columns(args.columns))
     stats = describe(records)
+    warnings: list[str] = []
     if not args.no_tokenize:
         from .model import load_tokenizer, resolve_model
-        from .template import token_length_stats
+        from .template import control_token_warnings, token_length_stats
 
         tokenizer = load_tokenizer(resolve_model(args.model))
         messages = [r.messages for r in records]
         stats["tokens"] = token_length_stats(messages, tokenizer, args.system_prompt or None, args.max_length)
+        warnings = control_token_warnings(records, tokenizer, args.path)
     if args.json:
-        print(json.dumps(stats, ensure_ascii=False, indent=2))
+        print(json.dumps({**stats, "warnings": warnings}, ensure_ascii=False, indent=2))
         return 0
-    print(f"{args.path}: OK")
+    for line in warnings:
+        print(line)
+    print(f"{args.path}: OK" + (f" ({len(warnings)} warning{'s' * (len(warnings) > 1)})" if warnings else ""))
     for key, value in stats.items():
         if isinstance(value, dict):
             print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
         else:
             print(f"  {key}: {value}")
+    return 0
+
+
+def cmd_data_show(args: argparse.Namespace) -> int:
+    from .show import format_record, legend, show_records
+
+    keys = ("model", "system_prompt", "character", "format", "columns", "max_length", "train_on_user")
+    cfg = load_config(args.config, {"data": args.path, **{k: getattr(args, k) for k in keys}})
+    shown = show_records(cfg, args.n)
+    if args.json:
+        for record in shown:
+            print(json.dumps(record.as_json(), ensure_ascii=False))
+        return 0
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print(legend(color))
+    for record in shown:
+        print()
+        print(format_record(record, cfg.data, color))
     return 0
 
 
@@ -415,6 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-tokenize", action="store_true", help="skip token-length statistics (no model needed)")
     check.add_argument("--json", action="store_true", help="print statistics as JSON")
     check.set_defaults(func=cmd_data_check)
+    show = data.add_parser(
+        "show", help="print records as the model will see them: control tokens and trained tokens marked"
+    )
+    show.add_argument("path")
+    show.add_argument("-n", type=int, default=3, help="how many records, from the first (default: 3)")
+    show.add_argument("--json", action="store_true", help='one JSON object per record: {"line", "tokens": [...]}')
+    show.add_argument("--config", help="a train YAML whose rendering options apply (flags win)")
+    show.add_argument("--model", default=None, help="whose tokenizer and chat template (default: embedded)")
+    show.add_argument("--system-prompt", default=None, help="system prompt for records without one")
+    show.add_argument("--character", default=None, metavar="CARD", help="Character Card V2 JSON as the system prompt")
+    show.add_argument("--format", default=None, choices=["auto", "alpaca", "messages", "sharegpt"])
+    show.add_argument("--columns", default=None, help="rename fields, e.g. instruction=prompt,output=response")
+    show.add_argument("--max-length", type=int, default=None, help="cut conversations as train does")
+    show.add_argument(
+        "--train-on-user", action=argparse.BooleanOptionalAction, default=None, help="mark user text as trained too"
+    )
+    show.set_defaults(func=cmd_data_show)
 
     tr = sub.add_parser("train", help="LoRA-train a model on a dialogue dataset")
     _add_config_flags(tr)

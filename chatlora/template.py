@@ -7,10 +7,16 @@ which include their end-of-turn token (``<|im_end|>`` for ChatML) so the model l
 Nothing about the model family is assumed: the end-of-turn token is read off the template (:func:`end_of_turn`),
 a template's own default system prompt is left to it, a system prompt it cannot take is folded into the first user
 turn (:func:`takes_system`), and a template's refusal (``raise_exception``) is a :class:`TemplateError`.
+
+Text is text: what people and files write (messages, system prompts, character cards) never becomes a control token.
+Before rendering, every control-token string inside a message (:func:`control_tokens`) is swapped for a
+placeholder the template cannot mistake for anything; the template's own markers are then the only control strings
+in the rendering, and each placeholder is tokenized back as the plain text it stands for (:func:`encode_segments`).
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import NamedTuple
 
@@ -22,9 +28,14 @@ __all__ = [
     "IGNORE_INDEX",
     "Encoded",
     "TemplateError",
+    "control_ids",
+    "control_token_warnings",
+    "control_tokens",
     "encode_conversation",
     "encode_prompt",
+    "encode_segments",
     "end_of_turn",
+    "forged_control_tokens",
     "ensure_chat_template",
     "render_text",
     "stop_token_ids",
@@ -132,6 +143,170 @@ def _fold_system(messages: list[dict]) -> list[dict]:
         )
     content = f"{system}\n\n{rest[0]['content']}" if system else rest[0]["content"]
     return [{"role": "user", "content": content}, *rest[1:]]
+
+
+# ---------------------------------------------------------------- text is text
+
+_CONTROL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def control_tokens(tokenizer) -> dict[str, int]:
+    """The strings this tokenizer turns into control tokens, with their ids: every special token, and every added
+    token that the chat template writes itself without it being flagged special (``<think>``, ``<tool_call>``).
+
+    Other added tokens (Gemma's ``<h1>`` or runs of spaces) are vocabulary for ordinary text and stay so.
+    """
+    return _controls(tokenizer)[0]
+
+
+def control_ids(tokenizer) -> frozenset[int]:
+    """Ids of :func:`control_tokens`."""
+    return _controls(tokenizer)[1]
+
+
+def _controls(tokenizer) -> tuple[dict[str, int], frozenset[int]]:
+    template = getattr(tokenizer, "chat_template", None) or CHATML_TEMPLATE
+    key = (template, len(tokenizer))
+    cached = _CONTROL_CACHE.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    found: dict[str, int] = {}
+    for token_id, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        text = str(added)
+        structural = text in template and not any(c.isspace() for c in text)
+        if text and (added.special or structural):
+            found[text] = token_id
+    for text in tokenizer.all_special_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        if text and token_id is not None:
+            found.setdefault(text, token_id)
+    result = (found, frozenset(found.values()))
+    _CONTROL_CACHE[tokenizer] = (key, result)
+    return result
+
+
+# A placeholder stands for one literal (a control-token string, or the placeholder's own lead character) inside
+# message text: private-use characters, which no chat template changes and no control token contains.
+_LEAD, _TAIL = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(f"{_LEAD}(\\d+){_TAIL}")
+_LITERAL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _literals(tokenizer) -> tuple[list[str], re.Pattern]:
+    """The literals placeholders stand for (``_LEAD`` first, then control strings, longest first) and a pattern
+    that finds any of them."""
+    key = tuple(sorted(control_tokens(tokenizer)))
+    cached = _LITERAL_CACHE.get(tokenizer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    literals = [_LEAD, *sorted(key, key=len, reverse=True)]
+    found = (literals, re.compile("|".join(re.escape(t) for t in literals)))
+    _LITERAL_CACHE[tokenizer] = (key, found)
+    return found
+
+
+def forged_control_tokens(text: str, tokenizer) -> list[str]:
+    """The control-token strings inside ``text`` (e.g. ``["<|im_end|>"]``), which chatlora tokenizes as text."""
+    literals, pattern = _literals(tokenizer)
+    return [m.group(0) for m in pattern.finditer(text) if m.group(0) != _LEAD]
+
+
+def control_token_warnings(records, tokenizer, source: str) -> list[str]:
+    """``FILE:LINE: warning: ...`` for each record whose text holds control-token strings of this tokenizer's
+    template (leftover markers are a common fault of scraped chat data); chatlora trains them as plain text."""
+    out = []
+    for r in records:
+        found = {(m["role"], t) for m in r.messages for t in forged_control_tokens(m["content"], tokenizer)}
+        if found:
+            what = ", ".join(f"{role} {token}" for role, token in sorted(found))
+            out.append(f"{source}:{r.line}: warning: text holds control-token strings ({what}); trained as plain text")
+    return out
+
+
+def _escape(messages: list[dict], tokenizer) -> list[dict]:
+    """``messages`` with every control-token string in their content swapped for its placeholder."""
+    literals, pattern = _literals(tokenizer)
+    index = {t: i for i, t in enumerate(literals)}
+
+    def swap(m: re.Match) -> str:
+        return f"{_LEAD}{index[m.group(0)]}{_TAIL}"
+
+    return [{**m, "content": pattern.sub(swap, m["content"])} for m in messages]
+
+
+def _tokenize(text: str, tokenizer, offsets: bool = False):
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+    return (list(enc["input_ids"]), list(enc["offset_mapping"])) if offsets else (list(enc["input_ids"]), None)
+
+
+# Text put before a segment that continues a piece, so that the tokenizer does not treat the segment as the start of
+# a text (sentencepiece vocabularies add a word-start marker there); its own tokens are dropped again.
+_ANCHORS = ("\n", ".", "a")
+
+
+def _continue(text: str, tokenizer, offsets: bool):
+    """Tokens of ``text`` as it reads in the middle of a text: ``_tokenize`` behind an anchor, anchor dropped."""
+    for anchor in _ANCHORS:
+        head, _ = _tokenize(anchor, tokenizer)
+        ids, spans = _tokenize(anchor + text, tokenizer, offsets)
+        if ids[: len(head)] == head:
+            spans = [(a - len(anchor), b - len(anchor)) for a, b in spans[len(head) :]] if offsets else None
+            return ids[len(head) :], spans
+    return _tokenize(text, tokenizer, offsets)
+
+
+def _literal_chunks(literal: str, controls: list[str]) -> list[str]:
+    """``literal`` cut into chunks none of which holds a control string, so no chunk can become a control token."""
+    if not any(c in literal for c in controls):
+        return [literal]
+    if len(literal) == 1:
+        return [literal]
+    return [literal[:1], *_literal_chunks(literal[1:], controls)]
+
+
+def encode_segments(text: str, tokenizer, offsets: bool = False):
+    """Token ids (and character offsets into ``text`` when asked, which needs a fast tokenizer) of one piece of an
+    escaped rendering: the template's text is tokenized as the tokenizer does, control tokens included, and each
+    placeholder as the plain text it stands for, never as a control token.
+
+    Text without placeholders (every conversation whose messages hold no control-token string) is tokenized in
+    one call, exactly as before this safeguard existed.
+    """
+    if _LEAD not in text:
+        ids, where = _tokenize(text, tokenizer, offsets)
+        _check_controls(text, ids, tokenizer)
+        return ids, where
+    literals, _ = _literals(tokenizer)
+    controls = literals[1:]
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+
+    def add(chunk: str, start: int, span: tuple[int, int] | None = None) -> None:
+        got, where = _continue(chunk, tokenizer, offsets) if ids else _tokenize(chunk, tokenizer, offsets)
+        ids.extend(got)
+        if offsets:  # a placeholder's tokens all point at the whole placeholder
+            spans.extend(span or (start + a, start + b) for a, b in where)
+
+    for m in _PLACEHOLDER.finditer(text):
+        if m.start() > pos:
+            add(text[pos : m.start()], pos)
+        literal = literals[int(m.group(1))]
+        for chunk in _literal_chunks(literal, controls):
+            add(chunk, m.start(), (m.start(), m.end()))
+        pos = m.end()
+    if pos < len(text):
+        add(text[pos:], pos)
+    _check_controls(text, ids, tokenizer)
+    return ids, (spans if offsets else None)
+
+
+def _check_controls(text: str, ids: list[int], tokenizer) -> None:
+    """Refuse an encoding with more control tokens than the template wrote: text next to a marker forged one."""
+    marks = len(forged_control_tokens(_PLACEHOLDER.sub("", text), tokenizer))
+    controls = control_ids(tokenizer)
+    if sum(i in controls for i in ids) > marks:
+        raise TemplateError("message text next to a chat-template marker would be read as a control token")
 
 
 _EOT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -257,10 +432,6 @@ def _pieces(messages: list[dict], tokenizer, add_generation_prompt: bool) -> lis
     return [(text, trained) for text, trained in pieces if text]
 
 
-def _tokenize(text: str, tokenizer) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _user_spans(messages: list[dict], full: str) -> list[tuple[int, int]]:
     """Character spans of the user turns' text in the rendering ``full``, found in order (a template that rewrites
     a turn's text, e.g. folding the system prompt into it or stripping it, gets no span for that turn)."""
@@ -279,21 +450,24 @@ def _user_spans(messages: list[dict], full: str) -> list[tuple[int, int]]:
 
 def _user_labels(text: str, offset: int, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
     """``(ids, labels)`` of an untrained piece (``text``, starting at ``offset`` of the rendering): the ids are
-    ``_tokenize``'s, and a token is its own label when it lies wholly inside a user turn's text, else ``-100``."""
+    :func:`encode_segments`', and a token is its own label when it lies wholly inside a user turn's text, else
+    ``-100``."""
     if not getattr(tokenizer, "is_fast", False):
         raise TemplateError("train_on_user needs a fast tokenizer (character offsets); this one is not")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, where = encode_segments(text, tokenizer, offsets=True)
     labels = []
-    for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+    for token, (a, b) in zip(ids, where, strict=True):
         inside = any(s <= offset + a and offset + b <= e for s, e in spans) and b > a
         labels.append(token if inside else IGNORE_INDEX)
-    return list(enc["input_ids"]), labels
+    return ids, labels
 
 
 def encode_conversation(
     messages: list[dict], tokenizer, max_length: int | None = None, label_user: bool = False
 ) -> Encoded:
     """Messages -> ``input_ids`` and ``labels`` (``-100`` except assistant replies + their end-of-turn token).
+
+    The messages' text is text: a control-token string inside it is tokenized as plain text (:func:`encode_segments`).
 
     Every assistant turn is trained; with ``label_user`` the text of the user turns is too (not the system prompt
     or the template's own tokens), as more of the same dialogue to learn from. When the conversation is longer
@@ -304,6 +478,7 @@ def encode_conversation(
     labels: list[int] = []
     last_whole_turn = 0
     first_reply = None  # where the first reply starts
+    messages = _escape(messages, tokenizer)
     pieces = _pieces(messages, tokenizer, add_generation_prompt=False)
     spans = _user_spans(messages, "".join(text for text, _ in pieces)) if label_user else []
     offset = 0
@@ -311,7 +486,7 @@ def encode_conversation(
         if spans and not trained:
             ids, piece_labels = _user_labels(text, offset, spans, tokenizer)
         else:
-            ids = _tokenize(text, tokenizer)
+            ids, _ = encode_segments(text, tokenizer)
             piece_labels = ids if trained else [IGNORE_INDEX] * len(ids)
         if trained and first_reply is None:
             first_reply = len(input_ids)
@@ -333,8 +508,8 @@ def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
     The result is a token-exact prefix of ``encode_conversation(messages + [reply])`` for any reply.
     """
     ids: list[int] = []
-    for text, _ in _pieces(messages, tokenizer, add_generation_prompt=True):
-        ids += _tokenize(text, tokenizer)
+    for text, _ in _pieces(_escape(messages, tokenizer), tokenizer, add_generation_prompt=True):
+        ids += encode_segments(text, tokenizer)[0]
     return ids
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+VOCAB_DIR = Path(__file__).resolve().parents[1] / ".cache" / "vocab"
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,6 +66,30 @@ def make_model_dir(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+_VOCAB_TOKENIZERS: dict = {}
+
+
+def vocab_tokenizer(name: str, template: str | None = None):
+    """A real tokenizer (``llama-spm``, ``llama-bpe``, ``qwen2``) that ``make install`` saved under ``.cache/vocab``
+    (tests/vocab/fetch.py), with ``template`` as its chat template (ChatML added where it has none), loaded once per
+    session: do not change it. Fails the test, never skips it, when the folder is missing."""
+    key = (name, template)
+    if key not in _VOCAB_TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        from chatlora.template import ensure_chat_template
+
+        path = VOCAB_DIR / name
+        if not (path / "tokenizer_config.json").is_file():
+            pytest.fail(f"{path} is missing: run `make install` (tests/vocab/fetch.py saves it)", pytrace=False)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        if template:
+            tok.chat_template = template
+        ensure_chat_template(tok)
+        _VOCAB_TOKENIZERS[key] = tok
+    return _VOCAB_TOKENIZERS[key]
 
 
 @pytest.fixture(scope="session")
