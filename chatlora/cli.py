@@ -368,7 +368,7 @@ def _print_eval(result) -> None:
             f"{base.marker_rate:.1%} -> tuned {tuned.marker_rate:.1%} ({tuned.n} replies each)"
         )
     for t in result.targets:
-        print(f"  {'PASS' if t.passed else 'FAIL'}  {t.name}: {t.detail}")
+        print(f"  {t.verdict}  {t.name}: {t.detail}")
     print(f"eval report: {result.output_dir / 'report.html'} (and report.md, metrics.json, replies.jsonl)")
 
 

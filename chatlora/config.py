@@ -211,6 +211,11 @@ class TrainConfig:
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rslora)")
     lora_dropout: float = _f(0.1, "dropout on the LoRA input")
     lora_targets: list[str] = _f(DEFAULT_TARGETS, "module names to adapt, or 'all-linear'")
+    lora_layers: int = _f(
+        0,
+        "adapt only the last N decoder layers (0: all): backpropagation then stops below them, so a step costs less "
+        "(on a CPU, half the layers saved ~a quarter of each step)",
+    )
     dora: bool = _f(False, "DoRA: weight-decomposed LoRA (peft use_dora; slower, sometimes better at low rank)")
     rslora: bool = _f(False, "rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r (peft use_rslora)")
     quantize: str | None = _f(
@@ -255,6 +260,7 @@ class TrainConfig:
             (self.packing_strategy in ("pack", "bucket"), "packing_strategy", "must be pack or bucket"),
             (_finite(self.lr) and self.lr > 0, "lr", "must be a finite number > 0"),
             (self.lora_r > 0, "lora_r", "must be > 0"),
+            (self.lora_layers >= 0, "lora_layers", "must be >= 0 (0: every layer)"),
             (
                 _finite(self.lora_alpha) and self.lora_alpha > 0,
                 "lora_alpha",

@@ -6,9 +6,11 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ __all__ = [
     "cache_root",
     "check_quantize",
     "context_length",
+    "cpu_bf16_note",
+    "cpu_bf16_speedup",
     "cpu_has_native_bf16",
     "dtype_for",
     "embedded_gguf",
@@ -167,13 +171,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_dtype(device: torch.device, dtype: str = "auto") -> str:
     """The dtype name (a key of :data:`DTYPES`) that training and inference use on ``device`` for ``dtype``.
 
-    auto: bf16 on GPUs that have it, else fp16 on a GPU; on the CPU bf16 where it multiplies bf16 in hardware
-    (:func:`cpu_has_native_bf16`), else fp32. fp16 needs a CUDA GPU, and bf16 on a GPU one that supports it.
+    auto: bf16 on GPUs that have it, else fp16 on a GPU; on the CPU bf16 where it measured at least
+    ``BF16_MIN_SPEEDUP`` times as fast as fp32 (:func:`cpu_bf16_speedup`), else fp32. fp16 needs a CUDA GPU, and bf16
+    on a GPU one that supports it.
     """
     if dtype == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+        return "bf16" if device.type == "cpu" and (cpu_bf16_speedup() or 0) >= BF16_MIN_SPEEDUP else "fp32"
     if dtype not in DTYPES:
         raise ModelError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     if dtype == "fp16" and device.type != "cuda":
@@ -204,16 +209,91 @@ class Precision:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16: AMD Zen 4+, Intel Cooper Lake+; or AMX: Sapphire
-    Rapids+). On such a 2-core EPYC a bf16 matmul ran 2.4x as fast as fp32 and a quickstart training step 1.6x
-    (bench/NOTES.md, "Issue 14"); without those units bf16 is emulated and slower than fp32."""
+    """Whether this CPU has bf16 units (AVX512-BF16: AMD Zen 4+, Intel Cooper Lake+; or AMX: Sapphire Rapids+).
+    Without them bf16 is emulated and slower than fp32; with them it may or may not be faster
+    (:func:`cpu_bf16_speedup`)."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own checks (private, so guarded)
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
+# bf16 on the CPU only where it measures faster: with the same flags (AVX512-BF16) a quickstart step ran 1.6x as fast
+# in bf16 on a 2-core EPYC and 0.75x on a 2-core Xeon (bench/NOTES.md, "Issue 30").
+BF16_MIN_SPEEDUP = 1.15
+_PROBE_FILE = "cpu-bf16-probe.json"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _probe_key() -> str:
+    return f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _measure_bf16_speedup(tokens: int = 768, hidden: int = 576, inner: int = 1536, reps: int = 5) -> float:
+    """fp32 time / bf16 time of one projection's forward and input-gradient matmuls at a small model's shape
+    (SmolLM2-135M's MLP, a quickstart micro-batch): what a LoRA step on the CPU spends most of its time in."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, g = (torch.randn(*s, generator=gen) for s in ((tokens, hidden), (inner, hidden), (tokens, inner)))
+
+    def best(dtype: torch.dtype) -> float:
+        xs, ws, gs = x.to(dtype), w.to(dtype), g.to(dtype)
+        times = []
+        for _ in range(reps + 1):  # the first is a warm-up
+            start = time.perf_counter()
+            xs @ ws.T
+            gs @ ws
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+
+    return best(torch.float32) / best(torch.bfloat16)
+
+
+def cpu_bf16_speedup() -> float | None:
+    """How many times as fast this CPU runs a LoRA step's matmuls in bf16 as in fp32, or None where it has no bf16
+    units (emulated bf16: always slower). Measured once per CPU model, torch version and thread count (well under a
+    second) and kept in ``cache_root()/cpu-bf16-probe.json``, so every command on a machine decides alike."""
+    if not cpu_has_native_bf16():
+        return None
+    path, key = cache_root() / _PROBE_FILE, _probe_key()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    speedup = round(_measure_bf16_speedup(), 3)
+    known[key] = speedup
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the probe again next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    return speedup
+
+
+def cpu_bf16_note() -> str:
+    """One line on why ``auto`` chose bf16 or fp32 on this CPU, for the plan."""
+    speedup = cpu_bf16_speedup()
+    if speedup is None:
+        return "fp32: this CPU has no bf16 units"
+    verdict = "bf16 autocast" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+    return f"{verdict}: bf16 matmuls measured {speedup:.2f}x as fast as fp32 on this CPU ({_cpu_name()})"
+
+
 def pick_precision(device: torch.device, dtype: str = "auto") -> Precision:
     """bf16 where the GPU supports it, fp16 with loss scaling otherwise (T4, V100, RTX 20xx); on the CPU bf16
-    autocast where the CPU multiplies bf16 in hardware, else fp32 (:func:`resolve_dtype`).
+    autocast where it measured faster than fp32, else fp32 (:func:`resolve_dtype`).
 
     In fp16 the frozen base is stored in fp16 (a 6B model's weights in 11 GiB, as the tutorial fits a 16 GB T4),
     while LoRA weights and optimizer state stay fp32 and the loss is scaled.
@@ -336,9 +416,17 @@ def linear_module_names(model) -> list[str]:
 
 
 def apply_lora(
-    model, r: int, alpha: int, dropout: float, targets: list[str], dora: bool = False, rslora: bool = False
+    model,
+    r: int,
+    alpha: int,
+    dropout: float,
+    targets: list[str],
+    dora: bool = False,
+    rslora: bool = False,
+    layers: int = 0,
 ):
     """Wrap ``model`` in a PEFT LoRA model; a target that matches no module is an error, not a silent no-op.
+    ``layers`` > 0 adapts the last ``layers`` decoder layers only (peft's ``layers_to_transform``).
 
     The adapter's weights are fp32 whatever the base's dtype (fp16/bf16/4-bit), so optimizer updates never
     underflow.
@@ -353,8 +441,12 @@ def apply_lora(
                 f"LoRA target(s) {', '.join(missing)} match no module of this model; "
                 f"its linear modules are: {', '.join(available)} (or use 'all-linear')"
             )
+    total = int(getattr(model.config, "get_text_config", lambda: model.config)().num_hidden_layers)
+    if layers > total:
+        raise ModelError(f"--lora-layers {layers}: this model has {total} decoder layers")
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
+        layers_to_transform=list(range(total - layers, total)) if layers else None,
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,

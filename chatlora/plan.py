@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .model import ModelError, Precision, check_quantize
+from .model import ModelError, Precision, check_quantize, cpu_bf16_note
 from .packing import pack_rows, plan_batches, plan_steps
 from .template import IGNORE_INDEX
 
@@ -114,6 +114,10 @@ def read_shape(model_path: str, cfg: TrainConfig) -> ModelShape:
             lora += cfg.lora_r * (module.in_features + module.out_features)
             lora += module.out_features if cfg.dora else 0
             dropout_inputs += module.in_features
+    if cfg.lora_layers > layers:
+        raise ModelError(f"--lora-layers {cfg.lora_layers}: this model has {layers} decoder layers")
+    if 0 < cfg.lora_layers < layers:  # adapters in the last lora_layers layers only
+        lora, dropout_inputs = lora * cfg.lora_layers // layers, dropout_inputs * cfg.lora_layers // layers
     return ModelShape(
         layers=layers,
         hidden=hidden,
@@ -395,6 +399,8 @@ def make_plan(
     """Decide the speed-ups and micro-batches for ``examples`` (encoded training conversations) on ``device``."""
     check_quantize(cfg.quantize, device)
     notes: list[str] = []
+    if device.type == "cpu" and cfg.dtype == "auto":
+        notes.append(f"precision {cpu_bf16_note()}")
     several = world_size > 1 or cfg.fsdp or bool(cfg.deepspeed)
     cuda = device.type == "cuda"
 

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def eval_held_out(
     result: TrainResult, max_samples: int = 32, max_new_tokens: int | None = None, batch_size: int = 16
 ) -> EvalResult | None:
-    """Cheap eval of the just-trained model (already in memory) on its held-out split; report in ``output_dir/eval``.
+    """Cheap eval of the just-trained model (already in memory, in fp32 on a CPU) on its held-out split; report in
+    ``output_dir/eval``.
 
     ``max_new_tokens`` None is `chatlora eval`'s own reply limit (128), so the figures are the ones `eval` gives. It
     leaves room for the replies the model learns: 26 % of the Huanhuan replies are over 64 tokens (SmolLM2's
@@ -34,7 +35,12 @@ def eval_held_out(
 
     if not result.run_card or not result.split or not result.split.val:
         return None
-    chat = ChatModel(result.model, result.tokenizer, system_prompt(result.run_card))
+    model = result.model
+    if next(model.parameters()).device.type == "cpu":
+        # fp32 replies on every CPU: bf16 matmul kernels differ between CPUs (AMX, AVX512-BF16), and greedy replies
+        # with them; the 135M model costs little more in fp32 (bench/NOTES.md "Issue 30")
+        model = model.float()
+    chat = ChatModel(model, result.tokenizer, system_prompt(result.run_card))
     limit = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     cfg = EvalConfig(result.output_dir, max_samples=max_samples, batch_size=batch_size, **limit)
     return evaluate(cfg, chat)

@@ -99,13 +99,12 @@ def html_report(result: EvalResult, parts: list[Section]) -> str:
 def _targets(result: EvalResult, examples: int) -> Section:
     e = html.escape
     items = "".join(
-        f'<li><span class="{"pass" if t.passed else "fail"}">{"PASS" if t.passed else "FAIL"}</span> '
-        f"{e(t.name)}: {e(t.detail)}</li>"
+        f'<li><span class="{t.verdict.lower()}">{t.verdict}</span> {e(t.name)}: {e(t.detail)}</li>'
         for t in result.targets
     )
     return Section(
         "Targets",
-        [f"- **{'PASS' if t.passed else 'FAIL'}** {t.name}: {t.detail}" for t in result.targets],
+        [f"- **{t.verdict}** {t.name}: {t.detail}" for t in result.targets],
         f"<ul>{items}</ul>",
     )
 
@@ -270,7 +269,7 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 _CSS = (
     "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
     "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
-    "th{background:#f4f4f4}.pass{color:#1a7f37;font-weight:bold}.fail{color:#cf222e;font-weight:bold}"
+    "th{background:#f4f4f4}.pass{color:#1a7f37;font-weight:bold}.fail{color:#cf222e;font-weight:bold}.info{color:#57606a;font-weight:bold}"
     ".replies td{white-space:pre-wrap;width:25%}.note{color:#555;font-size:.9em}"
 )
 

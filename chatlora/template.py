@@ -264,16 +264,30 @@ def _literal_chunks(literal: str, controls: list[str]) -> list[str]:
     return [literal[:1], *_literal_chunks(literal[1:], controls)]
 
 
-def encode_segments(text: str, tokenizer, offsets: bool = False):
+_TEXT_START_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _marks_text_start(tokenizer) -> bool:
+    """Whether the tokenizer encodes the start of a text differently from the same words further on (sentencepiece's
+    word-start marker: ``▁Hi`` alone, ``Hi`` after a newline). Byte-level BPE vocabularies do not."""
+    if tokenizer not in _TEXT_START_CACHE:
+        _TEXT_START_CACHE[tokenizer] = _tokenize("Hi", tokenizer)[0] != _continue("Hi", tokenizer, False)[0]
+    return _TEXT_START_CACHE[tokenizer]
+
+
+def encode_segments(text: str, tokenizer, offsets: bool = False, continued: bool = False):
     """Token ids (and character offsets into ``text`` when asked, which needs a fast tokenizer) of one piece of an
     escaped rendering: the template's text is tokenized as the tokenizer does, control tokens included, and each
     placeholder as the plain text it stands for, never as a control token.
 
-    Text without placeholders (every conversation whose messages hold no control-token string) is tokenized in
-    one call, exactly as before this safeguard existed.
+    ``continued``: the piece follows others in the same rendering, so it is tokenized as the middle of a text (for
+    sentencepiece vocabularies, without the word-start marker a text's first word gets), as a runtime that
+    tokenizes the whole rendering at once (llama.cpp, Ollama) does. Text without placeholders (every conversation
+    whose messages hold no control-token string) is tokenized in one call, exactly as before this safeguard existed.
     """
+    start_fresh = not (continued and _marks_text_start(tokenizer))
     if _LEAD not in text:
-        ids, where = _tokenize(text, tokenizer, offsets)
+        ids, where = _tokenize(text, tokenizer, offsets) if start_fresh else _continue(text, tokenizer, offsets)
         _check_controls(text, ids, tokenizer)
         return ids, where
     literals, _ = _literals(tokenizer)
@@ -283,7 +297,8 @@ def encode_segments(text: str, tokenizer, offsets: bool = False):
     pos = 0
 
     def add(chunk: str, start: int, span: tuple[int, int] | None = None) -> None:
-        got, where = _continue(chunk, tokenizer, offsets) if ids else _tokenize(chunk, tokenizer, offsets)
+        fresh = start_fresh and not ids
+        got, where = _tokenize(chunk, tokenizer, offsets) if fresh else _continue(chunk, tokenizer, offsets)
         ids.extend(got)
         if offsets:  # a placeholder's tokens all point at the whole placeholder
             spans.extend(span or (start + a, start + b) for a, b in where)
@@ -448,13 +463,15 @@ def _user_spans(messages: list[dict], full: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _user_labels(text: str, offset: int, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
+def _user_labels(
+    text: str, offset: int, spans: list[tuple[int, int]], tokenizer, continued: bool
+) -> tuple[list[int], list[int]]:
     """``(ids, labels)`` of an untrained piece (``text``, starting at ``offset`` of the rendering): the ids are
     :func:`encode_segments`', and a token is its own label when it lies wholly inside a user turn's text, else
     ``-100``."""
     if not getattr(tokenizer, "is_fast", False):
         raise TemplateError("train_on_user needs a fast tokenizer (character offsets); this one is not")
-    ids, where = encode_segments(text, tokenizer, offsets=True)
+    ids, where = encode_segments(text, tokenizer, offsets=True, continued=continued)
     labels = []
     for token, (a, b) in zip(ids, where, strict=True):
         inside = any(s <= offset + a and offset + b <= e for s, e in spans) and b > a
@@ -484,9 +501,9 @@ def encode_conversation(
     offset = 0
     for text, trained in pieces:
         if spans and not trained:
-            ids, piece_labels = _user_labels(text, offset, spans, tokenizer)
+            ids, piece_labels = _user_labels(text, offset, spans, tokenizer, continued=offset > 0)
         else:
-            ids, _ = encode_segments(text, tokenizer)
+            ids, _ = encode_segments(text, tokenizer, continued=offset > 0)
             piece_labels = ids if trained else [IGNORE_INDEX] * len(ids)
         if trained and first_reply is None:
             first_reply = len(input_ids)
@@ -508,8 +525,8 @@ def encode_prompt(messages: list[dict], tokenizer) -> list[int]:
     The result is a token-exact prefix of ``encode_conversation(messages + [reply])`` for any reply.
     """
     ids: list[int] = []
-    for text, _ in _pieces(_escape(messages, tokenizer), tokenizer, add_generation_prompt=True):
-        ids += encode_segments(text, tokenizer)[0]
+    for n, (text, _) in enumerate(_pieces(_escape(messages, tokenizer), tokenizer, add_generation_prompt=True)):
+        ids += encode_segments(text, tokenizer, continued=n > 0)[0]
     return ids
 
 

@@ -498,7 +498,14 @@ def prepare_model(cfg: TrainConfig, model_path: str, device: torch.device, preci
     if cfg.gradient_checkpointing or plan.memory_mode:
         model.enable_input_require_grads()
     model = apply_lora(
-        model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, dora=cfg.dora, rslora=cfg.rslora
+        model,
+        cfg.lora_r,
+        cfg.lora_alpha,
+        cfg.lora_dropout,
+        cfg.lora_targets,
+        dora=cfg.dora,
+        rslora=cfg.rslora,
+        layers=cfg.lora_layers,
     )
     if plan.compile:
         compile_layers(model)

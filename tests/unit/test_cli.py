@@ -165,14 +165,14 @@ def test_inference_dtype_is_bf16_where_the_cpu_has_bf16_units(run_dir, monkeypat
         return {("lora_" in n, p.dtype) for n, p in chat.model.named_parameters()}
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(model_module, "cpu_bf16_speedup", lambda: 1.6)
     assert dtype_for(cpu) == torch.bfloat16 and dtype_for(cpu, "fp32") == torch.float32
     assert dtypes(ChatModel.load(run_dir, device="cpu")) == {(False, torch.bfloat16), (True, torch.float32)}
     assert dtypes(ChatModel.load(run_dir, device="cpu", dtype="fp32")) == {
         (False, torch.float32),
         (True, torch.float32),
     }
-    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(model_module, "cpu_bf16_speedup", lambda: None)
     assert dtype_for(cpu) == torch.float32 and dtype_for(cpu, "bf16") == torch.bfloat16
     reply = ["--prompt", "你好", "--max-new-tokens", "3", "--temperature", "0"]
     assert main(["chat", "--adapter", str(run_dir), "--dtype", "bf16", *reply]) == 0

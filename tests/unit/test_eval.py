@@ -211,12 +211,14 @@ def test_report_has_sections_targets_curve_and_replies(evaluated):
     assert chrf_test["base"] == pytest.approx(metrics["replies"]["base"]["chrf"])
     assert 0 < chrf_test["p_value"] <= 1 and chrf_test["samples"] == 1000
     assert f"chrF {chrf_test['difference']:+.2f}, p = {chrf_test['p_value']:.3f}" in md.split("## Reply metrics")[1]
-    assert f"(paired bootstrap: {chrf_test['difference']:+.2f}, p = {chrf_test['p_value']:.3f})" in md
+    assert f"(paired bootstrap: {chrf_test['difference']:+.2f}, p = {chrf_test['p_value']:.3f}, not significant" in md
+    assert "**INFO** chrF tuned > base (significant at p < 0.05)" in md  # p = 1 here: neither a pass nor a failure
     assert "![training loss](loss.png)" in md and (evaluated / "loss.png").stat().st_size > 0
     assert md.split("## Replies")[1].count("### ") == 2  # --examples 2
     html = (evaluated / "report.html").read_text()
     assert 'src="data:image/png;base64,' in html and "loss.png" not in html.split("<h2>Training curve</h2>")[1][:200]
-    assert html.count('class="fail"') + html.count('class="pass"') == 3 + 1  # + persona leaks (no markers for "S")
+    verdicts = sum(html.count(f'class="{v}"') for v in ("pass", "fail", "info"))
+    assert verdicts == 3 + 1  # + persona leaks (no markers for "S")
 
 
 def test_eval_on_a_data_file_takes_its_first_records(run, tmp_path, capsys):
@@ -278,8 +280,11 @@ def test_eval_errors_are_one_line_exit_2(run, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "chatlora: error: --max-samples must be > 0"
 
 
-def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys):
-    """Guards against the quickstart skipping its eval step or printing no headline numbers / no report."""
+def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Guards against the quickstart skipping its eval step or printing no headline numbers / no report, and
+    against replies generated in bf16 where training ran bf16 (bf16 kernels differ between CPUs: so would the
+    replies and the targets)."""
+    monkeypatch.setattr("chatlora.model.cpu_bf16_speedup", lambda: 1.6)  # a CPU where training runs bf16
     data = write_jsonl(tmp_path / "tiny.jsonl", ROWS)
     out = tmp_path / "qs"
     config = tmp_path / "small-persona.yaml"
@@ -313,8 +318,10 @@ def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "held-out loss: base" in printed and "ratio" in printed
     assert "chrF: base" in printed and "stop rate: base" in printed
-    assert printed.count("PASS  ") + printed.count("FAIL  ") == 5  # 3 + the persona section's 2
+    assert sum(printed.count(f"{v}  ") for v in ("PASS", "FAIL", "INFO")) == 5  # 3 + the persona section's 2
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert json.loads((out / "chatlora.json").read_text())["hardware"]["precision"] == "bf16"
+    assert metrics["settings"]["dtype"] == "float32"
     # the reply limit is `chatlora eval`'s own (128: room for the data's long replies), not a quickstart shortcut
     assert metrics["source"]["records"] == 4 and metrics["settings"]["max_new_tokens"] == 128
     # run again (a newcomer's second `make quickstart`): succeeds beside the first run, which stays as it was
@@ -344,3 +351,17 @@ def test_eval_config_refuses_bad_settings_naming_the_flag(settings, message):
     with pytest.raises(ConfigError, match=message):
         EvalConfig("runs/x", **settings)
     EvalConfig("runs/x", data="d.jsonl", format="alpaca", columns="output=reply")  # with --data they apply
+
+
+@pytest.mark.parametrize(
+    ("base", "tuned", "p", "verdict"),
+    [(2.64, 2.68, 0.38, "INFO"), (2.77, 2.73, 0.34, "INFO"), (2.0, 3.5, 0.01, "PASS"), (3.0, 2.0, 0.004, "FAIL")],
+)
+def test_chrf_decides_a_target_only_when_significant(base, tuned, p, verdict):
+    """Guards against a chrF gain that is chance (+0.04, p = 0.38: the quickstart's, which flipped to a loss on
+    another CPU) printed as PASS, and against a significant loss not printed as FAIL."""
+    from chatlora.eval import Significance, _closer_target
+
+    target = _closer_target(Significance("chrF", base, tuned, p, 0.5, 0.5, 1000))
+    assert target.verdict == verdict
+    assert target.detail.startswith(f"{base:.2f} -> {tuned:.2f} (paired bootstrap: {tuned - base:+.2f}, p = {p:.3f}")

@@ -110,7 +110,7 @@ def test_dry_run_prints_the_split_and_plan_and_loads_no_weights(tiny_model_dir, 
         raise AssertionError("dry run loaded weights")
 
     monkeypatch.setattr(chatlora.train, "load_model", no_weights)
-    monkeypatch.setattr("chatlora.model.cpu_has_native_bf16", lambda: False)  # the plan line below is fp32's
+    monkeypatch.setattr("chatlora.model.cpu_bf16_speedup", lambda: None)  # the plan line below is fp32's
     data = write_jsonl(tmp_path / "d.jsonl", _rows(30))
     out = tmp_path / "out"
     args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--dry-run"]
@@ -288,19 +288,19 @@ def test_precision_keeps_the_frozen_base_in_half_on_gpus(monkeypatch):
     assert pick_precision(CUDA, "fp16") == Precision(torch.float16, "fp16")
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_precision_on_the_cpu_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, native_bf16):
-    """Guards against the CPU default being fp32 on CPUs with bf16 units (1.6x slower steps there) and against
-    bf16 on CPUs without them (emulated: slower than fp32)."""
-    monkeypatch.setattr("chatlora.model.cpu_has_native_bf16", lambda: native_bf16)
-    want = Precision(torch.bfloat16, "bf16") if native_bf16 else Precision(torch.float32, None)
+@pytest.mark.parametrize(("speedup", "bf16"), [(1.6, True), (0.75, False), (None, False)])
+def test_precision_on_the_cpu_is_bf16_only_where_it_measured_faster(monkeypatch, speedup, bf16):
+    """Guards against the CPU default being fp32 where bf16 measured 1.6x faster (an EPYC with AVX512-BF16), and
+    bf16 where it measured slower (a Xeon with the same flags: 0.75x) or is emulated (no bf16 units)."""
+    monkeypatch.setattr("chatlora.model.cpu_bf16_speedup", lambda: speedup)
+    want = Precision(torch.bfloat16, "bf16") if bf16 else Precision(torch.float32, None)
     assert pick_precision(torch.device("cpu")) == want
     assert pick_precision(torch.device("cpu"), "fp32") == Precision(torch.float32, None)
     assert pick_precision(torch.device("cpu"), "bf16") == Precision(torch.bfloat16, "bf16")
 
 
-def test_cpu_bf16_probe_reads_torchs_cpu_checks(monkeypatch):
-    """Guards against the probe answering without asking the CPU (or failing on a torch without the checks)."""
+def test_cpu_bf16_units_read_torchs_cpu_checks(monkeypatch):
+    """Guards against the bf16-unit check answering without asking the CPU (or failing on a torch without it)."""
     from chatlora.model import cpu_has_native_bf16
 
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
@@ -311,6 +311,42 @@ def test_cpu_bf16_probe_reads_torchs_cpu_checks(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
     assert cpu_has_native_bf16() is False
+
+
+def test_cpu_bf16_probe_measures_once_per_machine_and_reaches_the_plan(monkeypatch, tmp_path):
+    """Guards against deciding bf16 by CPU flags alone (bf16 was 0.75x fp32 on a Xeon with AVX512-BF16), against
+    measuring at every command (each would then decide on its own noise), and against a plan that does not say
+    why it chose its precision."""
+    from chatlora import model
+
+    monkeypatch.setenv("CHATLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: True)
+    measured = []
+
+    def measure():
+        measured.append(1)
+        return 0.75
+
+    monkeypatch.setattr(model, "_measure_bf16_speedup", measure)
+    assert model.cpu_bf16_speedup() == 0.75 and model.cpu_bf16_speedup() == 0.75
+    assert measured == [1]  # the second answer came from the cache file
+    cached = json.loads((tmp_path / "cpu-bf16-probe.json").read_text())
+    assert list(cached.values()) == [0.75] and f"{torch.get_num_threads()} threads" in next(iter(cached))
+    assert model.resolve_dtype(torch.device("cpu")) == "fp32"
+    assert model.cpu_bf16_note().startswith("fp32: bf16 matmuls measured 0.75x as fast as fp32 on this CPU")
+    (tmp_path / "cpu-bf16-probe.json").write_text("{torn")  # a damaged cache is measured again, not an error
+    monkeypatch.setattr(model, "_measure_bf16_speedup", lambda: 1.62)
+    assert model.resolve_dtype(torch.device("cpu")) == "bf16"
+    assert model.cpu_bf16_note().startswith("bf16 autocast: bf16 matmuls measured 1.62x")
+    monkeypatch.setattr(model, "cpu_has_native_bf16", lambda: False)
+    assert model.cpu_bf16_speedup() is None and model.cpu_bf16_note() == "fp32: this CPU has no bf16 units"
+
+
+def test_cpu_bf16_probe_times_real_matmuls():
+    """Guards against a probe that times nothing (a ratio of zeros, or of the same dtype twice)."""
+    from chatlora.model import _measure_bf16_speedup
+
+    assert 0.01 < _measure_bf16_speedup(tokens=64, hidden=64, inner=128, reps=2) < 100
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

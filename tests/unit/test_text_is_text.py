@@ -21,7 +21,6 @@ from conftest import make_tokenizer, vocab_tokenizer, write_jsonl
 from chatlora.infer import ChatModel, SamplingConfig
 from chatlora.template import (
     IGNORE_INDEX,
-    _pieces,
     control_ids,
     control_tokens,
     encode_conversation,
@@ -124,27 +123,26 @@ def test_prompt_stays_a_token_prefix_of_the_training_text(tok):
         assert full[: len(prompt)] == prompt, reply
 
 
-def test_benign_conversations_encode_as_before(tok):
+def test_benign_conversations_encode_as_the_whole_rendering(tok):
     """Bug: the safeguard changed the tokens of conversations without any marker in their text (every existing
-    dataset would train on other tokens than before)."""
+    dataset would train on other tokens than before), or training's tokens differ from the whole rendering tokenized
+    at once, as llama.cpp and Ollama tokenize a prompt (sentencepiece put a word-start marker at each piece's start:
+    '▁Fine' for 'Fine' after 'assistant\n', '▁' before the newline after <|im_end|>)."""
     convo = [
         {"role": "system", "content": "Be kind, <not a marker> | im_end."},
         user("hi there, how are you?"),
-        assistant("Fine, thanks. And you?"),
-        user("Good <b>bold</b>"),
-        assistant("Great!"),
+        assistant("Fine, thanks.\nAnd you?"),
+        user(" Good <b>bold</b>  甄嬛"),
+        assistant("Great! 嗯。"),
     ]
-    prompt = encode_prompt(convo[:2], tok)
-    assert prompt == tok(render_text(convo[:2], tok, add_generation_prompt=True), add_special_tokens=False).input_ids
-    # each piece (prompt, reply, ...) in one tokenizer call, as before the safeguard
-    pieces = [tok(text, add_special_tokens=False).input_ids for text, _ in _pieces(convo, tok, False)]
-    encoded = encode_conversation(convo, tok).input_ids
-    assert encoded == [i for piece in pieces for i in piece]
-    if tok.name_or_path.endswith("llama-spm"):
-        # sentencepiece puts a word-start marker at each piece's start ('▁Fine', '▁' before the newline after
-        # <|im_end|>): the whole-text tokenization differs there, before this safeguard as after it
-        return
-    assert encoded == tok(render_text(convo, tok), add_special_tokens=False).input_ids
+    for end in (2, 4):  # a first prompt, and a prompt after a reply
+        prompt = encode_prompt(convo[:end], tok)
+        whole = render_text(convo[:end], tok, add_generation_prompt=True)
+        assert prompt == tok(whole, add_special_tokens=False).input_ids
+    assert (
+        encode_conversation(convo, tok).input_ids == tok(render_text(convo, tok), add_special_tokens=False).input_ids
+    )
+    assert encode_conversation(convo, tok, label_user=True).input_ids == encode_conversation(convo, tok).input_ids
 
 
 def _trained_runs(labels: list[int]) -> list[list[int]]:

@@ -14,6 +14,7 @@ import torch
 from conftest import write_jsonl
 from probes import PrecisionProbe, assert_bf16_autocast
 
+from chatlora.cli import main
 from chatlora.config import ConfigError, TrainConfig, load_config
 from chatlora.data import DataError
 from chatlora.model import ModelError, Precision, apply_lora, linear_module_names, load_model, pick_precision
@@ -319,7 +320,7 @@ def test_precision_never_fp16_weights(monkeypatch, tiny_model_dir, tiny_dataset,
     """Guards against the seed's fp16 weights + fp16 optimizer state without loss scaling: on a GPU without bf16
     (faked here) the base is fp16 but autocast is fp16 with the Trainer's loss scaling, and the LoRA weights (so
     AdamW's state) are fp32; bf16 where the GPU has it; fp32 on the CPU."""
-    monkeypatch.setattr("chatlora.model.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("chatlora.model.cpu_bf16_speedup", lambda: None)
     cpu = pick_precision(torch.device("cpu"))
     assert cpu.weights == torch.float32 and cpu.amp is None
     with pytest.raises(ModelError):
@@ -487,3 +488,21 @@ def test_resume_after_kill_continues_the_curve(
     assert resumed.keys() == expected.keys()
     for name, weight in expected.items():
         torch.testing.assert_close(resumed[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lora_layers_adapts_the_last_layers_only(tiny_model_dir, tiny_dataset, tmp_path, capsys):
+    """Guards against --lora-layers adapting every layer (no backward saved), the wrong end of the stack, or a
+    count past the model's layers failing after the weights load instead of before (exit 2, nothing written)."""
+    from safetensors import safe_open
+
+    out = tmp_path / "top1"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(tiny_dataset), "--output-dir", str(out)]
+    args += ["--max-steps", "1", "--val-size", "2", "--eval-steps", "0", "--save-steps", "100", "--lora-r", "2"]
+    assert main([*args, "--lora-layers", "1"]) == 0
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        layers = {k.split("layers.")[1].split(".")[0] for k in f.keys()}
+    assert layers == {"1"}  # the tiny model has layers 0 and 1: only the last is adapted
+    capsys.readouterr()
+    assert main([*args[:6], str(tmp_path / "too-many"), *args[7:], "--lora-layers", "3", "--dry-run"]) == 2
+    assert "--lora-layers 3: this model has 2 decoder layers" in capsys.readouterr().err
+    assert not (tmp_path / "too-many").exists()
