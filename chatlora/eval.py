@@ -61,7 +61,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TARGET_LOSS_RATIO = 0.7  # tuned held-out loss must be at most this share of the base model's
-TARGET_STOP_RATE = 0.99  # share of tuned replies that must end with the end-of-turn token
+# share of tuned replies that must end with the end-of-turn token (the base model: 0 % on the quickstart). 0.99 of 32
+# replies allowed no miss, and one wandering reply in 32 came and went with the seed and the CPU (bench/NOTES.md
+# "Issue 30"); 0.9 allows three, where at most one was seen
+TARGET_STOP_RATE = 0.9
 SIGNIFICANCE = 0.05  # a reply-metric difference decides a target only below this p-value
 BOOTSTRAP_SAMPLES = 1000  # resamples of the paired bootstrap test (sacrebleu's default)
 BOOTSTRAP_SEED = 12345  # sacrebleu's default seed: the same replies always give the same p-value

@@ -195,13 +195,13 @@ _LITERAL_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _literals(tokenizer) -> tuple[list[str], re.Pattern]:
     """The literals placeholders stand for (``_LEAD`` first, then control strings, longest first) and a pattern
     that finds any of them."""
-    key = tuple(sorted(control_tokens(tokenizer)))
+    controls = control_tokens(tokenizer)  # cached: the same dict until the template or the vocabulary changes
     cached = _LITERAL_CACHE.get(tokenizer)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] is controls:
         return cached[1]
-    literals = [_LEAD, *sorted(key, key=len, reverse=True)]
+    literals = [_LEAD, *sorted(controls, key=len, reverse=True)]
     found = (literals, re.compile("|".join(re.escape(t) for t in literals)))
-    _LITERAL_CACHE[tokenizer] = (key, found)
+    _LITERAL_CACHE[tokenizer] = (controls, found)
     return found
 
 
