@@ -193,11 +193,15 @@ def _print_paths(out: Path, card: dict) -> None:
     loss = res.get("train_loss_final")
     ev = res.get("eval_loss")
     hw = card["hardware"]
+    recent = res.get("tokens_per_second_recent")  # None when no train loss was logged (a resume at the last step)
     parts = [
-        f"steps {res.get('global_step')}, final train loss {loss:.4f}" if loss is not None else "no train loss logged",
+        f"steps {res.get('global_step')}, final train loss {loss:.4f}"
+        if loss is not None
+        else f"steps {res.get('global_step')}, no train loss logged",
         f"held-out loss {ev:.4f}" if ev is not None else None,
-        f"{res.get('tokens_per_second_recent')} tokens/s at the end, {res.get('tokens_per_second_average')} on average "
-        f"(warm-up included) on {hw['device']} ({hw['precision']})",
+        (f"{recent} tokens/s at the end, " if recent is not None else "tokens/s: ")
+        + f"{res.get('tokens_per_second_average')} on average (warm-up included) on {hw['device']} "
+        f"({hw['precision']})",
     ]
     print(" | ".join(p for p in parts if p))
     if hw.get("peak_gpu_memory_gib") is not None:

@@ -17,6 +17,8 @@ from .errors import ConfigError
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_TARGETS",
+    "SCHEDULERS",
+    "SCHEDULERS_NEEDING_SETTINGS",
     "ConfigError",
     "PersonaConfig",
     "TrainConfig",
@@ -27,6 +29,25 @@ __all__ = [
 # The seed tutorial's persona line for the Huanhuan data.
 DEFAULT_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# transformers' SchedulerType values the Trainer builds from chatlora's arguments alone (pinned against the installed
+# transformers by a test, so checking a flag needs no transformers import); the last two step on the held-out loss
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "greedy",
+)
+ON_HELD_OUT_LOSS = ("reduce_lr_on_plateau", "greedy")
+# these need lr_scheduler_kwargs (min_lr, num_decay_steps), which chatlora does not pass
+SCHEDULERS_NEEDING_SETTINGS = {"cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"}
+POLYNOMIAL_LR_END = 1e-7  # transformers' polynomial schedule decays to this and refuses a peak lr at or below it
+MAX_SEED = 2**32 - 1  # np.random.seed (transformers.set_seed) takes 0..2**32-1
 
 
 def _finite(x: float) -> bool:
@@ -151,7 +172,11 @@ class TrainConfig:
     )
     grad_accum: int = _f(1, "micro-batches per optimizer step: a step trains on batch_size x grad_accum conversations")
     lr: float = _f(2e-4, "peak learning rate")
-    lr_scheduler: str = _f("cosine", "learning-rate schedule (any HF Trainer scheduler name)")
+    lr_scheduler: str = _f(
+        "cosine",
+        "learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, "
+        "inverse_sqrt, or on the held-out loss (needs eval_steps > 0) reduce_lr_on_plateau, greedy",
+    )
     warmup_ratio: float = _f(0.03, "share of steps spent warming up the learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
@@ -246,7 +271,28 @@ class TrainConfig:
             self._compile_character()
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        seeds = "must be in 0..4294967295 (numpy's and torch's seed range)"
         checks = [
+            (0 <= self.seed <= MAX_SEED, "seed", seeds),
+            (self.data_seed is None or 0 <= self.data_seed <= MAX_SEED, "data_seed", seeds + "; unset: --seed"),
+            (0 <= self.split_seed <= MAX_SEED, "split_seed", seeds),
+            (self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {', '.join(SCHEDULERS)}"),
+            (
+                self.lr_scheduler not in ON_HELD_OUT_LOSS or self.eval_steps > 0,
+                "lr_scheduler",
+                "steps on the held-out loss: needs --eval-steps > 0",
+            ),
+            (
+                self.lr_scheduler != "polynomial" or not _finite(self.lr) or self.lr > POLYNOMIAL_LR_END,
+                "lr",
+                f"must be > {POLYNOMIAL_LR_END:g} with polynomial decay (--lr-scheduler polynomial ends at "
+                f"{POLYNOMIAL_LR_END:g})",
+            ),
+            (
+                self.deepspeed is None or Path(self.deepspeed).is_file(),
+                "deepspeed",
+                "must name a JSON file that exists (e.g. configs/deepspeed/zero2.json)",
+            ),
             (self.max_length > 0, "max_length", "must be > 0"),
             (self.batch_size > 0, "batch_size", "must be > 0"),
             (self.grad_accum > 0, "grad_accum", "must be > 0"),

@@ -141,7 +141,9 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | No
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", color="#1f77b4")
+        # a run shorter than logging_steps logs one point, which a line alone would not draw
+        marker = "o" if len(train) == 1 else None
+        ax.plot(*zip(*train, strict=True), marker=marker, label="train loss", color="#1f77b4")
     if evals:
         ax.plot(*zip(*evals, strict=True), "o--", label="held-out loss", color="#d62728")
     ax.set_xlabel("optimizer step")

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .character import resolve_character
-from .config import TrainConfig
+from .config import ON_HELD_OUT_LOSS, ConfigError, TrainConfig
 from .data import DataError, Record, load_records, parse_columns
 from .kernels import apply_liger, label_only_loss
 from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
@@ -221,6 +221,10 @@ def _trainer_callback(metrics_path: Path):
                 self.skipped_steps += 1
 
         def on_step_end(self, args, state, control, **kwargs):
+            # the last step always logs (every rank: the log sums the ranks' tokens), so a run shorter than
+            # logging_steps still has a train loss, a curve and a tokens/s
+            if state.global_step >= state.max_steps:
+                control.should_log = True
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
 
@@ -590,6 +594,11 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     records = load_records(cfg.data, cfg.format, parse_columns(cfg.columns))
     split = split_records(records, cfg.val_size, cfg.split_seed, cfg.allow_small_train)
     split = drop_short_replies(split, cfg.min_reply_chars, cfg.data)
+    if cfg.lr_scheduler in ON_HELD_OUT_LOSS and not split.val:  # TrainingArguments refuses it without an eval
+        raise ConfigError(
+            f"`--lr-scheduler` ({cfg.lr_scheduler}) steps on the held-out loss, but no record is held out "
+            f"({split.rule}): set --val-size or pick another scheduler"
+        )
     world_size, local_rank = _world()
     device = pick_device(cfg.device)
     if device.type == "cuda" and device.index is None and world_size > 1:

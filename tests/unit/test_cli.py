@@ -271,3 +271,135 @@ def test_merge_then_chat_with_merged_model(run_dir, tmp_path, capsys):
     assert main(["merge", "--adapter", str(run_dir), "--output", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and (out / "chatlora.json").is_file()
     assert main(["chat", "--model", str(out), "--prompt", "你好", "--max-new-tokens", "3", "--temperature", "0"]) == 0
+
+
+def _no_loading(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("a tokenizer or model loaded before the flags were checked")
+
+    monkeypatch.setattr("chatlora.train.load_model", boom)
+    monkeypatch.setattr("chatlora.train.load_tokenizer", boom)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # seeds: numpy (set_seed) takes 0..2**32-1 only
+        (["--seed", "-1"], "`--seed` (seed: -1) must be in 0..4294967295 (numpy's and torch's seed range)"),
+        (["--seed", str(2**32)], "`--seed` (seed: 4294967296) must be in 0..4294967295"),
+        (["--data-seed", "-1"], "`--data-seed` (data_seed: -1) must be in 0..4294967295"),
+        (["--split-seed", "-7"], "`--split-seed` (split_seed: -7) must be in 0..4294967295"),
+        # schedulers: a name the Trainer knows, and one it can build from chatlora's arguments
+        (["--lr-scheduler", "bogus"], "`--lr-scheduler` (lr_scheduler: 'bogus') must be one of linear, cosine,"),
+        (["--lr-scheduler", "cosine_with_min_lr"], "(lr_scheduler: 'cosine_with_min_lr') must be one of linear,"),
+        (["--lr-scheduler", "warmup_stable_decay"], "(lr_scheduler: 'warmup_stable_decay') must be one of linear,"),
+        (
+            ["--lr-scheduler", "reduce_lr_on_plateau", "--eval-steps", "0"],
+            "`--lr-scheduler` (lr_scheduler: 'reduce_lr_on_plateau') steps on the held-out loss: needs "
+            "--eval-steps > 0",
+        ),
+        (["--lr-scheduler", "polynomial", "--lr", "1e-8"], "`--lr` (lr: 1e-08) must be > 1e-07 with polynomial"),
+        # optimisation
+        (["--warmup-ratio", "-0.1"], "`--warmup-ratio` (warmup_ratio: -0.1) must be in [0, 1)"),
+        (["--weight-decay", "-1"], "`--weight-decay` (weight_decay: -1.0) must be a finite number >= 0"),
+        (["--max-grad-norm", "-1"], "`--max-grad-norm` (max_grad_norm: -1.0) must be a finite number >= 0"),
+        (["--grad-accum", "0"], "`--grad-accum` (grad_accum: 0) must be > 0"),
+        (["--lr", "0"], "`--lr` (lr: 0.0) must be a finite number > 0"),
+        (["--epochs", "0"], "`--epochs` (epochs: 0.0) must be > 0 unless max_steps is set"),
+        (["--max-steps", "0"], "`--max-steps` (max_steps: 0) must be > 0, or -1 for all epochs"),
+        # logging, held-out loss and checkpoints
+        (["--logging-steps", "0"], "`--logging-steps` (logging_steps: 0) must be > 0"),
+        (["--eval-steps", "-2"], "`--eval-steps` (eval_steps: -2) must be > 0 (every N steps), 0 (only at the end)"),
+        (["--save-steps", "0"], "`--save-steps` (save_steps: 0) must be > 0"),
+        (["--save-total-limit", "0"], "`--save-total-limit` (save_total_limit: 0) must be > 0"),
+        (["--deepspeed", "no-such-ds.json"], "`--deepspeed` (deepspeed: 'no-such-ds.json') must name a JSON file"),
+    ],
+)
+def test_train_flags_the_trainer_would_refuse_exit_2_before_anything_loads(
+    flags, message, tiny_model_dir, tiny_dataset, tmp_path, monkeypatch, capsys
+):
+    """Guards against `train --seed -1`, `--lr-scheduler bogus` and the like passing chatlora's checks, loading the
+    model, creating the output folder, then dying in numpy, TrainingArguments or the scheduler with a ValueError
+    traceback (exit 1) and an empty folder left behind."""
+    _no_loading(monkeypatch)
+    out = tmp_path / "o"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(tiny_dataset), "--output-dir", str(out)]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("chatlora: error: ") and message in err, err
+    assert "Traceback" not in err and not out.exists()
+    assert main([*args, *flags, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plateau_scheduler_without_held_out_records_exits_2_before_anything_loads(
+    tiny_model_dir, tiny_dataset, tmp_path, monkeypatch, capsys
+):
+    """Guards against reduce_lr_on_plateau / greedy on a split with no held-out records: TrainingArguments refuses
+    them without an eval strategy, after the model loaded and the output folder was made."""
+    _no_loading(monkeypatch)
+    out = tmp_path / "o"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(tiny_dataset), "--output-dir", str(out)]
+    assert main([*args, "--lr-scheduler", "greedy", "--eval-steps", "5", "--val-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "chatlora: error: `--lr-scheduler` (greedy) steps on the held-out loss, but no record is held out "
+        "(val_size 0 of the records): set --val-size or pick another scheduler\n"
+    )
+    assert not out.exists()
+
+
+def test_scheduler_names_match_transformers():
+    """Guards against chatlora's list of schedulers drifting from the installed transformers: a name it dropped would
+    pass the check and fail after the model loaded; a new one would be refused for no reason."""
+    from transformers.trainer_utils import SchedulerType
+
+    from chatlora.config import SCHEDULERS, SCHEDULERS_NEEDING_SETTINGS
+
+    assert set(SCHEDULERS) | SCHEDULERS_NEEDING_SETTINGS == {s.value for s in SchedulerType}
+    assert not set(SCHEDULERS) & SCHEDULERS_NEEDING_SETTINGS
+
+
+def test_shortest_run_logs_its_last_step_and_plots_it(tiny_model_dir, tmp_path, capsys):
+    """Guards against the first run a user tries (`--max-steps 4`, under the default `--logging-steps 10`) logging no
+    train loss, writing no loss.png and ending with "no train loss logged | None tokens/s at the end"."""
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": f"你是角色{i % 3}。"},
+                {"role": "user", "content": f"问题{i}"},
+                {"role": "assistant", "content": "臣妾做不到啊。"},
+                {"role": "user", "content": "为什么?"},
+                {"role": "assistant", "content": "皇上万福金安。" * (1 + i % 2)},
+            ]
+        }
+        for i in range(12)
+    ]
+    data = write_jsonl(tmp_path / "multi.jsonl", rows)
+    out = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--max-steps", "4"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in metrics if "loss" in r]
+    assert [r["step"] for r in losses] == [4] and losses[0]["tokens_per_second_recent"] > 0
+    assert (out / "loss.png").is_file() and f"loss plot:   {out / 'loss.png'}" in printed
+    card = json.loads((out / "chatlora.json").read_text())
+    assert card["results"]["train_loss_final"] == losses[0]["loss"]
+    assert f"steps 4, final train loss {losses[0]['loss']:.4f}" in printed
+    assert "None" not in printed and "no train loss logged" not in printed
+
+
+def test_run_summary_never_prints_none(tmp_path, capsys):
+    """Guards against the summary line printing "None tokens/s at the end" for a run that logged no train loss (a
+    resume from its last checkpoint trains no step)."""
+    from chatlora.cli import _print_paths
+
+    card = {
+        "results": {"global_step": 4, "train_loss_final": None, "tokens_per_second_recent": None},
+        "hardware": {"device": "cpu", "precision": "fp32"},
+    }
+    card["results"]["tokens_per_second_average"] = 0.0
+    _print_paths(tmp_path, card)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "steps 4, no train loss logged | tokens/s: 0.0 on average (warm-up included) on cpu (fp32)"
