@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -73,6 +73,9 @@ class SamplingConfig:
     top_k: int = _range(50, "sample among the k likeliest tokens (0: all)", ge=0, le=10**6)
     repetition_penalty: float = _range(1.1, "divides the scores of tokens already present (1: off)", gt=0, le=100)
     seed: int | None = None
+    logit_bias: Mapping[int, float] | None = field(
+        default=None, metadata={"help": "added to these token ids' scores before sampling (OpenAI's logit_bias)"}
+    )
 
     @classmethod
     def bounds(cls, name: str) -> dict[str, float]:
@@ -205,7 +208,8 @@ class _RowSampler:
 
     ``generate`` then runs greedy: a sampled row's scores come back with only its drawn token left, so argmax takes
     it. Greedy rows get the repetition penalty alone, as ``generate`` would apply it, so they stay token-exact with a
-    greedy ``generate``. The penalty sees a row's own tokens only, never the left padding.
+    greedy ``generate``. The penalty sees a row's own tokens only, never the left padding. A row's ``logit_bias`` is
+    added after the penalty, before temperature, top-k and top-p (greedy rows get it too).
     """
 
     def __init__(self, rows: list[Row], width: int, device: torch.device) -> None:
@@ -213,6 +217,11 @@ class _RowSampler:
         self.pad = torch.tensor([width - len(r.prompt_ids) for r in rows], device=device)
         self.penalty = torch.tensor([[r.sampling.repetition_penalty] for r in rows], device=device)
         self.any_penalty = any(r.sampling.repetition_penalty != 1.0 for r in rows)
+        self.biases = [  # (row, token ids, biases) for the rows with a logit_bias
+            (i, torch.tensor(list(b), device=device), torch.tensor(list(b.values()), device=device))
+            for i, b in ((i, r.sampling.logit_bias) for i, r in enumerate(rows))
+            if b
+        ]
         self.generators: list[torch.Generator | None] = []
         for r in rows:
             if r.sampling.greedy:
@@ -242,6 +251,9 @@ class _RowSampler:
 
         if self.any_penalty:
             scores = self._penalize(input_ids, scores)
+        if self.biases:
+            for i, ids, bias in self.biases:
+                scores[i, ids] += bias.to(scores.dtype)
         for (temperature, top_k, top_p), index, members in self.groups:
             sub, sub_ids = scores[index], input_ids[index]
             if temperature != 1.0:

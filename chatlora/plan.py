@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .errors import ConfigError
 from .model import ModelError, Precision, check_quantize, cpu_bf16_note
 from .packing import pack_rows, plan_batches, plan_steps
 from .template import IGNORE_INDEX
@@ -38,6 +39,7 @@ __all__ = [
     "ModelShape",
     "RunPlan",
     "auto_val_count",
+    "check_limits",
     "estimate_memory",
     "make_plan",
     "read_shape",
@@ -80,6 +82,7 @@ class ModelShape:
     dropout_inputs: int  # per layer: the input width of each adapted module (one dropout mask each)
     largest_linear: int  # out x in of the largest decoder linear (4-bit: dequantized copy at compute time)
     label_only_ok: bool  # logits are a plain lm_head(decoder(x))
+    context: int | None = None  # max_position_embeddings: the longest sequence the model was made for
 
 
 def read_shape(model_path: str, cfg: TrainConfig) -> ModelShape:
@@ -130,7 +133,25 @@ def read_shape(model_path: str, cfg: TrainConfig) -> ModelShape:
         dropout_inputs=dropout_inputs // max(layers, 1),
         largest_linear=largest,
         label_only_ok=supports_label_only_loss(model),
+        context=int(text.max_position_embeddings) if getattr(text, "max_position_embeddings", None) else None,
     )
+
+
+def check_limits(cfg: TrainConfig, shape: ModelShape, precision: Precision, shards: int = 1) -> None:
+    """Refuse, before any weights load, a ``max_length`` past the model's context and a ``max_memory_gib`` below
+    what its frozen weights alone take (``shards``: FSDP's world size); a ConfigError naming the flag."""
+    if shape.context is not None and cfg.max_length > shape.context:
+        raise ConfigError(
+            f"--max-length {cfg.max_length} is longer than this model's context of {shape.context} tokens "
+            "(max_position_embeddings in its config.json): give at most that"
+        )
+    if cfg.max_memory_gib is not None:
+        weights = _weight_bytes(shape, precision, cfg.quantize) / shards / GIB
+        if cfg.max_memory_gib < weights:
+            raise ConfigError(
+                f"--max-memory-gib {cfg.max_memory_gib:g} is below the {weights:.3g} GiB this model's frozen weights "
+                f"alone take ({precision.name}{', ' + cfg.quantize if cfg.quantize else ''}): raise it or leave it out"
+            )
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -174,6 +195,14 @@ def _layer_bytes(shape: ModelShape, kind: str, act: int) -> float:
     return act * (per_h * shape.hidden + per_kv * shape.kv_dim + per_i * shape.intermediate) + fp32_h * shape.hidden
 
 
+def _weight_bytes(shape: ModelShape, precision: Precision, quantize: str | None) -> float:
+    """Bytes of the frozen weights (4-bit: the decoder's linear weights in NF4, the rest in the run's dtype)."""
+    wbytes = precision.weights.itemsize
+    if quantize:
+        return shape.quantizable * NF4_BYTES_PER_PARAM + (shape.params - shape.quantizable) * wbytes
+    return shape.params * wbytes
+
+
 def estimate_memory(
     shape: ModelShape,
     precision: Precision,
@@ -195,13 +224,8 @@ def estimate_memory(
     with it, each layer keeps only its input, and the peak is the larger of the logits (at the loss) and one
     layer's recomputed activations with its backward buffers.
     """
-    wbytes = precision.weights.itemsize
     act = 4 if precision.amp is None else 2  # autocast computes in 16 bits; fp32 runs keep fp32 activations
-    if quantize:
-        weights = shape.quantizable * NF4_BYTES_PER_PARAM + (shape.params - shape.quantizable) * wbytes
-    else:
-        weights = shape.params * wbytes
-    weights /= shards
+    weights = _weight_bytes(shape, precision, quantize) / shards
     lora = shape.lora * 16  # fp32 weight + gradient + AdamW's two moments
     kind = "compiled" if compiled else "liger" if liger else "eager"
     per_layer = _layer_bytes(shape, kind, act)

@@ -37,6 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import h11
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -77,7 +78,7 @@ MAX_MESSAGES = 1000  # --max-messages
 READ_TIMEOUT_S = 30.0  # --read-timeout: to receive a whole request, headers and body
 KEEP_ALIVE_S = 5.0  # --timeout-keep-alive: idle time between requests on one connection
 MAX_CONNECTIONS = 128  # --max-connections
-MAX_HEADER_BYTES = 16 * 2**10  # request line + headers (h11's default), else 431
+MAX_HEADER_BYTES = 16 * 2**10  # a request's head: request line, headers and the blank line after them; else 431
 LINGER_S = 2.0  # after refusing a request mid-upload: read and drop its rest this long, so the client sees why
 LINGER_BYTES = 64 * 2**20
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -299,7 +300,13 @@ class _StreamOptions(BaseModel):
 
 
 class _ChatBody(BaseModel):
-    """The fields of OpenAI's chat request that chatlora uses (others are ignored). Strict: no "5" for 5."""
+    """The fields of OpenAI's chat request that chatlora uses or refuses. Strict: no "5" for 5.
+
+    Fields that would change the reply and that chatlora does not do are declared so they can be refused when set
+    (:data:`_OFF`); fields that change nothing about the reply (``user``, ``metadata``, ``store``, ``service_tier``,
+    ``parallel_tool_calls``, ``prediction``, ``prompt_cache_key``, ``safety_identifier``, ``reasoning_effort``,
+    ``verbosity``: hints for reasoning models, which these are not) are ignored, like unknown ones.
+    """
 
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
@@ -317,6 +324,67 @@ class _ChatBody(BaseModel):
     stream: bool | None = None
     stream_options: _StreamOptions | None = None
     tools: list | None = None  # refused when not empty: chatlora models are tuned for plain chat
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # {"token id": bias}
+    # refused unless off (_OFF)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
+    web_search_options: dict | None = None
+
+
+# OpenAI's chat fields that would change the reply, with the values that mean "off"; set to anything else they get a
+# 400 naming them, never a reply that silently ignored them. (n > 1 and non-empty tools are refused by their own
+# checks; logit_bias is honoured.)
+_OFF: dict[str, Callable[[Any], bool]] = {
+    "presence_penalty": lambda v: v == 0,
+    "frequency_penalty": lambda v: v == 0,
+    "logprobs": lambda v: v is False,
+    "top_logprobs": lambda v: v == 0,
+    "response_format": lambda v: v == {"type": "text"},
+    "tool_choice": lambda v: v in ("none", "auto"),  # without tools there is none to choose
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v in ("none", "auto"),
+    "modalities": lambda v: v == ["text"],
+    "audio": lambda v: False,
+    "web_search_options": lambda v: False,
+}
+
+
+def _unsupported(body: _ChatBody) -> ApiError | None:
+    """A 400 for the first field of :data:`_OFF` that is set to something chatlora does not do."""
+    for name, off in _OFF.items():
+        value = getattr(body, name)
+        if value is not None and not off(value):
+            return ApiError(
+                400,
+                f"'{name}' is not supported by this server (got {json.dumps(value)[:60]}); leave it out",
+                name,
+                "unsupported_parameter",
+            )
+    return None
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float] | None:
+    """OpenAI's ``{"token id": bias}`` -> ``{id: bias}`` without the zeros; a 400 for a key that is no token id."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab):
+            raise ApiError(
+                400,
+                f"'logit_bias' keys must be token ids from 0 to {vocab - 1}; got {key[:40]!r}",
+                "logit_bias",
+                "invalid_value",
+            )
+        if value:
+            out[int(key)] = value
+    return out or None
 
 
 def _param(loc: tuple) -> str | None:
@@ -395,6 +463,10 @@ def parse_chat_request(
         )
     if body.tools:
         raise ApiError(400, "'tools' is not supported: this server does plain chat", "tools", "unsupported_parameter")
+    unsupported = _unsupported(body)
+    if unsupported is not None:
+        raise unsupported
+    logit_bias = _logit_bias(body.logit_bias, len(served.chat.tokenizer))
     if len(body.messages) > max_messages:
         raise ApiError(
             400,
@@ -434,6 +506,7 @@ def parse_chat_request(
         top_k=defaults.top_k if body.top_k is None else body.top_k,
         repetition_penalty=defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
         seed=None if body.seed is None else body.seed % 2**32,
+        logit_bias=logit_bias,
     )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return ChatRequest(served, messages, sampling, body.stop, bool(body.stream), include_usage, prompt_ids)
@@ -951,6 +1024,27 @@ async def _sse(job: _Job, on_end: Callable[[Reply | None], None]) -> AsyncIterat
 # ---------------------------------------------------------------- running
 
 
+class _HeadCap(h11.Connection):
+    """h11's server connection with its size limit applied to every request head, complete or not.
+
+    h11 checks ``max_incomplete_event_size`` only while a head is still incomplete, so a 100 KB head that arrived in
+    one read passed. Here the bytes a request's head took from the buffer are counted too; over the limit,
+    ``too_large`` is set and the RemoteProtocolError makes uvicorn call :meth:`_Http.send_400_response`.
+    """
+
+    too_large = False
+
+    def next_event(self):  # type: ignore[override]
+        # h11's receive buffer: its length, not trailing_data's copy, so a head trickled byte by byte costs nothing
+        before = len(self._receive_buffer) if self.their_state is h11.IDLE else None
+        event = super().next_event()
+        if before is not None and isinstance(event, h11.Request):
+            if before - len(self._receive_buffer) > self._max_incomplete_event_size:
+                self.too_large = True
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+        return event
+
+
 class _Http(H11Protocol):
     """uvicorn's h11 protocol plus what it lacks against slow or hostile clients.
 
@@ -966,6 +1060,10 @@ class _Http(H11Protocol):
 
     read_timeout: float = READ_TIMEOUT_S
     max_connections: int = MAX_CONNECTIONS
+
+    def __init__(self, config, *args, **kwargs) -> None:
+        super().__init__(config, *args, **kwargs)
+        self.conn = _HeadCap(h11.SERVER, self.config.h11_max_incomplete_event_size)  # before any byte arrives
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -1005,7 +1103,8 @@ class _Http(H11Protocol):
         super().shutdown()
 
     def send_400_response(self, msg: str) -> None:  # uvicorn calls it on any h11.RemoteProtocolError
-        if len(self.conn.trailing_data[0]) > self.config.h11_max_incomplete_event_size:
+        too_large = getattr(self.conn, "too_large", False)  # a complete head over the limit (_HeadCap)
+        if too_large or len(self.conn.trailing_data[0]) > self.config.h11_max_incomplete_event_size:
             self._refuse(
                 431,
                 f"the request headers are larger than this server's limit of "
@@ -1129,11 +1228,15 @@ def run(
 ) -> None:
     """Load the models and serve them with uvicorn until interrupted (see :func:`create_app` for the options).
 
-    The port is taken before the models load: a busy port fails at once, with a ConfigError saying so.
+    The port (1-65535) is taken before the models load: a busy or impossible one fails at once, with a ConfigError
+    saying so.
     ``read_timeout``, ``timeout_keep_alive`` and ``max_connections``: see :class:`_Http`.
     """
     import uvicorn
 
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        # the OS takes the port modulo 65536 (99999 served on 34463) and 0 picks a random one
+        raise ConfigError(f"--port must be between 1 and 65535, got {port}")
     api_key = api_key or os.environ.get("CHATLORA_API_KEY") or None
     if host not in LOCAL_HOSTS and not api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)

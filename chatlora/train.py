@@ -21,7 +21,7 @@ from .data import DataError, Record, load_records, parse_columns
 from .kernels import apply_liger, label_only_loss
 from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
 from .packing import PackedDataset, collate
-from .plan import RunPlan, auto_val_count, make_plan, read_shape
+from .plan import RunPlan, auto_val_count, check_limits, make_plan, read_shape
 from .runcard import (
     LOSS_PLOT,
     METRICS,
@@ -605,6 +605,8 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         device = torch.device("cuda", local_rank)
     precision = pick_precision(device, cfg.dtype)
     model_path = resolve_model(cfg.model)
+    shape = read_shape(model_path, cfg)  # the meta device: no weights
+    check_limits(cfg, shape, precision, world_size if cfg.fsdp else 1)
     tokenizer = load_tokenizer(model_path)
     system_prompt = cfg.system_prompt or None
     train_ex, train_trunc, train_empty = encode_records(
@@ -637,7 +639,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
                 "(system prompt + first user turn are longer): raise --max-length or shorten the system prompt"
             ]
         )
-    plan = make_plan(cfg, device, precision, read_shape(model_path, cfg), train_ex, world_size)
+    plan = make_plan(cfg, device, precision, shape, train_ex, world_size)
     return PreparedRun(
         cfg=cfg,
         records=records,

@@ -432,6 +432,25 @@ def test_a_1mb_header_gets_431(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def head_of(size: int) -> bytes:
+    """A GET /health request head (request line, headers, blank line) of exactly ``size`` bytes."""
+    start, end = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ", b"\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end
+
+
+def test_request_heads_over_16_kib_get_431_even_in_one_piece(server):
+    """Bug: h11 checks its 16 KiB limit only while a head is incomplete, so headers of 17-100 KB that arrived in one
+    read were processed, though the README promises 431 past 16 KiB."""
+    from chatlora.serve import MAX_HEADER_BYTES
+
+    assert raw_request(server, head_of(MAX_HEADER_BYTES)).startswith(b"HTTP/1.1 200 ")
+    assert raw_request(server, head_of(MAX_HEADER_BYTES + 1)).startswith(b"HTTP/1.1 431 ")
+    for size in (17_000, 100_000):
+        r = httpx.get(server.url + "/v1/models", headers={"X-Pad": "p" * size}, timeout=30)
+        assert_openai_error(r, 431, code="headers_too_large")
+    assert httpx.get(server.url + "/health").status_code == 200  # and the next request on a new connection is fine
+
+
 def test_head_answers_like_get_without_a_body(server):
     """Bug: `HEAD /` was 405, so uptime checkers and link previews saw the page as broken."""
     for path in ("/", "/health"):
@@ -455,6 +474,21 @@ def test_a_port_in_use_fails_with_one_line_before_serving(tiny_model_dir, capsys
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"127.0.0.1:{port}" in err and "in use" in err and "--port" in err
     assert not any("serving" in r.getMessage() for r in caplog.records)
+
+
+def test_a_port_outside_1_to_65535_fails_before_loading(monkeypatch, capsys):
+    """Bug: `chatlora serve --port 99999` served on another port (the OS takes it modulo 65536), after loading."""
+    import chatlora.serve
+    from chatlora.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(chatlora.serve, "load_models", no_load)
+    for port in ("99999", "65536", "0", "-1"):
+        assert main(["serve", "--model", "embedded", "--port", port]) == 2, port
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "--port" in err and port in err and "65535" in err, err
 
 
 def test_serve_flags_reach_the_server(monkeypatch):

@@ -404,6 +404,34 @@ def test_quantize_on_the_cpu_is_exit_2_before_the_model_loads(tiny_model_dir, tm
         TrainConfig(quantize="3bit")
 
 
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max-length", "1025"], "--max-length 1025 is longer than this model's context of 1024 tokens"),
+        (["--max-memory-gib", "1e-06"], "--max-memory-gib 1e-06 is below the"),
+    ],
+)
+def test_a_length_past_the_context_or_a_cap_below_the_weights_is_exit_2_before_loading(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, flags, message
+):
+    """Bug: --max-length 100000 was accepted for a model with an 8,192-token context, and --max-memory-gib 0.001
+    ended in "training goes on" (swapping) instead of an error naming the flag."""
+    import chatlora.train
+
+    def no_weights(*a, **k):
+        raise AssertionError("loaded weights for an impossible run")
+
+    monkeypatch.setattr(chatlora.train, "prepare_model", no_weights)
+    data = write_jsonl(tmp_path / "d.jsonl", _rows(30))
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "o")]
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "o").exists()
+    # the limits themselves are fine: the model's whole context, a cap above the weights
+    assert main([*args, "--max-length", "1024", "--max-memory-gib", "64", "--dry-run"]) == 0
+
+
 def test_qlora_config_is_nf4_with_double_quantization_computing_in_the_run_dtype(monkeypatch, tiny_model_dir):
     """Guards against QLoRA quietly losing NF4, double quantization or the compute dtype, or loading off-device."""
     q = quantization_config("4bit", torch.float16)

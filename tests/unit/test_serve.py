@@ -220,6 +220,71 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param, code
     _bad(server, body, status, param, code)
 
 
+def test_logit_bias_steers_its_own_row_only(client, server, models):
+    """Bug: `logit_bias` was silently ignored; a bias must also stay with its row when requests share a batch."""
+    chat = models.models["alpha"].chat
+    z = chat.tokenizer.encode("z", add_special_tokens=False)[0]
+    kw = {"model": "alpha", "messages": HI, "temperature": 0, "max_tokens": 4}
+    forced = client.chat.completions.create(**kw, logit_bias={str(z): 100})
+    assert forced.choices[0].message.content == "zzzz"
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    assert plain != "zzzz"
+    ids = chat.prompt_ids(HI)
+    greedy = SamplingConfig(max_new_tokens=4, temperature=0)
+    biased = SamplingConfig(max_new_tokens=4, temperature=0, logit_bias={z: 100})
+    together = chat.run([chat.row(ids, biased), chat.row(ids, greedy)])
+    assert [r.text for r in together] == ["zzzz", plain]
+    for key in ("-1", "abc", str(len(chat.tokenizer))):
+        _bad(server, {**kw, "logit_bias": {key: 1}}, 400, "logit_bias")
+    _bad(server, {**kw, "logit_bias": {str(z): 101}}, 400)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("logprobs", True),
+        ("top_logprobs", 3),
+        ("response_format", {"type": "json_object"}),
+        ("tool_choice", "required"),
+        ("functions", [{"name": "f"}]),
+        ("function_call", {"name": "f"}),
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("web_search_options", {}),
+    ],
+)
+def test_sampling_fields_chatlora_does_not_do_get_400_naming_them(server, field, value):
+    """Bug: the request model ignored unknown fields, so presence_penalty, logprobs, response_format, ... were
+    silently dropped and the client got a reply made without them."""
+    err = _bad(server, {"model": "alpha", "messages": HI, field: value}, 400, field, "unsupported_parameter")
+    assert field in err["message"]
+
+
+def test_sampling_fields_at_their_defaults_are_accepted(server):
+    """Bug: refusing a field even at its default (presence_penalty: 0, logprobs: false) breaks clients that always
+    send every field."""
+    defaults = {
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logprobs": False,
+        "top_logprobs": 0,
+        "response_format": {"type": "text"},
+        "tool_choice": "none",
+        "functions": [],
+        "function_call": "auto",
+        "modalities": ["text"],
+        "audio": None,
+        "logit_bias": {"5": 0},
+        "user": "someone",
+    }
+    r = httpx.post(
+        server.url + "/v1/chat/completions", json={"model": "alpha", "messages": HI, "max_tokens": 1, **defaults}
+    )
+    assert r.status_code == 200, r.text
+
+
 def test_malformed_json_is_400(server):
     """Bug: a body that is not JSON raised inside the handler and came back as a 500."""
     _bad(server, None, 400, code="invalid_json", raw=b'{"model": "alpha", "messages": [')
