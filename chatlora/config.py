@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,10 @@ ON_HELD_OUT_LOSS = ("reduce_lr_on_plateau", "greedy")
 SCHEDULERS_NEEDING_SETTINGS = {"cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"}
 POLYNOMIAL_LR_END = 1e-7  # transformers' polynomial schedule decays to this and refuses a peak lr at or below it
 MAX_SEED = 2**32 - 1  # np.random.seed (transformers.set_seed) takes 0..2**32-1
+# Upper bounds of the persona block's sizes: past them an eval would run for days (or never start), not measure more
+MAX_DRIFT_CONTEXT = 10**6  # tokens; the model's own context caps it further at eval time
+MAX_PERSONA_COUNT = 10**4  # drift conversations, drift turns, probe turns
+MAX_PERSONA_TOKENS = 10**5  # max_new_tokens of a probe or drift reply
 
 
 def _finite(x: float) -> bool:
@@ -58,6 +64,13 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+@functools.cache
+def _shipped_probes() -> int:
+    """How many identity probes ship in ``persona_data`` (read here, not via :mod:`chatlora.persona`: no torch)."""
+    text = resources.files("chatlora").joinpath("persona_data", "identity_probes.jsonl").read_text(encoding="utf-8")
+    return sum(1 for line in text.splitlines() if line.strip())
 
 
 @dataclass
@@ -99,16 +112,31 @@ class PersonaConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [t.strip() for t in value.split(",") if t.strip()])
+        n, shipped = MAX_PERSONA_COUNT, _shipped_probes() if self.probes is not None else 0
         checks = [
-            (self.probes is None or self.probes > 0, "probes", "must be > 0 (unset: all)"),
-            (self.probe_turns >= 0, "probe_turns", "must be >= 0"),
-            (self.drift_conversations >= 0, "drift_conversations", "must be >= 0 (0: no drift measurement)"),
-            (self.drift_turns > 0, "drift_turns", "must be > 0"),
-            (self.max_new_tokens > 0, "max_new_tokens", "must be > 0"),
+            (
+                self.markers != [],
+                "markers",
+                "is empty: list the character's markers, or leave the key out for the default",
+            ),
+            (
+                self.probes is None or 0 < self.probes <= shipped,
+                "probes",
+                f"must be 1 to {shipped}, the probes shipped (unset: all)",
+            ),
+            (0 <= self.probe_turns <= n, "probe_turns", f"must be 0 to {n}"),
+            (0 <= self.drift_conversations <= n, "drift_conversations", f"must be 0 to {n} (0: no drift measurement)"),
+            (0 < self.drift_turns <= n, "drift_turns", f"must be 1 to {n}"),
+            (0 < self.max_new_tokens <= MAX_PERSONA_TOKENS, "max_new_tokens", f"must be 1 to {MAX_PERSONA_TOKENS}"),
             (
                 self.drift_context is None or self.drift_context > self.max_new_tokens,
                 "drift_context",
                 "must be > max_new_tokens (room for a prompt and its reply)",
+            ),
+            (
+                self.drift_context is None or self.drift_context <= MAX_DRIFT_CONTEXT,
+                "drift_context",
+                f"must be at most {MAX_DRIFT_CONTEXT} tokens (unset: the model's context length)",
             ),
         ]
         for ok, name, why in checks:

@@ -510,14 +510,16 @@ def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:
         are in ``result.output_dir``.
     """
     card = read_run_card(cfg.adapter)
+    # the persona block is read and checked before the data and the model: its errors cost seconds, not a whole eval
+    persona = persona_settings(cfg, card) if cfg.persona else None
     records, source = select_records(cfg, card)
     if chat is None:
         chat = ChatModel.load(cfg.adapter, device=cfg.device, dtype=cfg.dtype)
     if not chat.has_adapter:
         raise ModelError(f"{cfg.adapter}: the loaded model has no LoRA adapter to compare against its base")
     result = measure(cfg, card, chat, records, source)
-    if cfg.persona:
-        measure_persona(cfg, card, chat, records, result)
+    if persona is not None:
+        measure_persona(cfg, card, chat, records, result, persona)
     write_results(result, cfg)
     return result
 
@@ -586,13 +588,18 @@ def persona_settings(cfg: EvalConfig, card: dict[str, Any]) -> PersonaConfig:
 
 
 def measure_persona(
-    cfg: EvalConfig, card: dict[str, Any], chat: ChatModel, records: list[Record], result: EvalResult
+    cfg: EvalConfig,
+    card: dict[str, Any],
+    chat: ChatModel,
+    records: list[Record],
+    result: EvalResult,
+    settings: PersonaConfig | None = None,
 ) -> None:
     """Phase 2b: the persona section (identity probes, drift, retention; :mod:`chatlora.persona`) and its targets,
-    into ``result``."""
+    into ``result``. ``settings``: :func:`persona_settings`, read here when not given."""
     from .persona import evaluate_persona
 
-    settings = persona_settings(cfg, card)
+    settings = settings or persona_settings(cfg, card)
     if not settings.enabled:
         return
     started = time.time()

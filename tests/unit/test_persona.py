@@ -93,6 +93,47 @@ def test_persona_yaml_block_is_typed_and_checked(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize(
+    "block,message",
+    [
+        ("probes: 1e20", "`persona.probes` (100000000000000000000) must be 1 to 24"),
+        ("probes: 25", "`persona.probes` (25) must be 1 to 24"),
+        ("drift_context: 1e12", "`persona.drift_context` (1000000000000) must be at most 1000000 tokens"),
+        ("drift_turns: 1e9", "`persona.drift_turns` (1000000000) must be 1 to 10000"),
+        ("markers: []", "`persona.markers` ([]) is empty"),
+    ],
+)
+def test_persona_sizes_past_sane_bounds_and_empty_markers_are_refused(tmp_path, block, message):
+    """Bug: `probes: 1e20` and `drift_context: 1e12` were accepted (probes silently cut to the shipped ones, drift
+    silently clamped), and `markers: []` silently dropped the in-character target."""
+    bad = tmp_path / "p.yaml"
+    bad.write_text(f"persona:\n  {block}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert message in str(e.value)
+    assert PersonaConfig(probes=len(load_probes()), drift_context=10**6).probes == len(load_probes())  # the bounds
+
+
+def test_eval_checks_the_persona_block_before_loading_the_model(persona_run, tmp_path, capsys, monkeypatch):
+    """Bug: a missing --persona-config file or a bad persona value surfaced only after the model had loaded and the
+    held-out loss and replies were computed (minutes on a real model)."""
+    from chatlora.cli import main
+    from chatlora.infer import ChatModel
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the persona block was checked")
+
+    monkeypatch.setattr(ChatModel, "load", no_load)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("persona:\n  drift_context: 1e12\n", encoding="utf-8")
+    for path, needle in ((tmp_path / "missing.yaml", "missing.yaml"), (bad, "persona.drift_context")):
+        args = ["eval", "--adapter", str(persona_run), "--output", str(tmp_path / "ev"), "--persona-config", str(path)]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and needle in err, err
+    assert not (tmp_path / "ev").exists()
+
+
 # ---------------------------------------------------------------- shipped data and conversations
 
 
