@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ __all__ = [
     "system_prompt",
     "write_run_card",
 ]
+
+log = logging.getLogger(__name__)
 
 RUN_CARD = "chatlora.json"
 METRICS = "metrics.jsonl"
@@ -120,11 +123,30 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], str]:
 
 
 def read_metrics(metrics_path: str | Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` (none if the file is missing)."""
+    """The rows of ``metrics.jsonl`` (none if the file is missing); every reader of the file goes through here.
+
+    A torn last line (the process was killed, or the disk filled, during an append) is skipped with a warning: the
+    rows before it are whole. A bad line before the last is damage, not a torn append: a FileError naming the line.
+    """
     path = Path(metrics_path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
+    rows = []
+    for n, raw in lines:
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError (a torn character) are ValueErrors
+            if n == lines[-1][0]:
+                log.warning("%s:%d: skipped a torn last line (the run was cut off while writing it)", path, n)
+                break
+            raise FileError(
+                f"{path}:{n}: not a metrics row ({e}); the file is damaged: delete that line (or the file) to go on"
+            ) from None
+        rows.append(row)
+    return rows
 
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:

@@ -397,9 +397,8 @@ def _trim_metrics(metrics_path: Path, checkpoint: str | None) -> None:
         metrics_path.unlink()
         return
     step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
-    rows = [line for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
-    metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = [row for row in read_metrics(metrics_path) if row.get("step", 0) <= step]  # a torn last line goes too
+    metrics_path.write_text("".join(json.dumps(row, allow_nan=False) + "\n" for row in kept), encoding="utf-8")
 
 
 def _collator(pad_id: int, label_index: bool, strategy: str = "pack"):

@@ -171,6 +171,35 @@ def test_resume_names_an_unreadable_file_of_a_complete_checkpoint(tiny_model_dir
     assert f"{optimizer}: truncated or unreadable" in capsys.readouterr().err
 
 
+def test_a_torn_last_metrics_line_is_skipped_by_eval_and_resume(tiny_model_dir, tmp_path, caplog):
+    """Bug: a run killed (or out of disk) during a metrics.jsonl append left a torn last line; `train --resume` then
+    failed with a JSONDecodeError, and `eval` crashed on it after computing everything."""
+    out, data = tmp_path / "run", _data(tmp_path)
+    assert main(_args(tiny_model_dir, data, out, "--max-steps", "4")) == 0
+    metrics = out / "metrics.jsonl"
+    whole = metrics.read_text(encoding="utf-8")
+    metrics.write_text(whole + '{"step": 5, "loss": 1.2', encoding="utf-8")
+    eval_args = ["eval", "--adapter", str(out), "--data", str(data), "--no-persona", "--max-samples", "2"]
+    assert main([*eval_args, "--max-new-tokens", "2"]) == 0
+    assert (out / "eval" / "loss.png").is_file() and "torn last line" in caplog.text
+    assert main(_args(tiny_model_dir, data, out, "--max-steps", "6", "--resume")) == 0
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()]  # all whole again
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_damaged_metrics_line_before_the_last_names_the_file_and_line(tmp_path):
+    """Bug: skipping any unreadable line would hide real damage; only the last line can be a torn append."""
+    from chatlora.errors import FileError
+    from chatlora.runcard import read_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n', encoding="utf-8")
+    with pytest.raises(FileError, match=r"metrics.jsonl:2: not a metrics row"):
+        read_metrics(metrics)
+    metrics.write_bytes('{"step": 1, "loss": 2.0}\n\n{"step": 2, "note": "臣'.encode()[:-1])  # a torn character
+    assert read_metrics(metrics) == [{"step": 1, "loss": 2.0}]
+
+
 def test_only_complete_checkpoints_count_for_rotation(tiny_model_dir, tmp_path):
     """Guards against save_total_limit deleting the last complete checkpoint in favour of an incomplete one."""
     out = tmp_path / "run"
