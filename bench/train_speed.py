@@ -292,21 +292,21 @@ def run_seed(examples, tokenizer, model_dir, device, timer: Timer, out, dtype="f
     )
     fields = TrainingArguments.__dataclass_fields__
     kw["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = True
-    collate = DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True)
     seen = [0]
 
-    def collate_and_count(batch):
-        out_ = collate(batch)
-        seen[0] += int(out_["attention_mask"].sum())
-        return out_
+    def count(module, args, kwargs):
+        seen[0] += int(kwargs["attention_mask"].sum())
 
-    # the DataLoader fetches a step's micro-batches when the step starts, so at a step's end this is exact
+    # Real tokens are counted as the model consumes them. Counting them in the collator counted the micro-batches the
+    # DataLoader had fetched ahead too: with transformers 5.25 the seed's first micro-batch "held" 8,064 real tokens
+    # (8 conversations of at most 384), inflating its tokens/s ~3x (bench/NOTES.md "Issue 30").
+    model.register_forward_pre_hook(count, with_kwargs=True)
     timer.tokens = lambda state: seen[0]
     trainer = Trainer(
         model=model,
         args=TrainingArguments(**kw),
         train_dataset=_List([dict(ex) for ex in examples]),
-        data_collator=collate_and_count,
+        data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True),
         callbacks=[timer.callback()],
     )
     try:
