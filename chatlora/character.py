@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data import _lone_surrogate
 from .errors import ConfigError
 
 __all__ = [
@@ -148,6 +149,13 @@ def _check_data(where: str, data: dict[str, Any], prefix: str) -> dict[str, str]
         value = data.get(key, {})
         if not isinstance(value, dict):
             raise bad(key, f"expected an object, got {_kind(value)}")
+    for key in CARD_FIELDS:  # the fields that reach the prompt, which no tokenizer accepts with a lone surrogate
+        if (char := _lone_surrogate(fields[key])) is not None:
+            raise bad(
+                key,
+                f"invalid Unicode: holds the lone surrogate \\u{ord(char):04x}: expected valid Unicode text "
+                "(characters outside the BMP as a \\uD8xx\\uDCxx pair)",
+            )
     if not fields["name"].strip():
         raise bad("name", "empty: every card needs the character's name")
     if len(fields["name"]) > 200:

@@ -90,6 +90,11 @@ BROKEN = [
     ),
     ("oversized", with_data(description="宫" * (MAX_PROMPT_CHARS + 1)), ": data.description: the compiled system"),
     ("array", "[1, 2]", ": expected a JSON object (a Character Card V2), got a list"),
+    (
+        "lone-surrogate",  # the \\ud800 escape in the file parses to a lone surrogate no tokenizer accepts
+        json.dumps(with_data(personality="聪慧\ud800")),
+        ": data.personality: invalid Unicode: holds the lone surrogate \\ud800",
+    ),
 ]
 
 
@@ -102,6 +107,24 @@ def test_broken_card_is_one_line_naming_path_and_field_exit_2(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert err.startswith(f"chatlora: error: {path}{message}"), err
+
+
+def test_chat_with_lone_surrogate_card_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Guards against `chat --character CARD` with a lone surrogate (a \\ud800 escape) in a field reaching the
+    tokenizer and dying with a TypeError traceback instead of one line naming the card and the field."""
+    import chatlora.infer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the card must be refused before any model loads")
+
+    monkeypatch.setattr(chatlora.infer.ChatModel, "load", no_model)
+    card = write_card(tmp_path / "card.json", json.dumps(with_data(first_mes="\ud83d来了")))
+    assert main(["chat", "--model", "m", "--character", str(card)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"chatlora: error: {card}: data.first_mes: invalid Unicode: holds the lone surrogate \\ud83d: "
+        "expected valid Unicode text (characters outside the BMP as a \\uD8xx\\uDCxx pair)\n"
+    )
 
 
 def test_yaml_character_block_compiles_like_the_card(tmp_path):
