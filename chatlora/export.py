@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import ChatloraError
+from .errors import ChatloraError, FileError
 from .infer import SamplingConfig
 from .merge import set_generation_stops
 from .model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer, resolve_model
@@ -793,6 +793,16 @@ def render_go_template(template: str, conversations: list[list[dict]], system: s
 # ---------------------------------------------------------------- export
 
 
+def _check_output_is_folder(out: Path) -> None:
+    """Refuse an ``--output`` that is (or lies under) an existing file: the export writes a folder of files."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == out else f"lies under {path}, which is a file"
+                raise FileError(f"{out}: {where}: --output must be a folder (new or empty); choose another --output")
+            return
+
+
 def export(
     adapter: str | Path | None = None,
     output: str | Path = "",
@@ -816,6 +826,7 @@ def export(
     """
     if not str(output):
         raise ModelError("--output DIR is required")
+    _check_output_is_folder(Path(output))  # before the source: a file there is refused, never deleted
     src = _open_source(adapter, model)
     spec = _quant(quant) if not lora_only else None
     if lora_only and src.kind != "adapter":

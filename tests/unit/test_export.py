@@ -577,3 +577,22 @@ def test_parity_prompts_fall_back_to_built_in_ones_when_the_held_out_split_is_un
         assert what.startswith("2 built-in prompts: ") and expected in what and "\n" not in what, what
         assert convs[0][0] == {"role": "system", "content": "S"} and convs[0][-1]["role"] == "user"
     assert "held-out" in _conversations(_Source("adapter", tmp_path, {}, None), 2)[1]  # no split recorded
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+def test_output_that_is_a_file_is_one_line_exit_2_and_kept(tmp_path, capsys, overwrite):
+    """Guards against `export --output FILE --overwrite` on an existing regular file dying with a FileExistsError
+    traceback from mkdir (or deleting the user's file); it is refused before the adapter is even opened, so the
+    adapter path here need not exist."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine", encoding="utf-8")
+    argv = ["export", "--adapter", str(tmp_path / "no-such-run"), "--output", str(target)]
+    assert main(argv + ["--overwrite"] * overwrite) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"chatlora: error: {target}: is a file: --output must be a folder (new or empty); choose another --output\n"
+    )
+    assert target.read_text(encoding="utf-8") == "mine"
+    assert main(["export", "--adapter", str(tmp_path / "no-such-run"), "--output", str(target / "sub")]) == 2
+    assert f"lies under {target}, which is a file: --output must be a folder" in capsys.readouterr().err
