@@ -43,6 +43,7 @@ __all__ = [
     "Split",
     "TrainingDiverged",
     "TrainResult",
+    "check_launch",
     "compile_layers",
     "drop_short_replies",
     "encode_records",
@@ -587,8 +588,33 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _deepspeed_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def check_launch(cfg: TrainConfig, world_size: int) -> None:
+    """Refuse ``--deepspeed`` without deepspeed installed and ``--fsdp`` in a single process, before anything loads.
+
+    The dry run and the run both call this, so they agree: neither plans or starts a run that cannot train.
+    """
+    if cfg.deepspeed and not _deepspeed_installed():
+        raise ConfigError(
+            f"`--deepspeed` ({cfg.deepspeed}) needs the deepspeed package, which is not installed: "
+            "pip install deepspeed (or drop --deepspeed)"
+        )
+    if cfg.fsdp and world_size <= 1:
+        raise ConfigError(
+            "`--fsdp` shards the model across several processes, but this is a single process (WORLD_SIZE "
+            f"{os.environ.get('WORLD_SIZE', 'unset')}): launch one process per GPU with "
+            "torchrun --nproc_per_node N -m chatlora train ... (N: the GPUs to shard over), or drop --fsdp"
+        )
+
+
 def prepare_run(cfg: TrainConfig) -> PreparedRun:
     """Read and split the data, encode it, and plan the run (speed-ups, micro-batches, memory) without weights."""
+    check_launch(cfg, _world()[0])  # a run that cannot start says so before reading anything
     # Data first: invalid data must stop us before any model is loaded.
     records = load_records(cfg.data, cfg.format, parse_columns(cfg.columns))
     split = split_records(records, cfg.val_size, cfg.split_seed, cfg.allow_small_train)

@@ -506,3 +506,45 @@ def test_lora_layers_adapts_the_last_layers_only(tiny_model_dir, tiny_dataset, t
     assert main([*args[:6], str(tmp_path / "too-many"), *args[7:], "--lora-layers", "3", "--dry-run"]) == 2
     assert "--lora-layers 3: this model has 2 decoder layers" in capsys.readouterr().err
     assert not (tmp_path / "too-many").exists()
+
+
+LAUNCH = [
+    (
+        "deepspeed-missing",
+        None,
+        ["--deepspeed", "DS"],
+        "needs the deepspeed package, which is not installed: pip install deepspeed",
+    ),
+    ("fsdp-no-world-size", None, ["--fsdp"], "torchrun --nproc_per_node N -m chatlora train ..."),
+    ("fsdp-world-size-1", "1", ["--fsdp"], "but this is a single process (WORLD_SIZE 1)"),
+]
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize(("name", "world_size", "flags", "message"), LAUNCH, ids=[c[0] for c in LAUNCH])
+def test_unlaunchable_run_exits_2_before_loading_in_dry_run_and_run_alike(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, name, world_size, flags, message, dry_run
+):
+    """Guards against `--deepspeed` without deepspeed installed, or `--fsdp` in a single process (no torchrun),
+    passing `--dry-run` with exit 0 (a plan for "several processes") while the real run crashes with exit 1: both
+    must exit 2 with one line naming the package to install or the launch command, before any model loads."""
+    import chatlora.train
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the launch must be refused before any model loads")
+
+    monkeypatch.setattr(chatlora.train, "load_model", no_model)
+    monkeypatch.setattr(chatlora.train, "_deepspeed_installed", lambda: False)
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    ds = tmp_path / "zero2.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}}', encoding="utf-8")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": "an answer"} for i in range(8)])
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out")]
+    argv += [str(ds) if f == "DS" else f for f in flags] + ["--device", "cpu", "--max-steps", "1"]
+    assert main(argv + ["--dry-run"] * dry_run) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chatlora: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
