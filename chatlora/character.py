@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import _lone_surrogate
 from .errors import ConfigError
+from .files import lone_surrogate
 
 __all__ = [
     "CARD_FIELDS",
@@ -150,7 +150,7 @@ def _check_data(where: str, data: dict[str, Any], prefix: str) -> dict[str, str]
         if not isinstance(value, dict):
             raise bad(key, f"expected an object, got {_kind(value)}")
     for key in CARD_FIELDS:  # the fields that reach the prompt, which no tokenizer accepts with a lone surrogate
-        if (char := _lone_surrogate(fields[key])) is not None:
+        if (char := lone_surrogate(fields[key])) is not None:
             raise bad(
                 key,
                 f"invalid Unicode: holds the lone surrogate \\u{ord(char):04x}: expected valid Unicode text "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError, FileError
-from .files import read_input
+from .files import lone_surrogate, read_input
 
 __all__ = [
     "FORMATS",
@@ -55,7 +55,6 @@ NO_TOOLS = "function calling is not supported: chatlora trains plain system/user
 
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 _BOM = b"\xef\xbb\xbf"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 # Decoded UTF-8 never holds a surrogate; only a \uD800-\uDFFF escape can make one, so look for those first.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _JSON_TYPES = {
@@ -232,25 +231,9 @@ def _decode(decode, *args):
         ) from None
 
 
-def _lone_surrogate(value: Any) -> str | None:
-    """The first unpaired UTF-16 surrogate in any string (key or value) inside ``value``, else None."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if found := _SURROGATE.search(item):
-                return found.group()
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-    return None
-
-
 def _unicode_problem(text: str, start: int, end: int, value: Any) -> str | None:
     """Say so if ``value`` (parsed from ``text[start:end]``) holds a lone surrogate, which no tokenizer accepts."""
-    if not _SURROGATE_ESCAPE.search(text, start, end) or (char := _lone_surrogate(value)) is None:
+    if not _SURROGATE_ESCAPE.search(text, start, end) or (char := lone_surrogate(value)) is None:
         return None
     return (
         f"invalid Unicode: a string holds the lone surrogate \\u{ord(char):04x}: "

@@ -213,3 +213,22 @@ def publish_dir(staging: Path, output: Path) -> None:
     for item in sorted(staging.iterdir()):
         os.replace(item, output / item.name)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first unpaired UTF-16 surrogate in any string (key or value) inside ``value``, else None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if found := _SURROGATE.search(item):
+                return found.group()
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+    return None
