@@ -244,10 +244,15 @@ def _tokenize(text: str, tokenizer, offsets: bool = False):
 _ANCHORS = ("\n", ".", "a")
 
 
+_ANCHOR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _continue(text: str, tokenizer, offsets: bool):
     """Tokens of ``text`` as it reads in the middle of a text: ``_tokenize`` behind an anchor, anchor dropped."""
-    for anchor in _ANCHORS:
-        head, _ = _tokenize(anchor, tokenizer)
+    heads = _ANCHOR_CACHE.get(tokenizer)
+    if heads is None:  # the anchors' own tokens, once per tokenizer: this runs for every continued piece
+        heads = _ANCHOR_CACHE[tokenizer] = [_tokenize(anchor, tokenizer)[0] for anchor in _ANCHORS]
+    for anchor, head in zip(_ANCHORS, heads, strict=True):
         ids, spans = _tokenize(anchor + text, tokenizer, offsets)
         if ids[: len(head)] == head:
             spans = [(a - len(anchor), b - len(anchor)) for a, b in spans[len(head) :]] if offsets else None
