@@ -289,9 +289,9 @@ def test_broken_modelfile_is_caught(llama_f16, tmp_path, edit, check, message):
 
 def test_qk_permutation_is_required(llama_run, tmp_path, monkeypatch):
     """Guards against writing llama Q/K rows in HF order: llama.cpp's RoPE would rotate the wrong pairs."""
-    import chatlora.export as ex
+    import chatlora.export.writer as writer
 
-    monkeypatch.setattr(ex, "_permute", lambda w, n: w)
+    monkeypatch.setattr(writer, "_permute", lambda w, n: w)
     bad = failed(export(llama_run, tmp_path / "x", quant="f16", max_new_tokens=12).checks)
     assert "greedy replies" in bad and "top-1 agreement" in bad
 
@@ -503,8 +503,8 @@ json.dump(models, open(registry, "w"))
     def __init__(self, registry: Path):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        from chatlora.export import _load_gguf as load_gguf
         from chatlora.export import render_go_template
+        from chatlora.export.parity import _load_gguf as load_gguf
 
         fake = self
 
@@ -567,7 +567,7 @@ def test_ollama_check(llama_f16, tmp_path, monkeypatch):
 def test_parity_prompts_fall_back_to_built_in_ones_when_the_held_out_split_is_unusable(tmp_path):
     """Guards against the parity check failing with a traceback (or a wall of data errors) when the run's dataset
     is gone or no longer valid: it uses built-in prompts and says why in one line."""
-    from chatlora.export import _conversations, _Source
+    from chatlora.export.source import _conversations, _Source
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n[]\n", encoding="utf-8")

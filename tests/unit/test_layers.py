@@ -46,7 +46,18 @@ TRAINER_LIBRARIES = ["transformers.trainer", "transformers.training_args", "lige
 
 
 def _modules() -> list[str]:
-    return sorted(p.stem if p.stem != "__init__" else "chatlora" for p in PACKAGE.glob("*.py"))
+    """The package's modules; a subpackage (``export/``) counts as one module, its files as its internals."""
+    files = [p.stem if p.stem != "__init__" else "chatlora" for p in PACKAGE.glob("*.py")]
+    return sorted(files + [p.parent.name for p in PACKAGE.glob("*/__init__.py")])
+
+
+def _sources(module: str) -> list[tuple[Path, int]]:
+    """``module``'s files, each with the relative-import level that reaches the chatlora package from it."""
+    if module == "chatlora":
+        return [(PACKAGE / "__init__.py", 1)]
+    if (PACKAGE / module).is_dir():
+        return [(p, 2) for p in sorted((PACKAGE / module).glob("*.py"))]
+    return [(PACKAGE / f"{module}.py", 1)]
 
 
 def _type_checking(node: ast.If) -> bool:
@@ -58,8 +69,16 @@ def _type_checking(node: ast.If) -> bool:
 
 def _imports(module: str) -> set[str]:
     """The chatlora modules ``module`` imports anywhere in its code (typing-only imports excepted)."""
-    path = PACKAGE / ("__init__.py" if module == "chatlora" else f"{module}.py")
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for path, top in _sources(module):
+        found |= _file_imports(ast.parse(path.read_text(encoding="utf-8")), top)
+    found.discard(module)
+    return found
+
+
+def _file_imports(tree: ast.Module, top: int) -> set[str]:
+    """The chatlora modules one file imports; ``top`` is the relative level of the package (2 in a subpackage,
+    whose own ``from .x`` imports stay inside it)."""
     skipped = {
         id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _type_checking(node) for n in node.body
     }
@@ -69,7 +88,7 @@ def _imports(module: str) -> set[str]:
         if id(node) in skipped:
             return
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 or (node.module or "").split(".")[0] == "chatlora":
+            if node.level == top or (node.level == 0 and (node.module or "").split(".")[0] == "chatlora"):
                 base = (node.module or "").removeprefix("chatlora").lstrip(".") if node.level == 0 else node.module
                 if base:
                     found.add(base.split(".")[0])
@@ -84,7 +103,6 @@ def _imports(module: str) -> set[str]:
             visit(child)
 
     visit(tree)
-    found.discard(module)
     return found
 
 
@@ -115,6 +133,19 @@ def test_layer_check_sees_imports_inside_functions(tmp_path, monkeypatch):
         "def load():\n    from .train import read_adapter\n    from . import __version__, data\n"
     )
     assert _imports("infer") == {"train", "chatlora", "data"}
+
+
+def test_layer_check_sees_into_subpackages(tmp_path, monkeypatch):
+    """Guards against a subpackage's files escaping the check: ``from ..cli`` in export/ is export importing cli,
+    ``from .writer`` stays inside it."""
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "__init__.py").write_text("from .writer import write\n")
+    (tmp_path / "export" / "writer.py").write_text(
+        "def write():\n    from ..cli import main\n    from .. import data\n"
+    )
+    assert "export" in _modules()
+    assert _imports("export") == {"cli", "data"}
 
 
 @pytest.mark.parametrize("module", NO_TRAINER)

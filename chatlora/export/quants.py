@@ -1,0 +1,52 @@
+"""GGUF quant types chatlora writes, and what the parity check demands of each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+from ..model import ModelError
+
+_Q = gguf.GGMLQuantizationType
+_F = gguf.LlamaFileType
+
+
+@dataclass(frozen=True)
+class Quant:
+    """One ``--quant`` choice: the GGML type of the 2-D weights and what the parity check demands of it.
+
+    Attributes:
+        min_top1: share of reply tokens whose top-1 prediction must agree with the fp32 adapter's under teacher
+            forcing (the rounding's cost; conversion errors are caught exactly, see :func:`check_export`).
+        embeddings: type of ``token_embd``/``output``; 4/5-bit types keep them at q8_0, as llama.cpp's own
+            4/5-bit mixes keep the output layer at higher precision.
+    """
+
+    name: str
+    qtype: gguf.GGMLQuantizationType
+    file_type: gguf.LlamaFileType
+    min_top1: float
+    embeddings: gguf.GGMLQuantizationType | None = None
+
+
+QUANTS: dict[str, Quant] = {
+    q.name: q
+    for q in (
+        Quant("f32", _Q.F32, _F.ALL_F32, 0.99),
+        Quant("f16", _Q.F16, _F.MOSTLY_F16, 0.99),
+        Quant("bf16", _Q.BF16, _F.MOSTLY_BF16, 0.95),
+        Quant("q8_0", _Q.Q8_0, _F.MOSTLY_Q8_0, 0.95),
+        Quant("q5_1", _Q.Q5_1, _F.MOSTLY_Q5_1, 0.85, _Q.Q8_0),
+        Quant("q5_0", _Q.Q5_0, _F.MOSTLY_Q5_0, 0.85, _Q.Q8_0),
+        Quant("q4_1", _Q.Q4_1, _F.MOSTLY_Q4_1, 0.80, _Q.Q8_0),
+        Quant("q4_0", _Q.Q4_0, _F.MOSTLY_Q4_0, 0.80, _Q.Q8_0),
+    )
+}
+LORA_QUANTS = ("f32", "f16")
+
+
+def _quant(quant: str) -> Quant:
+    if quant not in QUANTS:
+        raise ModelError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
+    return QUANTS[quant]

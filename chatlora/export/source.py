@@ -1,0 +1,91 @@
+"""What is exported: a chatlora run (adapter + run card) or a merged model."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ChatloraError
+from ..merge import set_generation_stops
+from ..model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer, resolve_model
+from ..runcard import read_adapter, read_run_card, system_prompt
+from ..template import with_system
+
+
+@dataclass
+class _Source:
+    kind: str  # "adapter" or "model"
+    path: Path
+    card: dict[str, Any]
+    tokenizer: Any
+    base_spec: str | None = None
+
+    @property
+    def system_prompt(self) -> str | None:
+        return system_prompt(self.card)
+
+    @property
+    def stem(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.path.resolve().name).strip("-") or "model"
+
+
+def _open_source(adapter: str | Path | None, model: str | Path | None) -> _Source:
+    if (adapter is None) == (model is None):
+        raise ModelError("give exactly one of --adapter DIR (a chatlora run) or --model DIR (a merged model)")
+    if adapter is not None:
+        path = Path(adapter)
+        card, spec = read_adapter(path)
+        return _Source("adapter", path, card, load_tokenizer(str(path)), spec)
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no config.json here; --model takes a merged model directory (chatlora merge)")
+    return _Source("model", path, read_run_card(path), load_tokenizer(str(path)))
+
+
+def _reference_model(src: _Source):
+    """The model the export must reproduce, in fp32: base + adapter merged, or the merged model as saved."""
+    if src.kind == "model":
+        return load_model(str(src.path)).eval()
+    from peft import PeftModel
+
+    base = load_model(resolve_model(src.base_spec), torch.float32)
+    merged = PeftModel.from_pretrained(base, str(src.path)).merge_and_unload().eval()
+    set_generation_stops(merged, src.tokenizer)
+    return merged
+
+
+def _base_gguf(src: _Source) -> Path | None:
+    """The base model's own GGUF file, when it was given as one (a LoRA GGUF needs the exact base it was tuned on)."""
+    spec = src.base_spec
+    if spec in (None, "", EMBEDDED):
+        return embedded_gguf()
+    return Path(spec).resolve() if str(spec).endswith(".gguf") else None
+
+
+_BUILTIN_PROMPTS = ["你是谁？", "皇上今日为何闷闷不乐？", "Tell me about yourself in one sentence."]
+
+
+def _conversations(src: _Source, samples: int) -> tuple[list[list[dict]], str]:
+    """Held-out conversations from the run card (system prompt applied), each ending on its reference reply."""
+    from ..eval import held_out_records
+
+    try:
+        records, _ = held_out_records(src.card, samples)
+        why = "the run card's held-out split is empty"
+    except ChatloraError as e:  # no usable held-out split (none recorded, the data gone or changed): built-in prompts
+        records, why = [], str(e).splitlines()[0]
+    if not records:
+        convs = [[{"role": "user", "content": p}] for p in _BUILTIN_PROMPTS[:samples]]
+        return [with_system(c, src.system_prompt) for c in convs], f"{len(convs)} built-in prompts: {why}"
+    convs = [with_system([dict(m) for m in r.messages], src.system_prompt) for r in records]
+    return convs, f"{len(convs)} held-out conversations"
+
+
+def _prompt_of(conv: list[dict]) -> list[dict]:
+    """The conversation up to its last user turn: what a runtime is asked to answer."""
+    last_user = max(i for i, m in enumerate(conv) if m["role"] == "user")
+    return conv[: last_user + 1]

@@ -1,0 +1,102 @@
+"""Write a model as one GGUF file (and round a reference model to what the file holds)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from ..infer import SamplingConfig
+from .arch import _ARCHS, _PERMUTED, _arch, _gguf_name, _permute, _qk_heads, _write_hparams
+from .quants import _Q, Quant, _quant
+from .vocab import _write_tokenizer
+
+
+def _encode(data: np.ndarray, gguf_name: str, quant: Quant) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """Tensor data in the GGML type ``quant`` gives it; norms and biases stay f32, as llama.cpp keeps them."""
+    if data.ndim == 1:
+        return data.astype(np.float32), _Q.F32
+    qtype = quant.qtype
+    if quant.embeddings is not None and gguf_name in ("token_embd.weight", "output.weight"):
+        qtype = quant.embeddings
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    if data.shape[-1] % block:
+        qtype = _Q.F16  # rows that do not split into whole blocks: llama.cpp falls back the same way
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def _gguf_tensors(model, spec: Quant):
+    """``(gguf_name, data, qtype)`` for each weight as llama.cpp stores it (llama Q/K rows in llama.cpp's order)."""
+    config = model.config
+    arch = _arch(config)
+    name_map = gguf.get_tensor_name_map(_ARCHS[arch], config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp uses token_embd as the output layer when output.weight is absent
+        gname = _gguf_name(name_map, hf_name)
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        heads = _qk_heads(hf_name, config) if arch in _PERMUTED else None
+        if heads is not None:
+            data = _permute(data, heads)
+        yield (gname, *_encode(data, gname, spec))
+
+
+def _round_like_export_(model, spec: Quant) -> None:
+    """Give ``model`` the weights its ``spec`` GGUF holds: each weight encoded and decoded as the file stores it.
+
+    Done on HF's row order, independently of :func:`_permute` (GGML types quantize row by row, so permuting rows
+    commutes with them): a file written with wrong Q/K rows does not get a reference with the same mistake.
+    """
+    config = model.config
+    name_map = gguf.get_tensor_name_map(_ARCHS[_arch(config)], config.num_hidden_layers)
+    seen = set()
+    with torch.no_grad():
+        for hf_name, tensor in model.state_dict().items():
+            if tensor.data_ptr() in seen:  # tied embeddings: one tensor under two names, rounded once
+                continue
+            seen.add(tensor.data_ptr())
+            gname = _gguf_name(name_map, hf_name)
+            encoded, qtype = _encode(tensor.detach().to(torch.float32).cpu().numpy(), gname, spec)
+            decoded = gguf.quants.dequantize(encoded, qtype).reshape(tuple(tensor.shape))
+            tensor.copy_(torch.from_numpy(np.ascontiguousarray(decoded)))
+
+
+def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str | None = None) -> Path:
+    """Write ``model`` (a llama or qwen2 ``*ForCausalLM``) and ``tokenizer`` as one GGUF file llama.cpp loads.
+
+    The chat template, BOS, the end-of-turn token (as EOS and EOT) and chatlora chat's sampling defaults go into the
+    metadata. The file appears at ``path`` only once complete.
+    """
+    spec = _quant(quant)
+    path = Path(path)
+    config = model.config
+    arch = _arch(config)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, arch)
+    _write_hparams(writer, config, arch, spec, name or path.stem)
+    _write_tokenizer(writer, tokenizer, config.vocab_size)
+    sampling = SamplingConfig()
+    writer.add_sampling_temp(sampling.temperature)
+    writer.add_sampling_top_p(sampling.top_p)
+    writer.add_sampling_top_k(sampling.top_k)
+    writer.add_sampling_penalty_repeat(sampling.repetition_penalty)
+    for gname, encoded, qtype in _gguf_tensors(model, spec):
+        # f32/f16 arrays carry their type; quantized ones are bytes whose GGML type must be named
+        writer.add_tensor(gname, encoded, raw_dtype=None if qtype in (_Q.F32, _Q.F16) else qtype)
+    return _finish_gguf(writer, tmp, path)
+
+
+def _finish_gguf(writer, tmp: Path, path: Path) -> Path:
+    """Write header, metadata and tensors to ``tmp``, then move it into place: a GGUF appears whole or not at all."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return path
