@@ -27,13 +27,22 @@ _PROBES = {r: f"\u2063chatlora-{r}\u2063" for r in ("system", "user", "assistant
 
 @dataclass(frozen=True)
 class _TemplateParts:
-    """An append-only chat template as literal pieces: what goes around each role's content, and the extras."""
+    """An append-only chat template as literal pieces: what goes around each role's content, and the extras.
+
+    ``folds_system``: the template has no system turn; the system prompt opens the first user turn's content,
+    followed by a blank line (Gemma-3's template does that itself; chatlora does it for Gemma-2 and Mistral).
+    """
 
     head: str  # written before the first message when the conversation has no system message (a default system)
     wrap: dict[str, tuple[str, str]]  # role -> (before content, after content)
     generation: str  # what add_generation_prompt appends
+    folds_system: bool = False
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if self.folds_system and messages and messages[0]["role"] == "system":
+            system, first, *rest = messages
+            content = f"{system['content']}\n\n{first['content']}" if system["content"] else first["content"]
+            messages = [{"role": "user", "content": content}, *rest]
         out = [] if messages and messages[0]["role"] == "system" else [self.head]
         for m in messages:
             before, after = self.wrap[m["role"]]
@@ -53,10 +62,11 @@ def _split_probe(text: str, probe: str, what: str) -> tuple[str, str]:
 def _template_parts(tokenizer) -> _TemplateParts:
     """Read the training template's pieces off probe renderings, then prove them on longer conversations."""
     p = _PROBES
-    sys_, usr, ast = (
+    sys_, usr, ast, user2 = (
         {"role": "system", "content": p["system"]},
         {"role": "user", "content": p["user"]},
         {"role": "assistant", "content": p["assistant"]},
+        {"role": "user", "content": p["user2"]},
     )
 
     def suffix(longer: list[dict], shorter: list[dict]) -> str:
@@ -65,11 +75,19 @@ def _template_parts(tokenizer) -> _TemplateParts:
             raise TemplateError("the chat template rewrites earlier turns when one is added")
         return full[len(prefix) :]
 
-    wrap = {
-        "system": _split_probe(render_text([sys_], tokenizer), p["system"], "system"),
-        "user": _split_probe(suffix([sys_, usr], [sys_]), p["user"], "user"),
-        "assistant": _split_probe(suffix([sys_, usr, ast], [sys_, usr]), p["assistant"], "assistant"),
-    }
+    folded = [{"role": "user", "content": f"{p['system']}\n\n{p['user']}"}]
+    folds = render_text([sys_, usr], tokenizer) == render_text(folded, tokenizer)
+    if folds:  # no system turn: the user wrap is read off a later user turn, the head is what comes before
+        wrap = {
+            "user": _split_probe(suffix([usr, ast, user2], [usr, ast]), p["user2"], "user"),
+            "assistant": _split_probe(suffix([usr, ast], [usr]), p["assistant"], "assistant"),
+        }
+    else:
+        wrap = {
+            "system": _split_probe(render_text([sys_], tokenizer), p["system"], "system"),
+            "user": _split_probe(suffix([sys_, usr], [sys_]), p["user"], "user"),
+            "assistant": _split_probe(suffix([sys_, usr, ast], [sys_, usr]), p["assistant"], "assistant"),
+        }
     no_system = render_text([usr], tokenizer)
     user_block = "".join((wrap["user"][0], p["user"], wrap["user"][1]))
     if not no_system.endswith(user_block):
@@ -78,8 +96,7 @@ def _template_parts(tokenizer) -> _TemplateParts:
     plain = render_text([sys_, usr], tokenizer)
     if not prompt.startswith(plain):
         raise TemplateError("the chat template's generation prompt rewrites the conversation")
-    parts = _TemplateParts(no_system[: -len(user_block)], wrap, prompt[len(plain) :])
-    user2 = {"role": "user", "content": p["user2"]}
+    parts = _TemplateParts(no_system[: -len(user_block)], wrap, prompt[len(plain) :], folds)
     for conv in ([sys_, usr, ast, user2, ast], [usr, ast, user2], [usr]):
         for gen in (False, True):
             if parts.render(conv, gen) != render_text(conv, tokenizer, add_generation_prompt=gen):
@@ -107,14 +124,29 @@ def ollama_template(tokenizer) -> str:
         return "{{ " + _go_string(text) + " }}" if text else ""
 
     lines = ['{{- $role := "" }}']
-    if parts.head:
+    if parts.folds_system:  # the system prompt opens the first user turn: held until that turn
+        lines[0] += '{{- $system := "" }}{{- $first := true }}'
+        if parts.head:
+            lines.append("{{- " + _go_string(parts.head) + " }}")
+    elif parts.head:
         lines.append(
             '{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}' + lit(parts.head) + "{{ end }}"
         )
     lines.append("{{- range .Messages }}{{ $role = .Role }}")
-    for i, role in enumerate(("system", "user", "assistant")):
+    if parts.folds_system:
+        before, after = parts.wrap["user"]
+        lines.append('{{- if eq .Role "system" }}{{ $system = .Content }}')
+        lines.append(
+            f'{{{{- else if eq .Role "user" }}}}{lit(before)}'
+            '{{ if and $first $system }}{{ $system }}{{ "\\n\\n" }}{{ end }}{{ $first = false }}'
+            f"{{{{ .Content }}}}{lit(after)}"
+        )
+        roles = ("assistant",)
+    else:
+        roles = ("system", "user", "assistant")
+    for role in roles:
         before, after = parts.wrap[role]
-        keyword = "if" if i == 0 else "else if"
+        keyword = "if" if role == "system" else "else if"
         lines.append(f'{{{{- {keyword} eq .Role "{role}" }}}}{lit(before)}{{{{ .Content }}}}{lit(after)}')
     lines += ["{{- end }}", "{{- end }}", '{{- if ne $role "assistant" }}' + lit(parts.generation) + "{{ end }}"]
     return "\n".join(lines)

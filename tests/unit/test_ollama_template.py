@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from chat_templates import family_tokenizer
 from conftest import SMOL_TEMPLATE, make_tokenizer
 
 from chatlora.export import modelfile_text, ollama_template, parse_modelfile, render_go_template
@@ -66,6 +67,35 @@ def test_go_renders_the_training_text(template, system):
         wants += [render_text(with_system(prompt, system), tok, add_generation_prompt=True), render_text(trained, tok)]
     got = render_go_template(go_template, cases, system)
     assert got == wants
+
+
+@needs_go
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral"])
+@pytest.mark.parametrize("system", [SYSTEM, None])
+def test_go_folds_the_system_prompt_like_training(family, system):
+    """Guards against templates without a system turn (Gemma-2 raises on one, Gemma-3 folds it itself, Mistral
+    v0.3 writes it into the last user turn only) being refused or rendered without the system prompt: the Go
+    TEMPLATE opens the first user turn with it, as training did."""
+    tok = family_tokenizer(family)
+    go_template = ollama_template(tok)
+    convs = [  # these templates trim contents, so the contents here have no edge whitespace
+        [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "臣妾甄嬛。"}],
+        [
+            {"role": "user", "content": 'Quotes " and \\ {{ .Content }}'},
+            {"role": "assistant", "content": "嗯。"},
+            {"role": "user", "content": "第二轮"},
+            {"role": "assistant", "content": "好。"},
+        ],
+    ]
+    cases, wants = [], []
+    for conv in convs:
+        cases += [conv[:-1], conv]
+        wants += [render_text(with_system(conv[:-1], system), tok, add_generation_prompt=True)]
+        wants += [render_text(with_system(conv, system), tok)]
+    got = render_go_template(go_template, cases, system)
+    assert got == wants
+    if system:
+        assert all(system + "\n\n你是谁？" in text for text in got[:2])
 
 
 @needs_go
