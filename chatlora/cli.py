@@ -307,7 +307,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_export, export, format_checks
+    from .export import check_export, export, format_checks, run_commands
 
     if args.samples <= 0 or args.max_new_tokens <= 0:
         raise CliError("--samples and --max-new-tokens must be > 0")
@@ -346,10 +346,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         return 1
     print("\nparity: all checks passed")
-    if (result.output_dir / "Modelfile").is_file():
-        print(f"ollama:    cd {result.output_dir} && ollama create {result.output_dir.name} -f Modelfile")
-    if not args.lora_only:
-        print(f"llama.cpp: llama-cli -m {result.files[0]} --jinja -cnv")
+    for line in run_commands(result.output_dir):
+        print(line)
     return 0
 
 

@@ -21,7 +21,7 @@ from .lora import write_lora_gguf
 from .ollama import MODELFILE, modelfile_text, ollama_template, parse_modelfile, render_go_template
 from .parity import check_export
 from .quants import QUANTS, Quant
-from .results import MANIFEST, Check, format_checks
+from .results import MANIFEST, Check, format_checks, run_commands
 from .writer import write_gguf
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "ollama_template",
     "parse_modelfile",
     "render_go_template",
+    "run_commands",
     "write_gguf",
     "write_lora_gguf",
 ]

@@ -160,7 +160,8 @@ def modelfile_text(
     adapter: str | None = None,
     sampling: SamplingConfig | None = None,
 ) -> str:
-    """An Ollama Modelfile: FROM, optional ADAPTER, TEMPLATE, SYSTEM, stop tokens and chatlora chat's sampling."""
+    """An Ollama Modelfile: FROM, optional ADAPTER, TEMPLATE, SYSTEM, stop tokens and the sampling settings of
+    chatlora chat that mean the same in Ollama (temperature, top_p, top_k; see :data:`NOT_EXPORTED`)."""
     sampling = sampling or SamplingConfig()
     for what, text in (("TEMPLATE", template), ("SYSTEM", system or "")):
         if '"""' in text:
@@ -179,9 +180,17 @@ def modelfile_text(
         f"PARAMETER temperature {sampling.temperature}",
         f"PARAMETER top_p {sampling.top_p}",
         f"PARAMETER top_k {sampling.top_k}",
-        f"PARAMETER repeat_penalty {sampling.repetition_penalty}",
+        # Ollama's repeat_penalty 1.0 switches off its own default (1.1 over the last 64 tokens)
+        "PARAMETER repeat_penalty 1.0",
+        f"# {NOT_EXPORTED}",
     ]
     return "\n".join(lines) + "\n"
+
+
+NOT_EXPORTED = (
+    "Not exported: chatlora chat's repetition_penalty, which transformers applies over the whole sequence, prompt "
+    "included; llama.cpp's and Ollama's repeat_penalty looks at the last 64 tokens only, a different thing."
+)
 
 
 def parse_modelfile(text: str) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
     writer.add_sampling_temp(sampling.temperature)
     writer.add_sampling_top_p(sampling.top_p)
     writer.add_sampling_top_k(sampling.top_k)
-    writer.add_sampling_penalty_repeat(sampling.repetition_penalty)
+    # no repetition penalty: llama.cpp's means another thing (ollama.NOT_EXPORTED)
     for gname, encoded, qtype in _gguf_tensors(model, spec):
         # f32/f16 arrays carry their type; quantized ones are bytes whose GGML type must be named
         writer.add_tensor(gname, encoded, raw_dtype=None if qtype in (_Q.F32, _Q.F16) else qtype)
