@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import gguf
 import numpy as np
 import torch
 
+from ..errors import FileError
 from ..model import ModelError, load_model, resolve_model
 from ..template import (
     IGNORE_INDEX,
@@ -25,7 +25,7 @@ from .arch import _ARCHS, _PERMUTED, _arch, _gguf_name, _qk_heads, _rope_theta, 
 from .lora import _lora_pairs
 from .ollama import MODELFILE, parse_modelfile, render_go_template
 from .quants import QUANTS, Quant
-from .results import MANIFEST, Check, _first_difference
+from .results import MANIFEST, Check, _first_difference, read_manifest
 from .runtimes import _check_llama_server, _check_ollama
 from .source import _conversations, _open_source, _prompt_of, _reference_model, _Source
 from .writer import _round_like_export_
@@ -90,20 +90,18 @@ def check_export(
         source: the adapter or merged model dir, when it moved since the export.
     """
     directory = Path(directory)
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        raise ModelError(f"{directory}: no {MANIFEST} here; is this a chatlora export directory?")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_manifest(directory, QUANTS)
     if _source is None:
-        path = Path(source or manifest["source"]["path"])
+        recorded = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+        if source is None and not isinstance(recorded.get("path"), str):
+            raise FileError(f"{directory / MANIFEST}: no 'source.path'; pass the source with --adapter/--model")
+        path = Path(source or recorded["path"])
         if not path.is_dir():
             raise ModelError(f"{path}: the export's source is gone; pass it with --adapter/--model")
         adapter = (path / "adapter_config.json").is_file()
         _source = _open_source(path if adapter else None, None if adapter else path)
     src = _source
     gguf_path = directory / manifest["gguf"]
-    if not gguf_path.is_file():
-        raise ModelError(f"{gguf_path}: the GGUF file named in {MANIFEST} is missing")
     convs, described = _conversations(src, samples)
     modelfile = (
         parse_modelfile((directory / MODELFILE).read_text("utf-8")) if (directory / MODELFILE).is_file() else None
@@ -411,7 +409,10 @@ def _check_modelfile(src: _Source, modelfile, convs, manifest) -> list[Check]:
 
 
 def _check_lora(src: _Source, gguf_path: Path, convs, described, max_new_tokens, ref):
-    reader = gguf.GGUFReader(gguf_path)
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except Exception as e:  # a truncated or foreign file: the table says so rather than crash
+        return [Check("LoRA GGUF", "FAIL", f"the file does not read as GGUF: {type(e).__name__}: {e}")], None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     base = load_model(resolve_model(src.base_spec), torch.float32).eval()
     config = base.config

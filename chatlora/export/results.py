@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from ..errors import FileError
 
 MANIFEST = "chatlora-export.json"
+_MAX_MANIFEST = 1 << 20  # a manifest is a few KiB; more is not one
 
 
 @dataclass
@@ -58,3 +63,33 @@ def run_commands(directory: str | Path) -> list[str]:
     lines.append("llama.cpp:    OMP_WAIT_POLICY=passive " + shlex.join(cli))
     lines.append("llama-server: OMP_WAIT_POLICY=passive " + shlex.join(["llama-server", *model, "--jinja"]))
     return lines
+
+
+def read_manifest(directory: str | Path, quants: Collection[str]) -> dict[str, Any]:
+    """The manifest :func:`~chatlora.export.export` wrote, checked: one clear error for a damaged one.
+
+    Its ``gguf`` must name a file in ``directory`` itself: a manifest never makes the check open a file elsewhere.
+    """
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileError(f"{directory}: no {MANIFEST} here; is this a chatlora export directory?")
+    if path.stat().st_size > _MAX_MANIFEST:
+        raise FileError(f"{path}: {path.stat().st_size} bytes is no export manifest")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise FileError(f"{path}: not valid JSON{where}: the manifest is damaged; export again") from None
+    if not isinstance(manifest, dict):
+        raise FileError(f"{path}: not a JSON object: the manifest is damaged; export again")
+    name = manifest.get("gguf")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise FileError(f"{path}: field 'gguf' must name a file in {directory}, not {name!r}")
+    if not (Path(directory) / name).is_file():
+        raise FileError(f"{Path(directory) / name}: the GGUF file named in {MANIFEST} is missing")
+    if manifest.get("quant") not in quants:
+        raise FileError(f"{path}: field 'quant' is {manifest.get('quant')!r}, not one of {', '.join(quants)}")
+    base = manifest.get("base_gguf")
+    if base is not None and not (isinstance(base, str) and base.endswith(".gguf")):
+        raise FileError(f"{path}: field 'base_gguf' must be the base model's .gguf file, not {base!r}")
+    return manifest
