@@ -25,6 +25,7 @@ __all__ = [
     "FileError",
     "check_input_file",
     "check_output_file",
+    "ensure_space",
     "format_size",
     "max_input_size",
     "publish_dir",
@@ -190,6 +191,21 @@ def temp_file(target: Path, display: str | Path | None = None) -> tuple[int, Pat
     except OSError as e:
         raise FileError(f"{display or target}: cannot write in {target.parent} ({e.strerror or e})") from None
     return fd, Path(name)
+
+
+SPACE_SLACK = 64 << 20  # metadata, alignment and room for the file system beyond what a write computes it needs
+
+
+def ensure_space(target: Path, need: int, what: str) -> None:
+    """Refuse to start writing ``need`` bytes (``what``) into ``target``'s folder when its file system has less free:
+    a full disk is found before minutes of work, not half-way through a file."""
+    folder = target if target.is_dir() else target.parent
+    free = shutil.disk_usage(folder).free
+    if free < need + SPACE_SLACK:
+        raise FileError(
+            f"{target}: writing {what} needs about {format_size(need + SPACE_SLACK)}, {format_size(free)} free in "
+            f"{folder}; free some space or choose another output folder"
+        )
 
 
 def staging_dir(output: Path) -> Path:

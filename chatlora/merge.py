@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from .files import publish_dir, staging_dir
+from .files import ensure_space, publish_dir, staging_dir
 from .model import ModelError, load_model, load_tokenizer, resolve_model
 from .runcard import read_adapter, write_run_card
 from .template import stop_token_ids
@@ -71,6 +72,8 @@ def merge(
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
         tokenizer = load_tokenizer(str(adapter))
         set_generation_stops(merged, tokenizer)
+        weights = {t.data_ptr(): t.numel() * t.element_size() for t in merged.state_dict().values()}
+        ensure_space(staging, sum(weights.values()), "the merged model")
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if card:
@@ -85,10 +88,9 @@ def merge(
             card["base_model"] = {"spec": str(output.resolve()), "resolved": str(output.resolve())}
             write_run_card(staging, card)
         publish_dir(staging, output)
-    except OSError as e:
-        raise ModelError(
-            f"{output}: cannot write the merged model ({e.strerror or e}); {output} is unchanged"
-        ) from None
+    except (OSError, SafetensorError) as e:  # a full disk mid-write: safetensors reports it as its own error
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        raise ModelError(f"{output}: cannot write the merged model ({why}); {output} is unchanged") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output

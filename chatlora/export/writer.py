@@ -9,23 +9,45 @@ import gguf
 import numpy as np
 import torch
 
+from ..files import ensure_space
 from ..infer import SamplingConfig
+from ..model import ModelError
 from .arch import _ARCHS, _PERMUTED, _arch, _gguf_name, _permute, _qk_heads, _write_hparams
 from .quants import _Q, Quant, _quant
 from .vocab import _write_tokenizer
 
 
-def _encode(data: np.ndarray, gguf_name: str, quant: Quant) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """Tensor data in the GGML type ``quant`` gives it; norms and biases stay f32, as llama.cpp keeps them."""
-    if data.ndim == 1:
-        return data.astype(np.float32), _Q.F32
+def _qtype(shape: tuple[int, ...], gguf_name: str, quant: Quant) -> gguf.GGMLQuantizationType:
+    """The GGML type ``quant`` gives a tensor; norms and biases stay f32, as llama.cpp keeps them."""
+    if len(shape) == 1:
+        return _Q.F32
     qtype = quant.qtype
     if quant.embeddings is not None and gguf_name in ("token_embd.weight", "output.weight"):
         qtype = quant.embeddings
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    if data.shape[-1] % block:
+    if shape[-1] % block:
         qtype = _Q.F16  # rows that do not split into whole blocks: llama.cpp falls back the same way
-    return gguf.quants.quantize(data, qtype), qtype
+    return qtype
+
+
+def _encode(data: np.ndarray, gguf_name: str, quant: Quant) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """Tensor data in the GGML type ``quant`` gives it."""
+    qtype = _qtype(data.shape, gguf_name, quant)
+    return (data.astype(np.float32) if qtype == _Q.F32 else gguf.quants.quantize(data, qtype)), qtype
+
+
+def _gguf_bytes(model, spec: Quant) -> int:
+    """The size of the tensor data a GGUF of ``model`` at ``spec`` holds (metadata adds a few MiB at most)."""
+    config = model.config
+    name_map = gguf.get_tensor_name_map(_ARCHS[_arch(config)], config.num_hidden_layers)
+    total, seen = 0, set()
+    for hf_name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # tied embeddings are written once
+            continue
+        seen.add(tensor.data_ptr())
+        block, size = gguf.GGML_QUANT_SIZES[_qtype(tuple(tensor.shape), _gguf_name(name_map, hf_name), spec)]
+        total += tensor.numel() // block * size
+    return total
 
 
 def _gguf_tensors(model, spec: Quant):
@@ -75,6 +97,7 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
     path = Path(path)
     config = model.config
     arch = _arch(config)
+    ensure_space(path, _gguf_bytes(model, spec), "the GGUF file")
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     _write_hparams(writer, config, arch, spec, name or path.stem)
@@ -91,12 +114,20 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
 
 
 def _finish_gguf(writer, tmp: Path, path: Path) -> Path:
-    """Write header, metadata and tensors to ``tmp``, then move it into place: a GGUF appears whole or not at all."""
+    """Write header, metadata and tensors to ``tmp``, then move it into place: a GGUF appears whole or not at all,
+    and a failed write (a full disk) leaves no partial file behind."""
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"{path}: cannot write the GGUF file ({e.strerror or e}); no partial file was left") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
