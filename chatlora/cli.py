@@ -70,6 +70,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default: 50)")
     p.add_argument("--repetition-penalty", type=float, default=1.1, help="(default: 1.1)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2, on the reply (default: 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2, on the reply (default: 0)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default: {max_new_tokens})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible replies")
 
@@ -83,6 +85,8 @@ def _sampling(args: argparse.Namespace):
         top_p=args.top_p,
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
         seed=args.seed,
     )
     problems = sampling.problems()  # the ranges the server checks too

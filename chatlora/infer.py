@@ -72,6 +72,12 @@ class SamplingConfig:
     top_p: float = _range(0.9, "nucleus sampling mass", gt=0, le=1)
     top_k: int = _range(50, "sample among the k likeliest tokens (0: all)", ge=0, le=10**6)
     repetition_penalty: float = _range(1.1, "divides the scores of tokens already present (1: off)", gt=0, le=100)
+    presence_penalty: float = _range(
+        0.0, "subtracted from a token's score once it is in the reply (OpenAI's; 0: off)", ge=-2, le=2
+    )
+    frequency_penalty: float = _range(
+        0.0, "subtracted from a token's score per time it is in the reply (OpenAI's; 0: off)", ge=-2, le=2
+    )
     seed: int | None = None
     logit_bias: Mapping[int, float] | None = field(
         default=None, metadata={"help": "added to these token ids' scores before sampling (OpenAI's logit_bias)"}
@@ -208,8 +214,10 @@ class _RowSampler:
 
     ``generate`` then runs greedy: a sampled row's scores come back with only its drawn token left, so argmax takes
     it. Greedy rows get the repetition penalty alone, as ``generate`` would apply it, so they stay token-exact with a
-    greedy ``generate``. The penalty sees a row's own tokens only, never the left padding. A row's ``logit_bias`` is
-    added after the penalty, before temperature, top-k and top-p (greedy rows get it too).
+    greedy ``generate``. The penalty sees a row's own tokens only, never the left padding. OpenAI's presence and
+    frequency penalties look at the reply's tokens only (as vLLM's do): ``score -= presence * (count > 0) +
+    frequency * count``. A row's ``logit_bias`` is added after the penalties, before temperature, top-k and top-p
+    (greedy rows get them too).
     """
 
     def __init__(self, rows: list[Row], width: int, device: torch.device) -> None:
@@ -217,6 +225,12 @@ class _RowSampler:
         self.pad = torch.tensor([width - len(r.prompt_ids) for r in rows], device=device)
         self.penalty = torch.tensor([[r.sampling.repetition_penalty] for r in rows], device=device)
         self.any_penalty = any(r.sampling.repetition_penalty != 1.0 for r in rows)
+        self.width = width
+        self.openai_penalties = [  # (row, presence, frequency) for the rows with either
+            (i, r.sampling.presence_penalty, r.sampling.frequency_penalty)
+            for i, r in enumerate(rows)
+            if r.sampling.presence_penalty or r.sampling.frequency_penalty
+        ]
         self.biases = [  # (row, token ids, biases) for the rows with a logit_bias
             (i, torch.tensor(list(b), device=device), torch.tensor(list(b.values()), device=device))
             for i, b in ((i, r.sampling.logit_bias) for i, r in enumerate(rows))
@@ -251,6 +265,11 @@ class _RowSampler:
 
         if self.any_penalty:
             scores = self._penalize(input_ids, scores)
+        if self.openai_penalties and input_ids.shape[1] > self.width:
+            reply = input_ids[:, self.width :]
+            for i, presence, frequency in self.openai_penalties:
+                counts = torch.bincount(reply[i], minlength=scores.shape[1])[: scores.shape[1]].to(scores.dtype)
+                scores[i] -= frequency * counts + presence * (counts > 0).to(scores.dtype)
         if self.biases:
             for i, ids, bias in self.biases:
                 scores[i, ids] += bias.to(scores.dtype)

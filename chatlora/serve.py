@@ -325,9 +325,9 @@ class _ChatBody(BaseModel):
     stream_options: _StreamOptions | None = None
     tools: list | None = None  # refused when not empty: chatlora models are tuned for plain chat
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None  # {"token id": bias}
-    # refused unless off (_OFF)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # refused unless off (_OFF)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict | None = None
@@ -341,10 +341,8 @@ class _ChatBody(BaseModel):
 
 # OpenAI's chat fields that would change the reply, with the values that mean "off"; set to anything else they get a
 # 400 naming them, never a reply that silently ignored them. (n > 1 and non-empty tools are refused by their own
-# checks; logit_bias is honoured.)
+# checks; logit_bias, presence_penalty and frequency_penalty are honoured.)
 _OFF: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
     "logprobs": lambda v: v is False,
     "top_logprobs": lambda v: v == 0,
     "response_format": lambda v: v == {"type": "text"},
@@ -507,6 +505,8 @@ def parse_chat_request(
         repetition_penalty=defaults.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
         seed=None if body.seed is None else body.seed % 2**32,
         logit_bias=logit_bias,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
     )
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     return ChatRequest(served, messages, sampling, body.stop, bool(body.stream), include_usage, prompt_ids)

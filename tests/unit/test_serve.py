@@ -239,11 +239,27 @@ def test_logit_bias_steers_its_own_row_only(client, server, models):
     _bad(server, {**kw, "logit_bias": {str(z): 101}}, 400)
 
 
+def test_presence_and_frequency_penalties_are_honoured_per_row(client, models):
+    """Bug: presence_penalty / frequency_penalty were refused (or, before that, silently ignored). A greedy reply
+    that repeats a token must stop repeating it under a frequency penalty large enough, in its own row only."""
+    chat = models.models["alpha"].chat
+    z = chat.tokenizer.encode("z", add_special_tokens=False)[0]
+    ids = chat.prompt_ids(HI)
+    forced = SamplingConfig(max_new_tokens=4, temperature=0, logit_bias={z: 3})
+    assert chat.run([chat.row(ids, forced)])[0].text == "zzzz"  # the bias alone: z every time
+    damped = SamplingConfig(
+        max_new_tokens=4, temperature=0, logit_bias={z: 3}, frequency_penalty=2, presence_penalty=2
+    )
+    together = chat.run([chat.row(ids, damped), chat.row(ids, forced)])
+    assert together[0].text.startswith("z") and together[0].text != "zzzz" and together[1].text == "zzzz"
+    kw = {"model": "alpha", "messages": HI, "temperature": 0, "max_tokens": 4, "logit_bias": {str(z): 3}}
+    over_http = client.chat.completions.create(**kw, frequency_penalty=2, presence_penalty=2)
+    assert over_http.choices[0].message.content == together[0].text
+
+
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", -1),
         ("logprobs", True),
         ("top_logprobs", 3),
         ("response_format", {"type": "json_object"}),
