@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from .config import TrainConfig
 from .infer import ChatModel
 from .runcard import system_prompt
@@ -36,11 +38,16 @@ def eval_held_out(
     if not result.run_card or not result.split or not result.split.val:
         return None
     model = result.model
+    chat = ChatModel(model, result.tokenizer, system_prompt(result.run_card))
     if next(model.parameters()).device.type == "cpu":
         # fp32 replies on every CPU: bf16 matmul kernels differ between CPUs (AMX, AVX512-BF16), and greedy replies
-        # with them; the 135M model costs little more in fp32 (bench/NOTES.md "Issue 30")
-        model = model.float()
-    chat = ChatModel(model, result.tokenizer, system_prompt(result.run_card))
+        # with them; the 135M model costs little more in fp32 (bench/NOTES.md "Issue 30"). A base trained in bf16 is
+        # reloaded in fp32 with the adapter just saved: its bf16-rounded weights would make the base's figures
+        # depend on which precision the CPU's probe picked.
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            chat = ChatModel.load(result.output_dir, device="cpu", dtype="fp32")
+        else:
+            chat = ChatModel(model.float(), result.tokenizer, system_prompt(result.run_card))
     limit = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     cfg = EvalConfig(result.output_dir, max_samples=max_samples, batch_size=batch_size, **limit)
     return evaluate(cfg, chat)

@@ -285,6 +285,15 @@ def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys, mo
     against replies generated in bf16 where training ran bf16 (bf16 kernels differ between CPUs: so would the
     replies and the targets)."""
     monkeypatch.setattr("chatlora.model.cpu_bf16_speedup", lambda: 1.6)  # a CPU where training runs bf16
+    import chatlora.eval as eval_module
+
+    seen, real_evaluate = {}, eval_module.evaluate
+
+    def spy(cfg, chat):
+        seen["weights"] = {n: p.detach().clone() for n, p in chat.model.named_parameters() if "lora_" not in n}
+        return real_evaluate(cfg, chat)
+
+    monkeypatch.setattr(eval_module, "evaluate", spy)
     data = write_jsonl(tmp_path / "tiny.jsonl", ROWS)
     out = tmp_path / "qs"
     config = tmp_path / "small-persona.yaml"
@@ -322,6 +331,14 @@ def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys, mo
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert json.loads((out / "chatlora.json").read_text())["hardware"]["precision"] == "bf16"
     assert metrics["settings"]["dtype"] == "float32"
+    # the base weights the eval used are the checkpoint's fp32 ones, not the bf16 copy training kept
+    from transformers import AutoModelForCausalLM
+
+    want = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    ends = (name.replace(".weight", ".base_layer.weight"), name)
+    got = next(v for n, v in seen["weights"].items() if n.endswith(ends))
+    assert torch.equal(got, want[name])
     # the reply limit is `chatlora eval`'s own (128: room for the data's long replies), not a quickstart shortcut
     assert metrics["source"]["records"] == 4 and metrics["settings"]["max_new_tokens"] == 128
     # run again (a newcomer's second `make quickstart`): succeeds beside the first run, which stays as it was
