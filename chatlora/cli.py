@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import TrainConfig, field_type, load_config
+from .config import TrainConfig, data_system_prompt, field_type, load_config
 from .errors import ChatloraError, CliError
 
 EXIT_USAGE = 2
@@ -154,7 +154,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(resolve_model(args.model))
         messages = [r.messages for r in records]
-        stats["tokens"] = token_length_stats(messages, tokenizer, args.system_prompt or None, args.max_length)
+        added = data_system_prompt(args.path, args.system_prompt)
+        stats["tokens"] = token_length_stats(messages, tokenizer, added, args.max_length)
         warnings = control_token_warnings(records, tokenizer, args.path)
     if args.json:
         print(json.dumps({**stats, "warnings": warnings}, ensure_ascii=False, indent=2))
@@ -439,7 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--columns", default=None, help="rename fields, e.g. instruction=prompt,output=response")
     check.add_argument("--model", default="embedded", help="tokenizer for token lengths (default: embedded)")
     check.add_argument("--max-length", type=int, default=384, help="count conversations longer than this")
-    check.add_argument("--system-prompt", default=TrainConfig.system_prompt, help="system prompt added when rendering")
+    check.add_argument(
+        "--system-prompt",
+        default=None,
+        help="system prompt added to records without one when rendering (default: as train does: none, except the "
+        "built-in prompt for the built-in data)",
+    )
     check.add_argument("--no-tokenize", action="store_true", help="skip token-length statistics (no model needed)")
     check.add_argument("--json", action="store_true", help="print statistics as JSON")
     check.set_defaults(func=cmd_data_check)

@@ -17,6 +17,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = [
+    "BUILTIN_DATA",
     "DEFAULT_SYSTEM_PROMPT",
     "DEFAULT_TARGETS",
     "SCHEDULERS",
@@ -25,10 +26,13 @@ __all__ = [
     "PersonaConfig",
     "TrainConfig",
     "load_config",
+    "data_system_prompt",
     "persona_from",
 ]
 
-# The seed tutorial's persona line for the Huanhuan data.
+# The Chat-甄嬛 data shipped with chatlora, and the seed tutorial's persona line that goes with it (and only with it:
+# another file gets no system prompt unless it carries its own or one is given).
+BUILTIN_DATA = "data/huanhuan.json"
 DEFAULT_SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -153,10 +157,14 @@ class TrainConfig:
 
     # data
     model: str = _f("embedded", "HF hub id, local model dir, .gguf file, or 'embedded' (SmolLM2-135M-Instruct)")
-    data: str = _f("data/huanhuan.json", "dataset file: JSON array or JSONL, alpaca / messages / sharegpt")
+    data: str = _f(BUILTIN_DATA, "dataset file: JSON array or JSONL, alpaca / messages / sharegpt")
     format: str = _f("auto", "dataset format: auto, alpaca, messages or sharegpt")
     columns: str | None = _f(None, "rename fields, e.g. 'instruction=prompt,output=response'")
-    system_prompt: str | None = _f(DEFAULT_SYSTEM_PROMPT, "system prompt for records without one ('' for none)")
+    system_prompt: str | None = _f(
+        None,
+        "system prompt added to records without one ('' for none); unset: none, except the built-in Huanhuan prompt "
+        f"for the built-in data ({BUILTIN_DATA}); records that carry their own keep it",
+    )
     max_length: int = _f(384, "max tokens per conversation; longer ones are cut after the last whole turn")
     val_size: float | None = _f(
         None,
@@ -396,12 +404,18 @@ class TrainConfig:
         from .character import resolve_character
 
         prompt = resolve_character(self.character).prompt
-        if self.system_prompt not in (DEFAULT_SYSTEM_PROMPT, prompt):
+        # the built-in prompt (a Huanhuan config's) gives way to a card, as it did when it was the default
+        if self.system_prompt not in (None, DEFAULT_SYSTEM_PROMPT, prompt):
             raise ConfigError(
                 "`--character` and `--system-prompt` both set the system prompt: the card compiles into it, "
                 "so give one of them"
             )
         self.system_prompt = prompt
+
+    @property
+    def added_system_prompt(self) -> str | None:
+        """The system prompt added to the records that carry none (None: they train without one)."""
+        return data_system_prompt(self.data, self.system_prompt)
 
     @property
     def order_seed(self) -> int:
@@ -410,6 +424,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def data_system_prompt(data: str | Path, system_prompt: str | None) -> str | None:
+    """The system prompt added to records of ``data`` that carry none: ``system_prompt`` when given ('' is none);
+    unset, :data:`DEFAULT_SYSTEM_PROMPT` for the built-in data and None for any other file."""
+    if system_prompt is not None:
+        return system_prompt or None
+    return DEFAULT_SYSTEM_PROMPT if Path(data).resolve() == Path(BUILTIN_DATA).resolve() else None
 
 
 # Fields whose unset value (None) means "chatlora decides"; YAML may also spell it `auto`.

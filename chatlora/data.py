@@ -29,6 +29,7 @@ __all__ = [
     "DataError",
     "Message",
     "Record",
+    "SystemPrompts",
     "describe",
     "detect_format",
     "length_stats",
@@ -662,6 +663,83 @@ def describe(records: list[Record]) -> dict:
             "max": reply_chars[-1] if reply_chars else 0,
         },
     }
+
+
+def _quoted(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+@dataclass(frozen=True)
+class SystemPrompts:
+    """The system prompts a run's records are trained with: the data's own, and one added to the records without.
+
+    Attributes:
+        records: Records in the dataset.
+        with_own: Records that carry their own system message.
+        data_prompts: The distinct system prompts the data carries, in order of first appearance.
+        added: The prompt added to the records that carry none (None: they train without one).
+        added_from: Where ``added`` comes from, for the plan line ("--system-prompt", "the character card", ...).
+    """
+
+    records: int
+    with_own: int
+    data_prompts: tuple[str, ...]
+    added: str | None
+    added_from: str = "--system-prompt"
+
+    @classmethod
+    def of(cls, records: list[Record], added: str | None, added_from: str = "--system-prompt") -> SystemPrompts:
+        own = [r.messages[0]["content"] for r in records if r.messages and r.messages[0]["role"] == "system"]
+        return cls(len(records), len(own), tuple(dict.fromkeys(own)), added or None, added_from)
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        """The distinct system prompts in the trained conversations (records without one and nothing added: none)."""
+        extra = (self.added,) if self.added and self.with_own < self.records else ()
+        return tuple(dict.fromkeys(self.data_prompts + extra))
+
+    @property
+    def single(self) -> str | None:
+        """The one system prompt the run was trained with, if there was exactly one (what chat adds by default)."""
+        return self.trained[0] if len(self.trained) == 1 else None
+
+    @property
+    def kind(self) -> str:
+        """What the data carried: ``none``, ``one`` (a shared prompt) or ``several`` (per conversation)."""
+        return ("none", "one")[len(self.data_prompts)] if len(self.data_prompts) < 2 else "several"
+
+    def line(self) -> str:
+        """The plan line: which system prompt the records train with."""
+        n, own, without = self.records, self.with_own, self.records - self.with_own
+        rest = ""
+        if own and without:
+            rest = (
+                f"; {_quoted(self.added)} ({self.added_from}) added to the other {without}"
+                if self.added
+                else f"; the other {without} have none"
+            )
+        if not self.trained:
+            return "system prompt: none (the data has none; pass --system-prompt to add one)"
+        if not own:
+            return f"system prompt: {_quoted(self.added)} ({self.added_from}, added to all {n} records)"
+        if self.single is not None:
+            return f"system prompt: {_quoted(self.single)} (the data's own, in {own} of {n} records{rest})"
+        return (
+            f"system prompt: per conversation ({len(self.trained)} distinct; the data's own in {own} of {n} "
+            f"records{rest})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the run card: what the data carried and what was added (the prompts themselves only when one)."""
+        return {
+            "data": self.kind,
+            "data_distinct": len(self.data_prompts),
+            "records": self.records,
+            "records_with_own": self.with_own,
+            "added": self.added,
+            "trained_distinct": len(self.trained),
+            "trained": self.single,
+        }
 
 
 def length_stats(lengths: list[int], max_length: int | None) -> dict:

@@ -27,8 +27,7 @@ from .infer import ChatModel, SamplingConfig
 from .packing import collate
 from .persona import SYSTEMS
 from .report import LOSS_PNG, REPLIES_JSONL, REPORT_HTML, REPORT_MD, write_report
-from .runcard import METRICS, file_sha256, plot_loss_curve, read_run_card
-from .runcard import system_prompt as card_system_prompt
+from .runcard import METRICS, added_system_prompt, file_sha256, plot_loss_curve, read_run_card
 from .template import IGNORE_INDEX, encode_conversation, with_system
 
 if TYPE_CHECKING:
@@ -528,7 +527,8 @@ def measure(
     cfg: EvalConfig, card: dict[str, Any], chat: ChatModel, records: list[Record], source: dict[str, Any]
 ) -> EvalResult:
     """Phase 2: held-out loss and greedy replies of base and tuned model on ``records``, and their metrics."""
-    system_prompt = card_system_prompt(card, default=chat.system_prompt)
+    # held-out records are rendered as training rendered them: their own system prompt, else the one added
+    system_prompt = added_system_prompt(card, default=chat.system_prompt)
     max_length = (card.get("config") or {}).get("max_length")
     started = time.time()
 

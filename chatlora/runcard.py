@@ -21,6 +21,7 @@ __all__ = [
     "LOSS_PLOT",
     "METRICS",
     "RUN_CARD",
+    "added_system_prompt",
     "file_sha256",
     "json_safe",
     "plot_loss_curve",
@@ -28,6 +29,7 @@ __all__ = [
     "read_metrics",
     "read_run_card",
     "system_prompt",
+    "system_prompt_note",
     "write_run_card",
 ]
 
@@ -84,8 +86,36 @@ def write_run_card(folder: str | Path, card: dict[str, Any]) -> Path:
 
 
 def system_prompt(card: dict[str, Any], default: str | None = None) -> str | None:
-    """The system prompt a run was trained with (None: it had none); ``default`` when the card does not say."""
+    """The one system prompt a run was trained with, which chat adds to prompts without one (None: it had none, or
+    one per conversation); ``default`` when the card does not say."""
     return (card.get("template") or {}).get("system_prompt", default)
+
+
+def _system_prompts(card: dict[str, Any]) -> dict[str, Any] | None:
+    found = (card.get("template") or {}).get("system_prompts")
+    return found if isinstance(found, dict) else None
+
+
+def added_system_prompt(card: dict[str, Any], default: str | None = None) -> str | None:
+    """The system prompt training added to the records that had none: what a held-out record is rendered with.
+
+    Cards written before ``template.system_prompts`` added ``template.system_prompt`` to every such record.
+    """
+    found = _system_prompts(card)
+    return found.get("added") if found is not None else system_prompt(card, default)
+
+
+def system_prompt_note(card: dict[str, Any]) -> str:
+    """Why a run has no single system prompt ('' when it has one, or the card does not say)."""
+    found = _system_prompts(card)
+    if found is None or system_prompt(card) is not None:
+        return ""
+    if not found.get("trained_distinct"):
+        return "the run trained without a system prompt"
+    return (
+        f"the run trained {found['trained_distinct']} distinct system prompts, one per conversation: "
+        "send the character's own as the system message"
+    )
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], str]:

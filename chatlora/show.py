@@ -54,7 +54,7 @@ def show_records(cfg: TrainConfig, n: int = 3) -> list[ShownRecord]:
     for r in records:
         try:
             enc = encode_conversation(
-                with_system(r.messages, cfg.system_prompt or None), tokenizer, cfg.max_length, label_user
+                with_system(r.messages, cfg.added_system_prompt), tokenizer, cfg.max_length, label_user
             )
         except TemplateError as e:
             raise DataError([f"{cfg.data}:{r.line}: {e}"]) from None

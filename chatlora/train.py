@@ -16,8 +16,8 @@ import torch
 
 from . import __version__
 from .character import resolve_character
-from .config import ON_HELD_OUT_LOSS, ConfigError, TrainConfig
-from .data import DataError, Record, load_records, parse_columns
+from .config import BUILTIN_DATA, ON_HELD_OUT_LOSS, ConfigError, TrainConfig
+from .data import DataError, Record, SystemPrompts, load_records, parse_columns
 from .kernels import apply_liger, label_only_loss
 from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
 from .packing import PackedDataset, collate
@@ -567,6 +567,7 @@ class PreparedRun:
     truncated: dict[str, int]
     dropped: dict[str, int]
     plan: RunPlan
+    system: SystemPrompts
 
     def lines(self) -> list[str]:
         s = self.split
@@ -580,6 +581,7 @@ class PreparedRun:
                 if s.dropped_short
                 else ""
             ),
+            self.system.line(),
             *self.plan.lines(),
         ]
 
@@ -633,7 +635,8 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     shape = read_shape(model_path, cfg)  # the meta device: no weights
     check_limits(cfg, shape, precision, world_size if cfg.fsdp else 1)
     tokenizer = load_tokenizer(model_path)
-    system_prompt = cfg.system_prompt or None
+    system = system_prompts(cfg, records)
+    system_prompt = system.added
     train_ex, train_trunc, train_empty = encode_records(
         split.train, tokenizer, system_prompt, cfg.max_length, cfg.data, cfg.train_on_prompt, cfg.train_on_user
     )
@@ -678,7 +681,19 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         truncated={"train": train_trunc, "val": val_trunc, "max_length": cfg.max_length},
         dropped={"train": len(train_empty), "val": len(val_empty)},
         plan=plan,
+        system=system,
     )
+
+
+def system_prompts(cfg: TrainConfig, records: list[Record]) -> SystemPrompts:
+    """The system prompts ``records`` train with: their own, and ``cfg``'s (or the built-in data's) for the rest."""
+    if cfg.character is not None:
+        source = "the character card"
+    elif cfg.system_prompt is None:
+        source = f"chatlora's built-in prompt for {BUILTIN_DATA}"
+    else:
+        source = "--system-prompt"
+    return SystemPrompts.of(records, cfg.added_system_prompt, source)
 
 
 def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
@@ -807,7 +822,8 @@ def _run_card(cfg, run: PreparedRun, built: _BuiltTrainer, ended: float, eval_lo
             "dropped_no_reply_tokens": run.dropped,
         },
         "template": {
-            "system_prompt": cfg.system_prompt or None,
+            "system_prompt": run.system.single,  # what chat, serve and export add to a prompt without one
+            "system_prompts": run.system.to_dict(),
             "end_of_turn": eot_token,
             "character": resolve_character(cfg.character).record() if cfg.character is not None else None,
         },

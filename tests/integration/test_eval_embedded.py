@@ -9,7 +9,7 @@ import pytest
 from conftest import write_jsonl
 
 from chatlora.cli import main
-from chatlora.config import TrainConfig
+from chatlora.config import DEFAULT_SYSTEM_PROMPT, TrainConfig
 from chatlora.train import train
 
 pytestmark = pytest.mark.integration
@@ -35,6 +35,7 @@ def test_eval_real_model_report(embedded_model_dir, tmp_path):
         save_steps=100,
         max_length=64,
         lr=1e-3,
+        system_prompt=DEFAULT_SYSTEM_PROMPT,  # the Huanhuan prompt, from which the persona markers follow
     )
     out = train(cfg).output_dir
     # the persona section on the real model too, sized for a test (its defaults ask 24 probes and run 4 x 20 turns)

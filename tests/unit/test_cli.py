@@ -87,6 +87,22 @@ def test_data_check_valid(tmp_path, tiny_model_dir, capsys):
     assert stats["tokens"]["max"] > 20 and stats["tokens"]["truncated"] == 2
 
 
+def test_data_check_adds_no_system_prompt_to_a_users_data(tmp_path, tiny_model_dir, capsys):
+    """Guards against `data check` measuring a user's records with chatlora's built-in 甄嬛 prompt added (issue 22.6):
+    it renders them as train does, with no system prompt unless --system-prompt gives one."""
+    from chatlora.model import load_tokenizer
+    from chatlora.template import encode_conversation
+
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    path = write_jsonl(tmp_path / "ok.jsonl", [{"messages": messages}])
+    tok = load_tokenizer(str(tiny_model_dir))
+    bare = len(encode_conversation(messages, tok).input_ids)
+    with_s = len(encode_conversation([{"role": "system", "content": "S"}, *messages], tok).input_ids)
+    for extra, want in (([], bare), (["--system-prompt", "S"], with_s)):
+        assert main(["data", "check", str(path), "--model", str(tiny_model_dir), "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["tokens"]["max"] == want
+
+
 def test_data_check_invalid_exits_2_with_file_line_errors(tmp_path, capsys):
     """Guards against tracebacks or errors without file:line for bad data."""
     path = tmp_path / "bad.jsonl"

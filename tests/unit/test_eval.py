@@ -15,7 +15,7 @@ import yaml
 from conftest import write_jsonl
 
 from chatlora.cli import main
-from chatlora.config import PersonaConfig, TrainConfig
+from chatlora.config import DEFAULT_SYSTEM_PROMPT, PersonaConfig, TrainConfig
 from chatlora.eval import bleu, chrf, distinct_n, mean_length, paired_bootstrap, reply_metrics, stop_rate
 from chatlora.train import train
 
@@ -297,7 +297,9 @@ def test_quickstart_ends_with_eval_headline(tiny_model_dir, tmp_path, capsys, mo
     data = write_jsonl(tmp_path / "tiny.jsonl", ROWS)
     out = tmp_path / "qs"
     config = tmp_path / "small-persona.yaml"
-    config.write_text(yaml.safe_dump({"persona": SMALL_PERSONA.to_dict()}), encoding="utf-8")
+    # the quickstart config's prompt (a file of your own gets none): the persona section's markers follow from it
+    settings = {"system_prompt": DEFAULT_SYSTEM_PROMPT, "persona": SMALL_PERSONA.to_dict()}
+    config.write_text(yaml.safe_dump(settings, allow_unicode=True), encoding="utf-8")
     args = [
         "quickstart",
         "--config",

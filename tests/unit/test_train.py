@@ -17,7 +17,15 @@ from probes import PrecisionProbe, assert_bf16_autocast
 from chatlora.cli import main
 from chatlora.config import ConfigError, TrainConfig, load_config
 from chatlora.data import DataError
-from chatlora.model import ModelError, Precision, apply_lora, linear_module_names, load_model, pick_precision
+from chatlora.model import (
+    ModelError,
+    Precision,
+    apply_lora,
+    linear_module_names,
+    load_model,
+    load_tokenizer,
+    pick_precision,
+)
 from chatlora.packing import collate
 from chatlora.train import prepare_run, split_records, train, training_args
 
@@ -362,6 +370,92 @@ def test_shipped_configs_load():
         first = path.read_text(encoding="utf-8").splitlines()[0]
         assert first.startswith("# ") and "chatlora" in first, f"{path.name} must start with the command that runs it"
         load_config(path)
+
+
+def conversations(systems: list[str | None]) -> list[dict]:
+    """Two-turn `messages` records, the i-th with system prompt ``systems[i]`` (None: no system message)."""
+    rows = []
+    for i, system in enumerate(systems):
+        turns = [("Who goes there?", f"A friend, number {i}."), ("Your trade?", "I solve puzzles.")]
+        messages = [{"role": "system", "content": system}] if system else []
+        for user, reply in turns:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def test_user_data_without_system_prompts_trains_with_none(tiny_model_dir, tiny_dataset, tmp_path):
+    """Guards against issue 22.6: a user's own data got chatlora's built-in 甄嬛 prompt in every record, and the run
+    card called it the system prompt. Without one in the data or the flags, records train with none."""
+    cfg = tiny_cfg(tiny_model_dir, tiny_dataset, tmp_path / "o", system_prompt=None, max_steps=1)
+    run = prepare_run(cfg)
+    assert "system prompt: none (the data has none; pass --system-prompt to add one)" in run.lines()
+    texts = [run.tokenizer.decode(ex["input_ids"]) for ex in run.train_ex + run.val_ex]
+    assert len(texts) == 12 and not any("system" in t or "甄嬛" in t for t in texts)
+    assert all(t.startswith("<|im_start|>user\n") for t in texts)
+    card = train(cfg).run_card
+    assert card["template"]["system_prompt"] is None
+    assert card["template"]["system_prompts"] == {
+        "data": "none",
+        "data_distinct": 0,
+        "records": 12,
+        "records_with_own": 0,
+        "added": None,
+        "trained_distinct": 0,
+        "trained": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("systems", "flag", "line"),
+    [
+        (["You are Holmes."] * 12, None, "system prompt: 'You are Holmes.' (the data's own, in 12 of 12 records)"),
+        (
+            [f"You are detective {i}." for i in range(12)],
+            None,
+            "system prompt: per conversation (12 distinct; the data's own in 12 of 12 records)",
+        ),
+        (
+            ["You are Holmes."] * 6 + [None] * 6,
+            "You are Watson.",
+            "system prompt: per conversation (2 distinct; the data's own in 6 of 12 records; 'You are Watson.' "
+            "(--system-prompt) added to the other 6)",
+        ),
+        (
+            [None] * 12,
+            "You are Watson.",
+            "system prompt: 'You are Watson.' (--system-prompt, added to all 12 records)",
+        ),
+    ],
+    ids=["shared", "per-conversation", "mixed", "flag"],
+)
+def test_plan_line_says_which_system_prompt_trains(tiny_model_dir, tmp_path, systems, flag, line):
+    """Guards against a plan that does not say whether the run trains the data's prompts, one prompt, or none."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversations(systems))
+    run = prepare_run(tiny_cfg(tiny_model_dir, data, tmp_path / "o", system_prompt=flag, val_size=0))
+    assert line in run.lines()
+    firsts = {run.tokenizer.decode(ex["input_ids"]).split("<|im_end|>")[0] for ex in run.train_ex}
+    want = {f"<|im_start|>system\n{s or flag}" for s in systems}
+    assert firsts == want
+
+
+def test_huanhuan_configs_and_data_keep_the_built_in_prompt(tiny_model_dir, tmp_path, monkeypatch):
+    """Guards against the Huanhuan runs losing their 甄嬛 prompt when the default stopped applying to every file: the
+    configs name it, and the built-in data (the default --data) still brings it."""
+    from chatlora.config import DEFAULT_SYSTEM_PROMPT
+    from chatlora.show import show_records
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    tok = load_tokenizer(str(tiny_model_dir))
+    for name in ("quickstart-cpu.yaml", "yi-6b-chat-huanhuan.yaml"):
+        cfg = load_config(root / "configs" / name, {"model": str(tiny_model_dir)})
+        assert cfg.added_system_prompt == DEFAULT_SYSTEM_PROMPT, name
+        text = tok.decode([t.id for t in show_records(cfg, 1)[0].tokens])
+        assert text.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>"), name
+    assert TrainConfig().added_system_prompt == DEFAULT_SYSTEM_PROMPT  # data/huanhuan.json
+    assert TrainConfig(data=str(tmp_path / "mine.jsonl")).added_system_prompt is None
+    assert TrainConfig(data="data/huanhuan.json", system_prompt="").added_system_prompt is None
 
 
 # `chatlora train` that SIGKILLs itself at a chosen point: after step KILL_AT is logged (KILL_IN=step), or in the
