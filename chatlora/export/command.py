@@ -109,20 +109,30 @@ def export(
         "stop": stops,
         "system_prompt": src.system_prompt,
     }
+    if src.system_note:
+        manifest["system_prompt_note"] = src.system_note
     files = []
     if lora_only:
         gguf_path = write_lora_gguf(src.path, out / f"{src.stem}-lora-{quant}.gguf", quant)
         base = _base_gguf(src)
         manifest["base_gguf"] = str(base) if base else None
         if base is not None:
-            text = modelfile_text(str(base), template, src.system_prompt, stops, adapter=f"./{gguf_path.name}")
+            text = modelfile_text(
+                str(base),
+                template,
+                src.system_prompt,
+                stops,
+                adapter=f"./{gguf_path.name}",
+                system_note=src.system_note,
+            )
             (out / MODELFILE).write_text(text, encoding="utf-8")
             files.append(out / MODELFILE)
     else:
         reference = _reference_model(src)
         gguf_path = write_gguf(reference, src.tokenizer, out / f"{src.stem}-{spec.name}.gguf", spec.name, src.stem)
         (out / MODELFILE).write_text(
-            modelfile_text(f"./{gguf_path.name}", template, src.system_prompt, stops), encoding="utf-8"
+            modelfile_text(f"./{gguf_path.name}", template, src.system_prompt, stops, system_note=src.system_note),
+            encoding="utf-8",
         )
         files.append(out / MODELFILE)
     manifest["gguf"] = gguf_path.name

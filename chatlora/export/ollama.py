@@ -159,9 +159,13 @@ def modelfile_text(
     stops: list[str],
     adapter: str | None = None,
     sampling: SamplingConfig | None = None,
+    system_note: str = "",
 ) -> str:
     """An Ollama Modelfile: FROM, optional ADAPTER, TEMPLATE, SYSTEM, stop tokens and the sampling settings of
-    chatlora chat that mean the same in Ollama (temperature, top_p, top_k; see :data:`NOT_EXPORTED`)."""
+    chatlora chat that mean the same in Ollama (temperature, top_p, top_k; see :data:`NOT_EXPORTED`).
+
+    Without ``system``, ``system_note`` (why there is none) is written as a comment where SYSTEM would be.
+    """
     sampling = sampling or SamplingConfig()
     for what, text in (("TEMPLATE", template), ("SYSTEM", system or "")):
         if '"""' in text:
@@ -175,6 +179,8 @@ def modelfile_text(
     lines.append(f'TEMPLATE """{template}"""')
     if system:
         lines.append(f'SYSTEM """{system}"""')
+    elif system_note:
+        lines.append("# no SYSTEM: " + " ".join(system_note.split()))
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     lines += [
         f"PARAMETER temperature {sampling.temperature}",

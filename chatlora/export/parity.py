@@ -20,6 +20,7 @@ from ..template import (
     end_of_turn,
     render_text,
     stop_token_ids,
+    with_system,
 )
 from .arch import _ARCHS, _PERMUTED, _arch, _gguf_name, _qk_heads, _rope_theta, _unpermute
 from .lora import _lora_pairs
@@ -363,9 +364,13 @@ def _check_modelfile(src: _Source, modelfile, convs, manifest) -> list[Check]:
     system = modelfile.get("SYSTEM")
     want_system = src.system_prompt
     if (system or None) != (want_system or None):
-        checks.append(Check("Modelfile SYSTEM", "FAIL", f"SYSTEM is {system!r}, training used {want_system!r}"))
+        trained = repr(want_system) if want_system else f"none ({src.system_note or 'the run card records none'})"
+        checks.append(Check("Modelfile SYSTEM", "FAIL", f"SYSTEM is {system!r}, the run's system prompt: {trained}"))
+    elif want_system:
+        checks.append(Check("Modelfile SYSTEM", "PASS", f"the trained system prompt ({len(want_system)} chars)"))
     else:
-        checks.append(Check("Modelfile SYSTEM", "PASS", f"the trained system prompt ({len(want_system or '')} chars)"))
+        why = src.system_note or "the run card records no system prompt"
+        checks.append(Check("Modelfile SYSTEM", "PASS", f"no SYSTEM, as trained: {why}"))
     tok = src.tokenizer
     stops = modelfile["PARAMETER"].get("stop", [])
     want = [tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)]
@@ -380,12 +385,16 @@ def _check_modelfile(src: _Source, modelfile, convs, manifest) -> list[Check]:
     if not template:
         checks.append(Check("Modelfile TEMPLATE (Go)", "FAIL", "no TEMPLATE: Ollama would send the bare prompt"))
         return checks
-    # What Ollama's chat receives: the user's messages; it adds the Modelfile SYSTEM itself.
+    # What Ollama's chat receives: the client's messages, a system message only where it differs from the Modelfile
+    # SYSTEM (a per-conversation prompt); Ollama adds SYSTEM itself to the others, as chatlora chat adds the run's.
     cases, wants = [], []
-    for conv in convs:
-        bare = conv[1:] if conv and conv[0]["role"] == "system" and conv[0]["content"] == src.system_prompt else conv
-        cases += [_prompt_of(bare), bare]
-        wants += [render_text(_prompt_of(conv), tok, add_generation_prompt=True), render_text(conv, tok)]
+    for conv in (with_system(c, system) for c in convs):
+        bare = conv[1:] if conv and conv[0]["role"] == "system" and conv[0]["content"] == system else conv
+        cases.append(_prompt_of(bare))
+        wants.append(render_text(_prompt_of(conv), tok, add_generation_prompt=True))
+        if conv[-1]["role"] == "assistant":  # a whole conversation; the built-in prompts have no reply
+            cases.append(bare)
+            wants.append(render_text(conv, tok))
     try:
         got = render_go_template(template, cases, system)
     except FileNotFoundError as e:

@@ -12,7 +12,7 @@ import torch
 from ..errors import ChatloraError
 from ..merge import set_generation_stops
 from ..model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer, resolve_model
-from ..runcard import read_adapter, read_run_card, system_prompt
+from ..runcard import added_system_prompt, read_adapter, read_run_card, system_prompt, system_prompt_note
 from ..template import with_system
 
 
@@ -26,7 +26,13 @@ class _Source:
 
     @property
     def system_prompt(self) -> str | None:
+        """The run's one system prompt (the Modelfile's SYSTEM); None when it had none or one per conversation."""
         return system_prompt(self.card)
+
+    @property
+    def system_note(self) -> str:
+        """Why there is no SYSTEM ('' when there is one, or the run card does not say)."""
+        return system_prompt_note(self.card)
 
     @property
     def stem(self) -> str:
@@ -70,7 +76,8 @@ _BUILTIN_PROMPTS = ["你是谁？", "皇上今日为何闷闷不乐？", "Tell m
 
 
 def _conversations(src: _Source, samples: int) -> tuple[list[list[dict]], str]:
-    """Held-out conversations from the run card (system prompt applied), each ending on its reference reply."""
+    """Held-out conversations from the run card, each ending on its reference reply and rendered as training did
+    (their own system prompt, else the one training added); without them, built-in prompts with the run's SYSTEM."""
     from ..eval import held_out_records
 
     try:
@@ -81,7 +88,8 @@ def _conversations(src: _Source, samples: int) -> tuple[list[list[dict]], str]:
     if not records:
         convs = [[{"role": "user", "content": p}] for p in _BUILTIN_PROMPTS[:samples]]
         return [with_system(c, src.system_prompt) for c in convs], f"{len(convs)} built-in prompts: {why}"
-    convs = [with_system([dict(m) for m in r.messages], src.system_prompt) for r in records]
+    added = added_system_prompt(src.card)
+    convs = [with_system([dict(m) for m in r.messages], added) for r in records]
     return convs, f"{len(convs)} held-out conversations"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -100,14 +101,21 @@ def make_model_dir(path: Path, tokenizer, arch: str = "llama", tie: bool = False
     return path
 
 
-def train_adapter(tmp: Path, model_dir: Path, system_prompt: str = "你是甄嬛", seed: int = 1) -> Path:
+def train_adapter(
+    tmp: Path,
+    model_dir: Path,
+    system_prompt: str | None = "你是甄嬛",
+    seed: int = 1,
+    rows: list[dict] | None = None,
+    **settings,
+) -> Path:
     """A real chatlora run (adapter + run card with a held-out split), its LoRA weights then set to random values."""
     from safetensors.torch import load_file, save_file
 
     from chatlora.config import TrainConfig
     from chatlora.train import train
 
-    rows = [
+    rows = rows or [
         {"instruction": f"你是谁？{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}
         for i in range(12)
     ]
@@ -128,7 +136,7 @@ def train_adapter(tmp: Path, model_dir: Path, system_prompt: str = "你是甄嬛
         lora_alpha=8,
         system_prompt=system_prompt,
     )
-    train(cfg)
+    train(dataclasses.replace(cfg, **settings))
     weights = load_file(out / "adapter_model.safetensors")
     torch.manual_seed(seed)
     save_file({k: torch.randn_like(v) * 0.3 for k, v in weights.items()}, out / "adapter_model.safetensors")
@@ -562,6 +570,72 @@ def test_ollama_check(llama_f16, tmp_path, monkeypatch):
         == "created from the Modelfile; 2/2 greedy replies identical, 2/2 stop where the export's weights stop"
     )
     assert len(fake.chats) == 2 and json.loads(registry.read_text()) == {}  # removed again
+
+
+def character_chats(systems: list[str]) -> list[dict]:
+    """Multi-turn `messages` conversations of English characters, the i-th with system prompt ``systems[i]``."""
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"Hello world, who is this? {i}"},
+                {"role": "assistant", "content": "Hello world, this is a tiny tokenizer."},
+                {"role": "user", "content": "And what do you do?"},
+                {"role": "assistant", "content": "This is a tiny tokenizer."},
+            ]
+        }
+        for i, system in enumerate(systems)
+    ]
+
+
+def test_per_conversation_system_prompts_export_no_system_and_pass_every_row(tmp_path):
+    """Guards against issue 22.6: a run on 12 conversations that each carry their own (non-甄嬛) system prompt, with
+    no held-out split, exported chatlora's built-in 甄嬛 prompt as the Modelfile SYSTEM while its check said "PASS the
+    trained system prompt", and the Go TEMPLATE row failed on the built-in prompts ("training '' vs export
+    '<|im_start|>assistant\\n'"). The Modelfile has no SYSTEM and says why; every row passes."""
+    tok = make_bpe_tokenizer(bos="<|im_start|>")
+    systems = [f"You are character {i} of the tiny world. Hello world." for i in range(12)]
+    run = train_adapter(
+        tmp_path, make_model_dir(tmp_path / "base", tok), None, rows=character_chats(systems), val_size=None
+    )
+    card = json.loads((run / "chatlora.json").read_text(encoding="utf-8"))
+    assert card["dataset"]["val_records"] == 0
+    assert card["template"]["system_prompt"] is None
+    assert card["template"]["system_prompts"]["data"] == "several"
+    assert card["template"]["system_prompts"]["trained_distinct"] == 12
+    result = export(run, tmp_path / "x", quant="f16", samples=3, max_new_tokens=8)
+    assert result.passed, failed(result.checks)
+    detail = {c.name: c.detail for c in result.checks}
+    assert detail["Modelfile SYSTEM"].startswith("no SYSTEM, as trained: the run trained 12 distinct system prompts")
+    assert statuses(result.checks)["Modelfile TEMPLATE (Go)"] == ("PASS" if shutil.which("go") else "SKIP")
+    text = (result.output_dir / "Modelfile").read_text(encoding="utf-8")
+    assert "甄嬛" not in text and "SYSTEM" not in parse_modelfile(text)
+    assert "\n# no SYSTEM: the run trained 12 distinct system prompts, one per conversation" in text
+    manifest = json.loads((result.output_dir / MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["system_prompt"] is None and "12 distinct" in manifest["system_prompt_note"]
+
+
+@pytest.mark.parametrize("every", [True, False], ids=["every-record", "half-the-records"])
+def test_one_shared_system_prompt_in_the_data_is_the_exported_one(tmp_path, every):
+    """Guards against issue 22.6: data that carries one system prompt (a character's) exported chatlora's built-in
+    甄嬛 prompt instead. The Modelfile SYSTEM and the manifest are the data's prompt; the Go TEMPLATE renders the
+    held-out conversations (their system message left to SYSTEM) as chatlora renders them, also those without one
+    (both add the run's prompt)."""
+    from chatlora.export.source import _conversations, _open_source
+
+    tok = make_bpe_tokenizer(bos="<|im_start|>")
+    shared = "You are the tiny tokenizer. Hello world."
+    rows = character_chats([shared] * 12)
+    if not every:
+        rows = [{"messages": r["messages"][i % 2 :]} for i, r in enumerate(rows)]  # odd ones without a system message
+    run = train_adapter(tmp_path, make_model_dir(tmp_path / "base", tok), None, rows=rows)
+    result = export(run, tmp_path / "x", quant="f16", samples=4, max_new_tokens=8)
+    assert result.passed, failed(result.checks)
+    assert parse_modelfile((result.output_dir / "Modelfile").read_text(encoding="utf-8"))["SYSTEM"] == shared
+    assert json.loads((result.output_dir / MANIFEST).read_text(encoding="utf-8"))["system_prompt"] == shared
+    convs, what = _conversations(_open_source(run, None), 4)
+    assert what == "4 held-out conversations"
+    assert every == all(c[0]["role"] == "system" for c in convs)  # without: rendered as trained, with none
 
 
 def test_parity_prompts_fall_back_to_built_in_ones_when_the_held_out_split_is_unusable(tmp_path):
