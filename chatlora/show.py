@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from .config import TrainConfig
 from .data import load_records, parse_columns
-from .errors import ConfigError, DataError
+from .errors import ConfigError
 from .model import load_tokenizer, resolve_model
-from .template import IGNORE_INDEX, TemplateError, control_ids, encode_conversation, with_system
+from .template import IGNORE_INDEX, control_ids, encode_record
 
 __all__ = ["ShownToken", "ShownRecord", "show_records", "format_record", "legend"]
 
@@ -49,19 +49,14 @@ def show_records(cfg: TrainConfig, n: int = 3) -> list[ShownRecord]:
     records = load_records(cfg.data, cfg.format, parse_columns(cfg.columns))[:n]
     tokenizer = load_tokenizer(resolve_model(cfg.model))
     controls = control_ids(tokenizer)
-    label_user = cfg.train_on_user and not cfg.train_on_prompt
     shown = []
     for r in records:
-        try:
-            enc = encode_conversation(
-                with_system(r.messages, cfg.added_system_prompt), tokenizer, cfg.max_length, label_user
-            )
-        except TemplateError as e:
-            raise DataError([f"{cfg.data}:{r.line}: {e}"]) from None
-        labels = enc.input_ids if cfg.train_on_prompt else enc.labels
+        enc = encode_record(
+            r, tokenizer, cfg.added_system_prompt, cfg.max_length, cfg.train_on_prompt, cfg.train_on_user, cfg.data
+        )
         tokens = [
             ShownToken(i, tokenizer.decode([i]), i in controls, label != IGNORE_INDEX)
-            for i, label in zip(enc.input_ids, labels, strict=True)
+            for i, label in zip(enc.input_ids, enc.labels, strict=True)
         ]
         shown.append(ShownRecord(r.line, tokens, enc.truncated, _runs(tokens, tokenizer)))
     return shown

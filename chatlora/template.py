@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import re
 import weakref
+from pathlib import Path
 from typing import NamedTuple
 
-from .data import length_stats
-from .errors import TemplateError
+from .data import Record, length_stats
+from .errors import DataError, TemplateError
 
 __all__ = [
     "CHATML_TEMPLATE",
@@ -32,6 +33,7 @@ __all__ = [
     "control_token_warnings",
     "control_tokens",
     "encode_conversation",
+    "encode_record",
     "encode_prompt",
     "encode_segments",
     "end_of_turn",
@@ -522,6 +524,30 @@ def encode_conversation(
     if first_reply is None or keep <= first_reply:  # not one reply token kept: nothing is trained (user text neither)
         return Encoded(input_ids[:keep], [IGNORE_INDEX] * keep, truncated)
     return Encoded(input_ids[:keep], labels[:keep], truncated)
+
+
+def encode_record(
+    record: Record,
+    tokenizer,
+    system_prompt: str | None,
+    max_length: int | None,
+    train_on_prompt: bool = False,
+    train_on_user: bool = False,
+    source: str | Path = "data",
+) -> Encoded:
+    """One data record as training encodes it: ``system_prompt`` added where it has none (:func:`with_system`),
+    labels chosen by the training options. ``train_on_prompt`` labels every token (system prompt, user turns,
+    template); ``train_on_user`` the user turns' text too. A record the chat template refuses raises a DataError
+    naming ``source`` and its line. ``train`` and ``data show`` both encode through here.
+    """
+    label_user = train_on_user and not train_on_prompt  # train_on_prompt labels those tokens and more
+    try:
+        enc = encode_conversation(with_system(record.messages, system_prompt), tokenizer, max_length, label_user)
+    except TemplateError as e:
+        raise DataError([f"{source}:{record.line}: {e}"]) from None
+    if train_on_prompt and any(label != IGNORE_INDEX for label in enc.labels):
+        return Encoded(enc.input_ids, list(enc.input_ids), enc.truncated)
+    return enc
 
 
 def encode_prompt(messages: list[dict], tokenizer) -> list[int]:

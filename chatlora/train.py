@@ -35,7 +35,7 @@ from .runcard import (
     write_run_card,
 )
 from .rundir import begin_save, check_output_dir, clear_previous_run, find_resume, mark_complete, rotate
-from .template import IGNORE_INDEX, TemplateError, encode_conversation, end_of_turn, with_system
+from .template import IGNORE_INDEX, encode_record, end_of_turn
 
 __all__ = [
     "RUN_CARD",
@@ -150,17 +150,13 @@ def encode_records(
     the replies; ``train_on_user`` the user turns' text too. The records kept are the same either way.
     """
     examples, truncated, empty = [], 0, []
-    label_user = train_on_user and not train_on_prompt  # train_on_prompt labels those tokens and more
     for r in records:
-        try:
-            enc = encode_conversation(with_system(r.messages, system_prompt), tokenizer, max_length, label_user)
-        except TemplateError as e:
-            raise DataError([f"{source}:{r.line}: {e}"]) from None
+        enc = encode_record(r, tokenizer, system_prompt, max_length, train_on_prompt, train_on_user, source)
         truncated += enc.truncated
         if all(label == IGNORE_INDEX for label in enc.labels):
             empty.append(r)
             continue
-        examples.append({"input_ids": enc.input_ids, "labels": list(enc.input_ids) if train_on_prompt else enc.labels})
+        examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
     return examples, truncated, empty
 
 
