@@ -15,7 +15,7 @@ from ..template import (
     end_of_turn,
     stop_token_ids,
 )
-from .arch import _arch, _rope_theta
+from .arch import _arch, _check_supported, _rope_theta
 from .lora import write_lora_gguf
 from .ollama import MODELFILE, modelfile_text, ollama_template
 from .parity import check_export
@@ -89,7 +89,7 @@ def export(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(src.path) if src.kind == "model" else resolve_model(src.base_spec))
-    _arch(config)
+    _check_supported(config, _arch(config))
     _rope_theta(config)
     if not lora_only:
         _vocab(src.tokenizer, config.vocab_size)

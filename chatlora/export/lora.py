@@ -13,7 +13,7 @@ import numpy as np
 
 from ..model import ModelError, resolve_model
 from ..runcard import read_adapter
-from .arch import _ARCHS, _PERMUTED, _arch, _gguf_name, _permute, _qk_heads
+from .arch import _ARCHS, _PERMUTED, _arch, _gguf_arch, _gguf_name, _permute, _qk_heads
 from .quants import LORA_QUANTS
 from .writer import _finish_gguf
 
@@ -74,7 +74,7 @@ def write_lora_gguf(adapter: str | Path, path: str | Path, quant: str = "f16") -
     cfg, pairs = _lora_pairs(adapter)
     name_map = gguf.get_tensor_name_map(_ARCHS[arch], config.num_hidden_layers)
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = gguf.GGUFWriter(tmp, _gguf_arch(arch))
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(adapter.resolve().name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

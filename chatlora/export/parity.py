@@ -22,7 +22,20 @@ from ..template import (
     stop_token_ids,
     with_system,
 )
-from .arch import _ARCHS, _PERMUTED, _arch, _gguf_name, _qk_heads, _rope_theta, _unpermute
+from .arch import (
+    _ARCHS,
+    _NORM_OFFSET,
+    _PERMUTED,
+    _arch,
+    _context_length,
+    _gguf_arch,
+    _gguf_name,
+    _head_dim,
+    _qk_heads,
+    _rope_theta,
+    _sliding_layers,
+    _unpermute,
+)
 from .lora import _lora_pairs
 from .ollama import MODELFILE, parse_modelfile, render_go_template
 from .quants import QUANTS, Quant
@@ -68,12 +81,68 @@ def _meta(path: Path) -> tuple[dict[str, Any], list[Any]]:
     return meta, list(reader.tensors)
 
 
-def _load_gguf(directory: Path, name: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_gguf(directory: Path, name: str, meta: dict[str, Any] | None = None):
+    """The GGUF reloaded by transformers, its config completed as llama.cpp reads the file (see :func:`_as_llama_cpp`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if meta is None:
+        meta, _ = _meta(Path(directory) / name)
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=name, dtype=torch.float32).eval()
+    config = _as_llama_cpp(AutoConfig.from_pretrained(str(directory), gguf_file=name), meta)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory), gguf_file=name, config=config, dtype=torch.float32
+    ).eval()
     return model, tokenizer
+
+
+def _as_llama_cpp(config, meta: dict[str, Any]):
+    """Set what transformers' GGUF reader leaves at HF's defaults to what llama.cpp's graph reads from the file.
+
+    transformers maps only the common keys; the rest (head size of qwen3, Gemma's soft-capping, sliding window, which
+    layers slide, local RoPE base, query scale) would silently take HF's defaults. Here they take the file's values,
+    or llama.cpp's own defaults where the file has none (llama-hparams.h, src/models/gemma2.cpp, gemma3.cpp), so a
+    key the exporter forgot changes the reloaded model as it changes llama.cpp's.
+    """
+    arch = meta.get("general.architecture")
+
+    def key(name: str, default=None):
+        return meta.get(f"{arch}.{name}", default)
+
+    head_dim = key("attention.key_length") or config.hidden_size // config.num_attention_heads
+    config.head_dim = head_dim
+    if arch not in ("gemma2", "gemma3"):
+        return config
+    big = config.num_hidden_layers == {"gemma2": 46, "gemma3": 62}[arch]  # llama.cpp's 27B query scale
+    config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if big else head_dim
+    base = float(key("rope.freq_base", 10000.0))
+    if arch == "gemma2":
+        config.attn_logit_softcapping = float(key("attn_logit_softcapping", 50.0))
+        config.final_logit_softcapping = float(key("final_logit_softcapping", 30.0))
+        window, default_pattern = key("attention.sliding_window", 4096), 2
+        local = float(key("rope.freq_base_swa", base))
+    else:
+        config.attn_logit_softcapping = None
+        config.final_logit_softcapping = float(key("final_logit_softcapping", 0.0)) or None
+        window, default_pattern = key("attention.sliding_window", 0), 6
+        local = float(key("rope.freq_base_swa", 10000.0))
+    pattern = key("attention.sliding_window_pattern", default_pattern)
+    if isinstance(pattern, list):
+        sliding = [bool(x) for x in pattern]
+    else:  # llama_hparams::set_swa_pattern: every n-th layer full, the rest sliding
+        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(config.num_hidden_layers)]
+    if not window:
+        sliding = [False] * config.num_hidden_layers
+    config.sliding_window = int(window) or None
+    config.layer_types = ["sliding_attention" if s else "full_attention" for s in sliding]
+    if arch == "gemma3":
+        config.rope_parameters = {
+            "full_attention": {"rope_type": "default", "rope_theta": base},
+            "sliding_attention": {"rope_type": "default", "rope_theta": local},
+        }
+    elif local != base:
+        raise ModelError(f"the gemma2 GGUF has a sliding-layer RoPE base {local} unlike its global {base}")
+    return config
 
 
 def check_export(
@@ -124,7 +193,7 @@ def check_export(
 def _check_model(src: _Source, gguf_path: Path, manifest, convs, described, max_new_tokens, ref):
     try:
         meta, tensors = _meta(gguf_path)
-        model, gtok = _load_gguf(gguf_path.parent, gguf_path.name)
+        model, gtok = _load_gguf(gguf_path.parent, gguf_path.name, meta)
     except Exception as e:  # whatever breaks the reload, the table must say so rather than crash
         return [Check("model config", "FAIL", f"the GGUF does not load: {type(e).__name__}: {e}")], None
     reference = ref if ref is not None else _reference_model(src)
@@ -152,15 +221,20 @@ def _check_config(ref_config, config, meta, tensors) -> Check:
         "vocab_size",
         "tie_word_embeddings",
     )
-    diffs = [
-        f"{f} {getattr(ref_config, f, None)} vs {getattr(config, f, None)}"
-        for f in fields
-        if getattr(ref_config, f, None) != getattr(config, f, None)
-    ]
-    for name, a, b in (
-        ("rms_norm_eps", ref_config.rms_norm_eps, config.rms_norm_eps),
-        ("rope_theta", _rope_theta(ref_config), _rope_theta(config)),
-    ):
+    want = {f: getattr(ref_config, f, None) for f in fields}
+    arch = _arch(ref_config)
+    want["max_position_embeddings"] = _context_length(ref_config, arch)  # mistral: capped at its sliding window
+    want["head_dim"] = _head_dim(ref_config)
+    if arch in _NORM_OFFSET:  # Gemma: what transformers' GGUF reader leaves to defaults, read as llama.cpp does
+        for f in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "layer_types"):
+            want[f] = getattr(ref_config, f, None)
+        want["sliding_window"] = ref_config.sliding_window if any(_sliding_layers(ref_config)) else None
+    diffs = [f"{f} {w} vs {getattr(config, f, None)}" for f, w in want.items() if w != getattr(config, f, None)]
+    thetas = [("rope_theta", _rope_theta(ref_config), _rope_theta(config))]
+    if arch in _NORM_OFFSET:
+        local = "sliding_attention"
+        thetas.append(("sliding rope_theta", _rope_theta(ref_config, local), _rope_theta(config, local)))
+    for name, a, b in (("rms_norm_eps", ref_config.rms_norm_eps, config.rms_norm_eps), *thetas):
         if not math.isclose(a, b, rel_tol=1e-6):
             diffs.append(f"{name} {a} vs {b}")
     types = sorted({t.tensor_type.name for t in tensors})
@@ -428,7 +502,11 @@ def _check_lora(src: _Source, gguf_path: Path, convs, described, max_new_tokens,
     arch = _arch(config)
     cfg, pairs = _lora_pairs(src.path)
     problems = []
-    for key, want in (("general.type", "adapter"), ("adapter.type", "lora"), ("general.architecture", arch)):
+    for key, want in (
+        ("general.type", "adapter"),
+        ("adapter.type", "lora"),
+        ("general.architecture", _gguf_arch(arch)),
+    ):
         if meta.get(key) != want:
             problems.append(f"{key} is {meta.get(key)!r}, llama.cpp needs {want!r}")
     alpha = meta.get("adapter.lora.alpha")

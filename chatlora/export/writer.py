@@ -12,7 +12,7 @@ import torch
 from ..files import ensure_space
 from ..infer import SamplingConfig
 from ..model import ModelError
-from .arch import _ARCHS, _PERMUTED, _arch, _gguf_name, _permute, _qk_heads, _write_hparams
+from .arch import _ARCHS, _PERMUTED, _arch, _gguf_arch, _gguf_name, _norm_offset, _permute, _qk_heads, _write_hparams
 from .quants import _Q, Quant, _quant
 from .vocab import _write_tokenizer
 
@@ -51,7 +51,10 @@ def _gguf_bytes(model, spec: Quant) -> int:
 
 
 def _gguf_tensors(model, spec: Quant):
-    """``(gguf_name, data, qtype)`` for each weight as llama.cpp stores it (llama Q/K rows in llama.cpp's order)."""
+    """``(gguf_name, data, qtype)`` for each weight as llama.cpp stores it.
+
+    llama Q/K rows in llama.cpp's order; Gemma's norm weights + 1 (HF's Gemma RMSNorm multiplies by 1 + w).
+    """
     config = model.config
     arch = _arch(config)
     name_map = gguf.get_tensor_name_map(_ARCHS[arch], config.num_hidden_layers)
@@ -60,7 +63,7 @@ def _gguf_tensors(model, spec: Quant):
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp uses token_embd as the output layer when output.weight is absent
         gname = _gguf_name(name_map, hf_name)
-        data = tensor.detach().to(torch.float32).cpu().numpy()
+        data = tensor.detach().to(torch.float32).cpu().numpy() + np.float32(_norm_offset(hf_name, arch))
         heads = _qk_heads(hf_name, config) if arch in _PERMUTED else None
         if heads is not None:
             data = _permute(data, heads)
@@ -71,10 +74,12 @@ def _round_like_export_(model, spec: Quant) -> None:
     """Give ``model`` the weights its ``spec`` GGUF holds: each weight encoded and decoded as the file stores it.
 
     Done on HF's row order, independently of :func:`_permute` (GGML types quantize row by row, so permuting rows
-    commutes with them): a file written with wrong Q/K rows does not get a reference with the same mistake.
+    commutes with them): a file written with wrong Q/K rows does not get a reference with the same mistake. Gemma's
+    norms are stored as f32(w + 1), which a reader turns back into f32(w + 1) - 1, not always exactly w.
     """
     config = model.config
-    name_map = gguf.get_tensor_name_map(_ARCHS[_arch(config)], config.num_hidden_layers)
+    arch = _arch(config)
+    name_map = gguf.get_tensor_name_map(_ARCHS[arch], config.num_hidden_layers)
     seen = set()
     with torch.no_grad():
         for hf_name, tensor in model.state_dict().items():
@@ -82,13 +87,15 @@ def _round_like_export_(model, spec: Quant) -> None:
                 continue
             seen.add(tensor.data_ptr())
             gname = _gguf_name(name_map, hf_name)
-            encoded, qtype = _encode(tensor.detach().to(torch.float32).cpu().numpy(), gname, spec)
-            decoded = gguf.quants.dequantize(encoded, qtype).reshape(tuple(tensor.shape))
+            offset = np.float32(_norm_offset(hf_name, arch))
+            encoded, qtype = _encode(tensor.detach().to(torch.float32).cpu().numpy() + offset, gname, spec)
+            decoded = gguf.quants.dequantize(encoded, qtype).reshape(tuple(tensor.shape)) - offset
             tensor.copy_(torch.from_numpy(np.ascontiguousarray(decoded)))
 
 
 def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str | None = None) -> Path:
-    """Write ``model`` (a llama or qwen2 ``*ForCausalLM``) and ``tokenizer`` as one GGUF file llama.cpp loads.
+    """Write ``model`` (a ``*ForCausalLM`` of an architecture in :data:`arch.SUPPORTED`) and ``tokenizer`` as one
+    GGUF file llama.cpp loads.
 
     The chat template, BOS, the end-of-turn token (as EOS and EOT) and chatlora chat's sampling defaults go into the
     metadata. The file appears at ``path`` only once complete.
@@ -99,7 +106,7 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
     arch = _arch(config)
     ensure_space(path, _gguf_bytes(model, spec), "the GGUF file")
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = gguf.GGUFWriter(tmp, _gguf_arch(arch))
     _write_hparams(writer, config, arch, spec, name or path.stem)
     _write_tokenizer(writer, tokenizer, config.vocab_size)
     sampling = SamplingConfig()

@@ -72,9 +72,40 @@ def make_bpe_tokenizer(pre: str = "gpt2", template: str | None = SMOL_LIKE, bos:
     return fast
 
 
-def make_model_dir(path: Path, tokenizer, arch: str = "llama", tie: bool = False, seed: int = 0) -> Path:
-    """A tiny random llama or qwen2 (2 layers, hidden 64, GQA 4/2) with confident predictions (weights ~ 0.2)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+# Each architecture's quirks at values unlike its defaults, so a reader that falls back to a default is caught.
+_ARCH_CONFIG = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": dict(head_dim=32),  # != hidden / heads: the key/value length must be written
+    "mistral": dict(sliding_window=4096),
+    "gemma2": dict(
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=2.0,
+        sliding_window=6,
+        hidden_activation="gelu_pytorch_tanh",
+    ),
+    "gemma3_text": dict(
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],  # llama.cpp's default would slide both
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 5000.0},
+        },
+        hidden_activation="gelu_pytorch_tanh",
+    ),
+}
+
+
+def make_model_dir(path: Path, tokenizer, arch: str = "llama", tie: bool = False, seed: int = 0, **config) -> Path:
+    """A tiny random model of ``arch`` (2 layers, hidden 64, GQA 4/2) with confident predictions (weights ~ 0.2).
+
+    ``config`` overrides the architecture's test values (:data:`_ARCH_CONFIG`).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(
         vocab_size=len(tokenizer),
@@ -91,11 +122,15 @@ def make_model_dir(path: Path, tokenizer, arch: str = "llama", tie: bool = False
         rms_norm_eps=1e-6,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw)) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**kw))
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(arch, **{**kw, **_ARCH_CONFIG.get(arch, {}), **config})
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2 or "bias" in name:
                 p.normal_(0, 0.2)
+            elif name.endswith("norm.weight") and arch not in ("llama", "qwen2"):
+                p.normal_(0.0 if arch.startswith("gemma") else 1.0, 0.2)  # Gemma's norm multiplies by 1 + w
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
