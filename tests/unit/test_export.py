@@ -142,6 +142,7 @@ def train_adapter(
     system_prompt: str | None = "你是甄嬛",
     seed: int = 1,
     rows: list[dict] | None = None,
+    lora_std: float = 0.3,
     **settings,
 ) -> Path:
     """A real chatlora run (adapter + run card with a held-out split), its LoRA weights then set to random values."""
@@ -174,7 +175,7 @@ def train_adapter(
     train(dataclasses.replace(cfg, **settings))
     weights = load_file(out / "adapter_model.safetensors")
     torch.manual_seed(seed)
-    save_file({k: torch.randn_like(v) * 0.3 for k, v in weights.items()}, out / "adapter_model.safetensors")
+    save_file({k: torch.randn_like(v) * lora_std for k, v in weights.items()}, out / "adapter_model.safetensors")
     return out
 
 

@@ -1,26 +1,28 @@
 """GGUF export of each architecture (mistral, qwen3, gemma2, gemma3) and its quirks, on tiny random models.
 
-The tokenizer is the byte-level BPE of ``test_export`` for every architecture: the tensors and hyperparameters under
-test do not depend on it (Mistral and Gemma ship sentencepiece tokenizers, which ``vocab.py`` writes separately).
+Each model gets its family's kind of tokenizer and chat template: Mistral and Gemma a real sentencepiece vocabulary
+(Llama 2's, from llama.cpp's ``ggml-vocab-llama-spm.gguf``; Gemma's turn markers added), qwen3 Qwen2's real
+byte-level BPE with ChatML.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import gguf
 import numpy as np
 import pytest
+from chat_templates import FAMILIES
+from conftest import VOCAB_DIR, vocab_tokenizer
 from test_export import failed, make_bpe_tokenizer, make_model_dir, statuses, train_adapter
 
 import chatlora.export.writer as writer
 from chatlora.cli import main
 from chatlora.export import export
+from chatlora.template import render_text
 
 ARCHS = ["mistral", "qwen3", "gemma2", "gemma3_text"]
-# Random 2-layer models have near-ties: with seeds 0 and 1 the mistral model's q8_0 rounding flips 2 of its 16
-# teacher-forced tokens (top-1 87.5 %) while greedy replies equal the q8_0 adapter's; seed 2 has no such tie.
-SEEDS = {"mistral": 2}
 CONVERSION = (
     "model config",
     "tokenizer",
@@ -31,10 +33,38 @@ CONVERSION = (
 )
 
 
+def family_tokenizer(arch: str):
+    """The tokenizer kind ``arch``'s models ship, with the family's chat template."""
+    if arch == "qwen3":
+        return vocab_tokenizer("qwen2")
+    if arch == "mistral":
+        return vocab_tokenizer("llama-spm", FAMILIES["mistral"][0])
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    spm = AutoTokenizer.from_pretrained(str(VOCAB_DIR / "llama-spm"))  # a copy: vocab_tokenizer's is shared
+    # Gemma's shape: no word-start space added anywhere, so none stripped when decoding.
+    backend = json.loads(spm.backend_tokenizer.to_str())
+    backend["pre_tokenizer"]["prepend_scheme"] = "never"
+    backend["decoder"]["decoders"] = [d for d in backend["decoder"]["decoders"] if d["type"] != "Strip"]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(backend)),
+        bos_token=spm.bos_token,
+        eos_token=spm.eos_token,
+        unk_token=spm.unk_token,
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tok.chat_template = FAMILIES["gemma2" if arch == "gemma2" else "gemma3"][0]
+    return tok
+
+
 def make_run(tmp, arch: str, seed: int = 0, **config):
-    tok = make_bpe_tokenizer("qwen2", template=None)
+    tok = family_tokenizer(arch)
     base = make_model_dir(tmp / "base", tok, arch=arch, tie=arch.startswith("gemma"), seed=seed, **config)
-    return train_adapter(tmp, base, system_prompt="")
+    # LoRA weights at 0.05, not test_export's 0.3: with 0.3 the merged weights are LoRA-dominated and a random
+    # 2-layer llama graph so sensitive that rounding its embeddings to q8_0 alone moves logits by ~1 std (top-1 vs
+    # fp32 ~85 % on a 32k vocabulary, for llama as for mistral); the conversion itself was exact either way.
+    return train_adapter(tmp, base, system_prompt="", lora_std=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +74,7 @@ def runs(tmp_path_factory):
 
     def get(arch):
         if arch not in made:
-            made[arch] = make_run(tmp_path_factory.mktemp(arch), arch, seed=SEEDS.get(arch, 0))
+            made[arch] = make_run(tmp_path_factory.mktemp(arch), arch)
         return made[arch]
 
     return get
@@ -193,11 +223,12 @@ def test_llama_cpp_computes_what_the_check_reloads(runs, tmp_path):
 
     from chatlora.export.parity import _load_gguf
 
+    conv = [{"role": "user", "content": "你是谁？我是甄嬛。 12345 Hello world, this is a tiny tokenizer."}]
     for arch in ARCHS:
         result = export(runs(arch), tmp_path / arch, quant="f32", check=False)
-        model, tok = _load_gguf(result.output_dir, result.files[0].name)
-        text = "<|im_start|>user\n你是谁？我是甄嬛。 12345 Hello world, this is a tiny tokenizer.<|im_end|>\n"
-        ids = tok(text + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        model, _ = _load_gguf(result.output_dir, result.files[0].name)
+        tok = family_tokenizer(arch)
+        ids = tok(render_text(conv, tok, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         assert len(ids) > 12  # beyond the sliding window (6) of the Gemma models
         llm = llama_cpp.Llama(str(result.files[0]), logits_all=True, verbose=False, n_ctx=64, n_threads=1)
         llm.eval(ids)
