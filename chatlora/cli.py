@@ -524,7 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--quant",
         default=None,
-        help="weight type: f16 (default), f32, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (--lora-only: f16 or f32)",
+        help="weight type: f16 (default), f32, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, and the K-quants q6_k, q5_k_m, "
+        "q4_k_m (written by llama.cpp: pip install 'chatlora[gguf]'); --lora-only: f16 or f32",
     )
     ex.add_argument("--lora-only", action="store_true", help="write the adapter alone as a llama.cpp LoRA GGUF")
     ex.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output")

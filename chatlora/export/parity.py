@@ -42,7 +42,7 @@ from .quants import QUANTS, Quant
 from .results import MANIFEST, Check, _first_difference, read_manifest
 from .runtimes import _check_llama_server, _check_ollama
 from .source import _conversations, _open_source, _prompt_of, _reference_model, _Source
-from .writer import _round_like_export_
+from .writer import _round_like_export_, _round_like_file_
 
 
 def _greedy(model, prompt_ids: list[int], stop_ids: list[int], max_new_tokens: int, pad_id: int | None) -> list[int]:
@@ -206,7 +206,7 @@ def _check_model(src: _Source, gguf_path: Path, manifest, convs, described, max_
     stops = list(
         dict.fromkeys(meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta)
     )
-    replies, expected = _check_replies(src, reference, model, stops, spec, convs, described, max_new_tokens)
+    replies, expected = _check_replies(src, reference, model, stops, spec, convs, described, max_new_tokens, gguf_path)
     return checks + replies, expected
 
 
@@ -371,12 +371,21 @@ def _first_token_difference(want: list[int], got: list[int], tok, n: int) -> str
 
 
 def _check_replies(
-    src: _Source, reference, model, stops: list[int], spec: Quant | None, convs, described, max_new_tokens
+    src: _Source,
+    reference,
+    model,
+    stops: list[int],
+    spec: Quant | None,
+    convs,
+    described,
+    max_new_tokens,
+    gguf_path: Path | None = None,
 ) -> tuple[list[Check], list[list[int]]]:
     """Greedy replies and teacher-forced top-1 predictions of ``model`` (the reloaded export) against the adapter.
 
     With ``spec`` the greedy replies must equal, token for token, those of the adapter holding exactly the weights
-    the file holds (``reference`` is rounded in place to them): any difference is a conversion error. The rounding
+    the file holds (``reference`` is rounded in place to them; for llama.cpp's K-quant mixes they are read back from
+    ``gguf_path``, each within rounding distance of the source's): any difference is a conversion error. The rounding
     itself is measured against the fp32 adapter: top-1 agreement under teacher forcing, and greedy replies, which
     can part at near-ties (two tokens within rounding noise) without the export being wrong.
 
@@ -398,17 +407,29 @@ def _check_replies(
     checks, expected = [], got
     n, tokens = len(convs), sum(len(r) for r in fp32)
     if spec is not None:
-        _round_like_export_(reference, spec)
+        moved = None
+        if spec.llama_cpp:
+            moved = _round_like_file_(reference, gguf_path)
+        else:
+            _round_like_export_(reference, spec)
         rounded = expected = [_greedy(reference, p, ref_stops, max_new_tokens, pad) for p in prompts]
         same = [a == b for a, b in zip(rounded, got, strict=True)]
         detail = (
             f"{sum(same)}/{n} identical token for token to the adapter with {spec.name} weights ({tokens} tokens, "
             f"{described}); {same32}/{n} to the fp32 adapter"
         )
+        ok = all(same)
+        if moved is not None:
+            # Rounding moves a weight by a few percent (Q4_K ~5-10 %); rows out of order or a wrong tensor ~100 %.
+            far = moved[1] > _MAX_ROUNDING
+            ok = ok and not far
+            detail += f"; the file's weights are at most {moved[1]:.1%} from the source's ({moved[0]})"
+            if far:
+                detail += f": more than rounding ({_MAX_ROUNDING:.0%}), a wrong tensor or Q/K row order"
         if not all(same):
             k = same.index(False)
             detail += "; " + _first_token_difference(rounded[k], got[k], tok, k + 1)
-        checks.append(Check("greedy replies", "PASS" if all(same) else "FAIL", detail))
+        checks.append(Check("greedy replies", "PASS" if ok else "FAIL", detail))
     else:
         checks.append(
             Check(
@@ -424,6 +445,9 @@ def _check_replies(
         detail += f"; {spec.name} loses the tuning here: use q8_0/f16, or --lora-only on the base's GGUF"
     checks.append(Check("top-1 agreement", "PASS" if passed else "FAIL", detail))
     return checks, expected
+
+
+_MAX_ROUNDING = 0.5  # relative RMS change of a weight that rounding never reaches
 
 
 def _check_modelfile(src: _Source, modelfile, convs, manifest) -> list[Check]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import gguf
@@ -21,6 +23,8 @@ class Quant:
             forcing (the rounding's cost; conversion errors are caught exactly, see :func:`check_export`).
         embeddings: type of ``token_embd``/``output``; 4/5-bit types keep them at q8_0, as llama.cpp's own
             4/5-bit mixes keep the output layer at higher precision.
+        llama_cpp: written by llama.cpp's quantizer from an f32 GGUF (the K-quants, which the ``gguf`` package cannot
+            encode); ``qtype`` is then the mix's main type, llama.cpp picks each tensor's own.
     """
 
     name: str
@@ -28,6 +32,7 @@ class Quant:
     file_type: gguf.LlamaFileType
     min_top1: float
     embeddings: gguf.GGMLQuantizationType | None = None
+    llama_cpp: bool = False
 
 
 QUANTS: dict[str, Quant] = {
@@ -41,12 +46,31 @@ QUANTS: dict[str, Quant] = {
         Quant("q5_0", _Q.Q5_0, _F.MOSTLY_Q5_0, 0.85, _Q.Q8_0),
         Quant("q4_1", _Q.Q4_1, _F.MOSTLY_Q4_1, 0.80, _Q.Q8_0),
         Quant("q4_0", _Q.Q4_0, _F.MOSTLY_Q4_0, 0.80, _Q.Q8_0),
+        # K-quants: llama.cpp's mixes (Q4_K_M keeps attn_v/ffn_down of some layers and the output at Q6_K); the
+        # thresholds are the legacy types' of about the same bits until measured on a tuned model.
+        Quant("q6_k", _Q.Q6_K, _F.MOSTLY_Q6_K, 0.95, llama_cpp=True),
+        Quant("q5_k_m", _Q.Q5_K, _F.MOSTLY_Q5_K_M, 0.85, llama_cpp=True),
+        Quant("q4_k_m", _Q.Q4_K, _F.MOSTLY_Q4_K_M, 0.80, llama_cpp=True),
     )
 }
 LORA_QUANTS = ("f32", "f16")
+GGUF_EXTRA = "pip install 'chatlora[gguf]'"
 
 
 def _quant(quant: str) -> Quant:
     if quant not in QUANTS:
         raise ModelError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
-    return QUANTS[quant]
+    spec = QUANTS[quant]
+    if spec.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+        raise ModelError(f"--quant {quant} is written by llama.cpp's quantizer (llama-cpp-python): {GGUF_EXTRA}")
+    return spec
+
+
+def _llama_cpp():
+    """llama-cpp-python (the ``gguf`` extra), imported with its OpenMP threads sleeping while idle."""
+    # llama.cpp's OpenMP threads otherwise spin between ops, taking the cores from everything else on a busy machine;
+    # libgomp reads this once, when llama.cpp loads it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    import llama_cpp
+
+    return llama_cpp

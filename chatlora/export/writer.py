@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 from pathlib import Path
 
@@ -12,8 +14,19 @@ import torch
 from ..files import ensure_space
 from ..infer import SamplingConfig
 from ..model import ModelError
-from .arch import _ARCHS, _PERMUTED, _arch, _gguf_arch, _gguf_name, _norm_offset, _permute, _qk_heads, _write_hparams
-from .quants import _Q, Quant, _quant
+from .arch import (
+    _ARCHS,
+    _PERMUTED,
+    _arch,
+    _gguf_arch,
+    _gguf_name,
+    _norm_offset,
+    _permute,
+    _qk_heads,
+    _unpermute,
+    _write_hparams,
+)
+from .quants import _Q, Quant, _llama_cpp, _quant
 from .vocab import _write_tokenizer
 
 
@@ -93,12 +106,66 @@ def _round_like_export_(model, spec: Quant) -> None:
             tensor.copy_(torch.from_numpy(np.ascontiguousarray(decoded)))
 
 
+def _round_like_file_(model, path: Path) -> tuple[str, float]:
+    """Give ``model`` the weights the GGUF at ``path`` holds, read back and dequantized (llama.cpp's K-quant mixes,
+    which chatlora cannot encode itself to round a reference the way :func:`_round_like_export_` does).
+
+    The Q/K rows are put back in HF order with :func:`_unpermute`, which assumes the file has them in llama.cpp's
+    order. Returns the tensor that moved most and by how much (relative RMS): rounding moves a weight by a few percent,
+    rows in the wrong order or a wrong tensor by ~100 %, so a file written with HF's Q/K order is caught here even
+    though the reference then holds the file's mistake.
+    """
+    config = model.config
+    arch = _arch(config)
+    name_map = gguf.get_tensor_name_map(_ARCHS[arch], config.num_hidden_layers)
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    worst, seen = ("", 0.0), set()
+    with torch.no_grad():
+        for hf_name, tensor in model.state_dict().items():
+            if tensor.data_ptr() in seen:  # tied embeddings: one tensor under two names
+                continue
+            seen.add(tensor.data_ptr())
+            gname = _gguf_name(name_map, hf_name)
+            if gname not in tensors:
+                return gname, float("inf")
+            t = tensors[gname]
+            data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(tensor.shape))
+            data = data - np.float32(_norm_offset(hf_name, arch))  # Gemma's norms are stored as w + 1
+            heads = _qk_heads(hf_name, config) if arch in _PERMUTED else None
+            if heads is not None:
+                data = _unpermute(data, heads)
+            new = torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy of the file's (read-only) map
+            old = tensor.detach().to(torch.float32)
+            moved = float((new - old).norm() / old.norm().clamp_min(1e-12))
+            if moved > worst[1]:
+                worst = (gname, moved)
+            tensor.copy_(new)
+    return worst
+
+
+def _llama_quantize(src: Path, dst: Path, spec: Quant) -> None:
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(spec.file_type)  # gguf's LlamaFileType numbers are llama.cpp's llama_ftype
+    params.nthread = min(4, os.cpu_count() or 1)
+    log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log at this logger's level
+    level = log.level
+    log.setLevel(logging.ERROR)  # a line per tensor otherwise; errors still show
+    try:
+        failed = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
+    if failed:
+        raise ModelError(f"llama.cpp's quantizer failed to write {spec.name} (its error is printed above)")
+
+
 def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str | None = None) -> Path:
     """Write ``model`` (a ``*ForCausalLM`` of an architecture in :data:`arch.SUPPORTED`) and ``tokenizer`` as one
     GGUF file llama.cpp loads.
 
     The chat template, BOS, the end-of-turn token (as EOS and EOT) and chatlora chat's sampling defaults go into the
-    metadata. The file appears at ``path`` only once complete.
+    metadata. The file appears at ``path`` only once complete. K-quants are written as f32 first, then quantized by
+    llama.cpp (the ``gguf`` extra); the f32 file is removed, also on failure.
     """
     spec = _quant(quant)
     path = Path(path)
@@ -106,6 +173,17 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
     arch = _arch(config)
     ensure_space(path, _gguf_bytes(model, spec), "the GGUF file")
     tmp = path.with_name(path.name + ".tmp")
+    if spec.llama_cpp:
+        f32 = path.with_name(path.name + ".f32.tmp")
+        ensure_space(path, _gguf_bytes(model, _quant("f32")) + _gguf_bytes(model, spec), "the GGUF file")
+        try:
+            write_gguf(model, tokenizer, f32, "f32", name or path.stem)
+            _llama_quantize(f32, tmp, spec)
+            os.replace(tmp, path)
+        finally:
+            f32.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
+        return path
     writer = gguf.GGUFWriter(tmp, _gguf_arch(arch))
     _write_hparams(writer, config, arch, spec, name or path.stem)
     _write_tokenizer(writer, tokenizer, config.vocab_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from conftest import write_jsonl
 from chatlora.cli import main
 from chatlora.export import (
     MANIFEST,
+    QUANTS,
     check_export,
     export,
     parse_modelfile,
@@ -100,17 +102,32 @@ _ARCH_CONFIG = {
 }
 
 
-def make_model_dir(path: Path, tokenizer, arch: str = "llama", tie: bool = False, seed: int = 0, **config) -> Path:
+def make_model_dir(
+    path: Path,
+    tokenizer,
+    arch: str = "llama",
+    tie: bool = False,
+    seed: int = 0,
+    hidden: int = 64,
+    reply: str | None = None,
+    **config,
+) -> Path:
     """A tiny random model of ``arch`` (2 layers, hidden 64, GQA 4/2) with confident predictions (weights ~ 0.2).
 
-    ``config`` overrides the architecture's test values (:data:`_ARCH_CONFIG`).
+    ``config`` overrides the architecture's test values (:data:`_ARCH_CONFIG`). ``hidden=256`` gives rows
+    llama.cpp's K-quants can hold (256-value super-blocks); narrower rows fall back to legacy types in llama.cpp's
+    quantizer. With ``reply`` (untied only) the model is instead nearly a bigram model: small block weights, and the
+    output layer reads each token's embedding out as the logit of its successor in a random permutation of the
+    vocabulary that chains the generation prompt's last token through ``reply`` to the end of turn. Its every
+    prediction wins by a wide margin, so runtimes whose kernels round differently (llama.cpp's 8-bit activations)
+    reply ``reply`` to any prompt and stop at the same place, as a random model does not.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -128,9 +145,24 @@ def make_model_dir(path: Path, tokenizer, arch: str = "llama", tie: bool = False
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2 or "bias" in name:
-                p.normal_(0, 0.2)
+                p.normal_(0, 0.2 * (64 / hidden) ** 0.5)  # the same gain per layer at any width
             elif name.endswith("norm.weight") and arch not in ("llama", "qwen2"):
                 p.normal_(0.0 if arch.startswith("gemma") else 1.0, 0.2)  # Gemma's norm multiplies by 1 + w
+        if reply is not None:
+            assert not tie
+            for name, p in model.named_parameters():
+                if "layers." in name:
+                    p.mul_(0.1)
+            embed = model.get_input_embeddings().weight
+            embed.normal_(0, 1.0)
+            start = tokenizer("assistant\n", add_special_tokens=False)["input_ids"][-1]
+            chain = [start, *tokenizer(reply, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+            assert len(set(chain)) == len(chain), chain
+            succ = torch.randperm(len(tokenizer), generator=torch.Generator().manual_seed(seed)).tolist()
+            for a, b in zip(chain, chain[1:], strict=False):
+                j = succ.index(b)
+                succ[j], succ[a] = succ[a], b  # still a permutation, now with a -> b
+            model.lm_head.weight[torch.tensor(succ)] = embed[: len(succ)] / 16
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -706,3 +738,87 @@ def test_output_that_is_a_file_is_one_line_exit_2_and_kept(tmp_path, capsys, ove
     assert target.read_text(encoding="utf-8") == "mine"
     assert main(["export", "--adapter", str(tmp_path / "no-such-run"), "--output", str(target / "sub")]) == 2
     assert f"lies under {target}, which is a file: --output must be a folder" in capsys.readouterr().err
+
+
+# K-quants, written by llama.cpp's quantizer (llama-cpp-python, the `gguf` extra).
+needs_llama_cpp = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (make install has it)"
+)
+
+
+@pytest.fixture(scope="module")
+def wide_runs(tmp_path_factory) -> dict[str, Path]:
+    """A llama (BOS written by the template) and a qwen2 (no BOS, ChatML fallback), hidden 256 for K-quants, nearly
+    bigram models that reply "Hello world, this is a tiny tokenizer." to any prompt, with small LoRA updates."""
+    runs = {}
+    for arch, pre, template, bos, system in (
+        ("llama", "gpt2", SMOL_LIKE, "<|im_start|>", "你是甄嬛"),
+        ("qwen2", "qwen2", None, None, ""),
+    ):
+        tmp = tmp_path_factory.mktemp(f"wide-{arch}")
+        tok = make_bpe_tokenizer(pre, template=template, bos=bos)
+        base = make_model_dir(tmp / "base", tok, arch=arch, hidden=256, reply="Hello world, this is a tiny tokenizer.")
+        runs[arch] = train_adapter(tmp, base, system, lora_std=0.03)
+    return runs
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize(
+    "quant, types",
+    [("q4_k_m", {"Q4_K", "Q6_K", "F32"}), ("q5_k_m", {"Q5_K", "Q6_K", "F32"}), ("q6_k", {"Q6_K", "F32"})],
+)
+def test_k_quant_export(wide_runs, tmp_path, quant, types):
+    """Guards against a K-quant file that is not llama.cpp's mix, or a reference that is not the file's weights:
+    replies must equal the adapter holding the weights read back from the file, token for token."""
+    result = export(wide_runs["llama"], tmp_path / quant, quant=quant, max_new_tokens=12)
+    assert result.passed, failed(result.checks)
+    reader = gguf.GGUFReader(result.files[0])
+    assert {t.tensor_type.name for t in reader.tensors} == types
+    assert reader.fields["general.file_type"].contents() == QUANTS[quant].file_type
+    detail = {c.name: c.detail for c in result.checks}["greedy replies"]
+    assert detail.startswith(f"4/4 identical token for token to the adapter with {quant} weights"), detail
+    assert sorted(p.name for p in result.output_dir.iterdir()) == ["Modelfile", MANIFEST, f"run-{quant}.gguf"]
+
+
+@needs_llama_cpp
+def test_k_quant_qk_permutation_is_required(wide_runs, tmp_path, monkeypatch):
+    """Guards against a K-quant reference read back from a file with HF's Q/K row order: the reference would hold
+    the same mistake, so the read-back weights must be within rounding distance of the source's."""
+    import chatlora.export.writer as writer
+
+    monkeypatch.setattr(writer, "_permute", lambda w, n: w)
+    bad = failed(export(wide_runs["llama"], tmp_path / "x", quant="q4_k_m", max_new_tokens=8).checks)
+    assert "a wrong tensor or Q/K row order" in bad["greedy replies"], bad
+
+
+@needs_llama_cpp
+def test_k_quant_failure_leaves_no_file(wide_runs, tmp_path, monkeypatch):
+    """Guards against a half-written GGUF or a stray f32 temp file when llama.cpp's quantizer fails."""
+    import llama_cpp
+
+    from chatlora.model import load_model, load_tokenizer
+
+    def fail(src, dst, params):
+        assert Path(src.decode()).is_file()  # the f32 GGUF llama.cpp quantizes from
+        Path(dst.decode()).write_bytes(b"GGUF half")
+        return 1
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", fail)
+    base = wide_runs["llama"].parent / "base"
+    with pytest.raises(ModelError, match="llama.cpp's quantizer failed to write q4_k_m"):
+        write_gguf(load_model(str(base)), load_tokenizer(str(base)), tmp_path / "m.gguf", "q4_k_m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_k_quant_without_llama_cpp_is_one_line_exit_2(llama_run, tmp_path, capsys, monkeypatch):
+    """Guards against a traceback (or minutes of merging first) when the `gguf` extra is missing for a K-quant."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else find_spec(name))
+    out = tmp_path / "k"
+    assert main(["export", "--adapter", str(llama_run), "--output", str(out), "--quant", "q4_k_m"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "chatlora: error: --quant q4_k_m is written by llama.cpp's quantizer (llama-cpp-python): "
+        "pip install 'chatlora[gguf]'\n"
+    )
+    assert not out.exists()
