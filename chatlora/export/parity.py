@@ -40,7 +40,7 @@ from .lora import _lora_pairs
 from .ollama import MODELFILE, parse_modelfile, render_go_template
 from .quants import QUANTS, Quant
 from .results import MANIFEST, Check, _first_difference, read_manifest
-from .runtimes import _check_llama_server, _check_ollama
+from .runtimes import _check_llama_cpp, _check_llama_server, _check_ollama
 from .source import _conversations, _open_source, _prompt_of, _reference_model, _Source
 from .writer import _round_like_export_, _round_like_file_
 
@@ -180,11 +180,14 @@ def check_export(
         checks, expected = _check_lora(src, gguf_path, convs, described, max_new_tokens, _ref)
         base = manifest.get("base_gguf")
         server_args = ["-m", base, "--lora", str(gguf_path)] if base else None
+        model_path, lora_path = (Path(base) if base else None), gguf_path
     else:
         checks, expected = _check_model(src, gguf_path, manifest, convs, described, max_new_tokens, _ref)
         server_args = ["-m", str(gguf_path)]
+        model_path, lora_path = gguf_path, None
     checks += _check_modelfile(src, modelfile, convs, manifest)
     if expected is not None:
+        checks.append(_check_llama_cpp(src, model_path, lora_path, convs, expected, max_new_tokens))
         checks.append(_check_llama_server(src, server_args, convs, expected, max_new_tokens))
         checks.append(_check_ollama(src, directory, modelfile, convs, expected, max_new_tokens))
     return checks

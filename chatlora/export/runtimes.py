@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +20,7 @@ from ..template import (
     stop_token_ids,
 )
 from .ollama import MODELFILE
+from .quants import GGUF_EXTRA, _llama_cpp
 from .results import Check, _first_difference
 from .source import _prompt_of, _Source
 
@@ -52,6 +55,144 @@ def _runtime_summary(convs, expected: list[list[int]], got: list[tuple[str, bool
         stopped_ok == n,
         f"{same}/{n} greedy replies identical, {stopped_ok}/{n} stop where the export's weights stop",
     )
+
+
+def _check_llama_cpp(
+    src: _Source, model_path: Path | None, lora_path: Path | None, convs, expected, max_new_tokens
+) -> Check:
+    """llama.cpp itself, through llama-cpp-python: the prompts it builds from the GGUF and where its replies stop.
+
+    For each held-out prompt: llama.cpp's tokenizer on training's text (BOS added as the GGUF says, special tokens
+    parsed) gives training's ids, with BOS once; the GGUF's template rendered as llama-cpp-python's chat completion
+    renders it (and by llama.cpp's built-in renderer, where it recognises the template) is training's text; greedy
+    replies stop where the export's weights stop in transformers.
+    """
+    name = "llama.cpp (library)"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return Check(name, "SKIP", f"llama-cpp-python is not installed ({GGUF_EXTRA})")
+    if model_path is None:
+        return Check(name, "SKIP", "the base model is not a GGUF file to apply the LoRA to")
+    llama_cpp = _llama_cpp()
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    tok = src.tokenizer
+    prompts = [_prompt_of(c) for c in convs]
+    want_ids = [encode_prompt(m, tok) for m in prompts]
+    n_ctx = max(len(ids) for ids in want_ids) + max_new_tokens + 16
+    try:
+        llm = llama_cpp.Llama(
+            str(model_path),
+            lora_path=str(lora_path) if lora_path else None,
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_threads=min(4, os.cpu_count() or 1),
+            seed=0,
+            logits_all=False,
+            verbose=False,
+        )
+    except Exception as e:  # llama.cpp refuses the file: the row says so rather than crash the table
+        return Check(name, "FAIL", f"llama.cpp does not load the GGUF: {type(e).__name__}: {e}")
+    try:
+        meta = llm.metadata
+        template = meta.get("tokenizer.chat_template")
+        if not template:
+            return Check(name, "FAIL", "the GGUF has no tokenizer.chat_template for llama.cpp to render")
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        bos, eos = llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_eos(vocab)
+
+        def text_of(token: int) -> str:
+            return llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8", errors="replace")
+
+        # What create_chat_completion does with the GGUF's template (Llama.__init__ builds the same formatter).
+        formatter = Jinja2ChatFormatter(
+            template, eos_token=text_of(eos) if eos != -1 else "", bos_token=text_of(bos) if bos != -1 else ""
+        )
+        builtin = 0
+        got = []
+        for n, (messages, want) in enumerate(zip(prompts, want_ids, strict=True), 1):
+            text = render_text(messages, tok, add_generation_prompt=True)
+            ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)  # add_bos: BOS if the GGUF says
+            lead = _leading_bos(ids, bos)
+            if lead > 1:
+                return Check(
+                    name,
+                    "FAIL",
+                    f"prompt {n}: llama.cpp's prompt starts with {lead} BOS tokens ({text_of(bos)!r}): the GGUF's "
+                    f"add_bos_token adds one and the template writes one; training had {_leading_bos(want, bos)}",
+                )
+            if ids != want:
+                return Check(
+                    name, "FAIL", f"prompt {n}: llama.cpp tokenizes training's text {_id_difference(want, ids)}"
+                )
+            chat = formatter(messages=messages)
+            if chat.prompt != text:
+                return Check(
+                    name,
+                    "FAIL",
+                    f"prompt {n}: llama-cpp-python's rendering of the GGUF template "
+                    f"{_first_difference(text, chat.prompt)}",
+                )
+            chat_ids = llm.tokenize(chat.prompt.encode("utf-8"), add_bos=not chat.added_special, special=True)
+            if chat_ids != want:
+                return Check(
+                    name, "FAIL", f"prompt {n}: llama-cpp-python's chat prompt {_id_difference(want, chat_ids)}"
+                )
+            own = _apply_builtin_template(llama_cpp, template, messages)
+            if own is not None:
+                if own != text:
+                    return Check(
+                        name,
+                        "FAIL",
+                        f"prompt {n}: llama.cpp's built-in renderer (llama_chat_apply_template, used without --jinja) "
+                        f"{_first_difference(text, own)}",
+                    )
+                builtin += 1
+            reply, stopped = [], False
+            for token in llm.generate(chat_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+                if llama_cpp.llama_vocab_is_eog(vocab, token):  # EOS, EOT or any end-of-generation token
+                    stopped = True
+                    break
+                reply.append(token)
+                if len(reply) == max_new_tokens:
+                    break
+            # Token ids, decoded by training's tokenizer as the expected replies are: byte-level tokens that end
+            # inside a character compare exactly.
+            got.append((tok.decode(reply, skip_special_tokens=True), stopped))
+        ok, detail = _runtime_summary(convs, expected, got, tok)
+        rendered = "llama-cpp-python's template" + (" and llama.cpp's built-in one" if builtin else "")
+        return Check(
+            name,
+            "PASS" if ok else "FAIL",
+            f"{rendered} render and llama.cpp tokenizes {len(prompts)} prompts as in training (BOS once); {detail}",
+        )
+    finally:
+        llm.close()
+
+
+def _leading_bos(ids: list[int], bos: int) -> int:
+    n = 0
+    while bos != -1 and n < len(ids) and ids[n] == bos:
+        n += 1
+    return n
+
+
+def _id_difference(want: list[int], got: list[int]) -> str:
+    k = next((i for i, (x, y) in enumerate(zip(want, got, strict=False)) if x != y), min(len(want), len(got)))
+    return f"to other ids: at token {k} training has {want[k : k + 4]}, llama.cpp {got[k : k + 4]}"
+
+
+def _apply_builtin_template(llama_cpp, template: str, messages: list[dict]) -> str | None:
+    """llama.cpp's own C++ rendering (what llama-cli/llama-server use without ``--jinja``); None when it does not
+    recognise the template."""
+    chat = (llama_cpp.llama_chat_message * len(messages))(
+        *(llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages)
+    )
+    size = llama_cpp.llama_chat_apply_template(template.encode(), chat, len(messages), True, None, 0)
+    if size < 0:
+        return None
+    buf = ctypes.create_string_buffer(size + 1)
+    llama_cpp.llama_chat_apply_template(template.encode(), chat, len(messages), True, buf, size + 1)
+    return buf.raw[:size].decode("utf-8")
 
 
 def _check_llama_server(src: _Source, model_args: list[str] | None, convs, expected, max_new_tokens) -> Check:

@@ -740,10 +740,11 @@ def test_output_that_is_a_file_is_one_line_exit_2_and_kept(tmp_path, capsys, ove
     assert f"lies under {target}, which is a file: --output must be a folder" in capsys.readouterr().err
 
 
-# K-quants, written by llama.cpp's quantizer (llama-cpp-python, the `gguf` extra).
+# llama.cpp itself (llama-cpp-python, the `gguf` extra `make install` installs): K-quants and the library row.
 needs_llama_cpp = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed (make install has it)"
 )
+LIBRARY = "llama.cpp (library)"
 
 
 @pytest.fixture(scope="module")
@@ -760,6 +761,28 @@ def wide_runs(tmp_path_factory) -> dict[str, Path]:
         base = make_model_dir(tmp / "base", tok, arch=arch, hidden=256, reply="Hello world, this is a tiny tokenizer.")
         runs[arch] = train_adapter(tmp, base, system, lora_std=0.03)
     return runs
+
+
+def set_gguf_array_item(path: Path, key: str, index: int, value: int) -> None:
+    """Change one element of a GGUF metadata array in place, as a broken exporter would have written it."""
+    reader = gguf.GGUFReader(path, "r+")
+    field = reader.fields[key]
+    field.parts[field.data[index]][...] = value
+    reader.data.flush()
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_k_m"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_library_prompts_and_stops_like_the_export(wide_runs, tmp_path, arch, quant):
+    """Guards against a GGUF that transformers reads right but llama.cpp itself renders, tokenizes or stops
+    differently (its own tokenizer, token types, add_bos flag, template engine and kernels)."""
+    result = export(wide_runs[arch], tmp_path / quant, quant=quant, max_new_tokens=12)
+    assert result.passed, failed(result.checks)
+    row = {c.name: c for c in result.checks}[LIBRARY]
+    assert row.status == "PASS", row.detail
+    assert "llama.cpp tokenizes 4 prompts as in training (BOS once)" in row.detail
+    assert row.detail.endswith("4/4 stop where the export's weights stop"), row.detail
 
 
 @needs_llama_cpp
@@ -810,8 +833,9 @@ def test_k_quant_failure_leaves_no_file(wide_runs, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_k_quant_without_llama_cpp_is_one_line_exit_2(llama_run, tmp_path, capsys, monkeypatch):
-    """Guards against a traceback (or minutes of merging first) when the `gguf` extra is missing for a K-quant."""
+def test_k_quant_without_llama_cpp_is_one_line_exit_2(llama_run, llama_f16, tmp_path, capsys, monkeypatch):
+    """Guards against a traceback (or minutes of merging first) when the `gguf` extra is missing for a K-quant,
+    and against the library row failing rather than skipping without it."""
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else find_spec(name))
     out = tmp_path / "k"
@@ -822,3 +846,27 @@ def test_k_quant_without_llama_cpp_is_one_line_exit_2(llama_run, tmp_path, capsy
         "pip install 'chatlora[gguf]'\n"
     )
     assert not out.exists()
+    row = {c.name: c for c in check_export(llama_f16.output_dir, samples=1, max_new_tokens=4)}[LIBRARY]
+    assert (row.status, row.detail) == ("SKIP", "llama-cpp-python is not installed (pip install 'chatlora[gguf]')")
+
+
+@needs_llama_cpp
+def test_llama_cpp_library_catches_a_second_bos(llama_f16, tmp_path):
+    """Guards against add_bos_token = true while the template writes BOS: llama.cpp would prompt with two."""
+    out = broken_copy(llama_f16, tmp_path)
+    set_gguf_field(out / "run-f16.gguf", "tokenizer.ggml.add_bos_token", lambda v: np.array([1], dtype=v.dtype))
+    bad = failed(check_export(out, samples=2, max_new_tokens=4))
+    assert bad[LIBRARY].startswith("prompt 1: llama.cpp's prompt starts with 2 BOS tokens ('<|im_start|>')"), bad
+    assert set(bad) == {"BOS once", LIBRARY}  # the transformers-side check reads the same flag
+
+
+@needs_llama_cpp
+def test_llama_cpp_library_catches_a_chat_marker_that_is_not_control(llama_f16, tmp_path):
+    """Guards against a chat marker stored as a NORMAL token: llama.cpp would split '<|im_start|>' into pieces
+    (transformers' GGUF reader does not look at token types, so only llama.cpp itself shows it; llama.cpp repairs
+    the type of end-of-turn markers it knows, like '<|im_end|>', by itself)."""
+    out = broken_copy(llama_f16, tmp_path)
+    set_gguf_array_item(out / "run-f16.gguf", "tokenizer.ggml.token_type", 1, gguf.TokenType.NORMAL)
+    bad = failed(check_export(out, samples=2, max_new_tokens=4))
+    assert bad[LIBRARY].startswith("prompt 1: llama.cpp tokenizes training's text to other ids: at token 0"), bad
+    assert set(bad) == {LIBRARY}
