@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from pathlib import Path
 
@@ -143,20 +142,32 @@ def _round_like_file_(model, path: Path) -> tuple[str, float]:
     return worst
 
 
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h of llama-cpp-python 0.3.36's llama.cpp (its own Python logger maps it as DEBUG)
+
+
 def _llama_quantize(src: Path, dst: Path, spec: Quant) -> None:
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(spec.file_type)  # gguf's LlamaFileType numbers are llama.cpp's llama_ftype
     params.nthread = min(4, os.cpu_count() or 1)
-    log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log at this logger's level
-    level = log.level
-    log.setLevel(logging.ERROR)  # a line per tensor otherwise; errors still show
+    errors: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep_errors(level: int, text: bytes, user_data) -> None:  # a line per tensor otherwise; errors kept
+        if level == _GGML_LOG_LEVEL_ERROR:
+            errors.append(text.decode("utf-8", errors="replace").strip())
+
+    llama_cpp.llama_log_set(keep_errors, ctypes.c_void_p(0))
     try:
         failed = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     finally:
-        log.setLevel(level)
+        from llama_cpp import _logger  # llama-cpp-python's own callback, put back
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
     if failed:
-        raise ModelError(f"llama.cpp's quantizer failed to write {spec.name} (its error is printed above)")
+        raise ModelError(
+            f"llama.cpp's quantizer failed to write {spec.name}: {errors[-1] if errors else 'no reason given'}"
+        )
 
 
 def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str | None = None) -> Path:
