@@ -79,6 +79,8 @@ def _check_llama_cpp(
     prompts = [_prompt_of(c) for c in convs]
     want_ids = [encode_prompt(m, tok) for m in prompts]
     n_ctx = max(len(ids) for ids in want_ids) + max_new_tokens + 16
+    # Llama() does not expose llama.cpp's use_extra_bufts (llama-cli's --no-repack): where the repacked CPU kernels
+    # misbehave (they crashed on Q8_0/Q4_1 on an AMX Xeon) this row fails or crashes with them, as llama.cpp would.
     try:
         llm = llama_cpp.Llama(
             str(model_path),
