@@ -870,3 +870,31 @@ def test_llama_cpp_library_catches_a_chat_marker_that_is_not_control(llama_f16, 
     bad = failed(check_export(out, samples=2, max_new_tokens=4))
     assert bad[LIBRARY].startswith("prompt 1: llama.cpp tokenizes training's text to other ids: at token 0"), bad
     assert set(bad) == {LIBRARY}
+
+
+def test_runtime_summary_judges_stops_only_where_replies_have_not_parted():
+    """Guards against failing a runtime whose reply parted at a near-tie and then ended elsewhere (a different
+    continuation, SmolLM2 q4_k_m in llama.cpp: 2 of 8), and against passing one that runs past the stop token."""
+    from chatlora.export.runtimes import _runtime_summary
+
+    tok = make_bpe_tokenizer()
+    hello, world = (tok(t, add_special_tokens=False)["input_ids"] for t in ("Hello", " world"))
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    convs = [[{"role": "user", "content": "x"}]] * 2
+    expected = [hello + world + [eot]] * 2
+    parted = [("Hello world", True), ("Hello tiny tokenizer", False)]  # the second parts after "Hello", goes on
+    assert _runtime_summary(convs, expected, parted, tok) == (
+        True,
+        "1/2 greedy replies identical, 1/1 stop where the export's weights stop (1 parted before their end at a "
+        "near-tie: the runtime's kernels round differently)",
+    )
+    runs_on = [("Hello world", True), ("Hello world tiny", False)]  # the same reply, then past the stop token
+    assert _runtime_summary(convs, expected, runs_on, tok) == (
+        False,
+        "1/2 greedy replies identical, 1/2 stop where the export's weights stop",
+    )
+    elsewhere = [("tiny", True), ("tokenizer", True)]
+    ok, detail = _runtime_summary(convs, expected, elsewhere, tok)
+    assert not ok and detail.endswith(
+        "every reply parted before its end: the runtime computes something else from this file"
+    )
