@@ -272,7 +272,17 @@ def _check_gguf_template(tok, gtok, meta, convs) -> Check:
     for conv in convs:
         for messages, gen in ((_prompt_of(conv), True), (conv, False)):
             want = render_text(messages, tok, add_generation_prompt=gen)
-            got = gtok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, chat_template=template)
+            try:
+                got = gtok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=gen, chat_template=template
+                )
+            except Exception as e:  # the template's raise_exception (Gemma 2 on a system turn): a row, not a crash
+                return Check(
+                    "chat template (GGUF)",
+                    "FAIL",
+                    f"the GGUF template refuses a held-out conversation ({type(e).__name__}: {e}); training "
+                    "rendered it (a system prompt folded into the first user turn)",
+                )
             if got != want:
                 return Check(
                     "chat template (GGUF)",
@@ -292,7 +302,12 @@ def _check_bos(tok, gtok, meta, convs) -> Check:
     for conv in convs:
         messages = _prompt_of(conv)
         want = encode_prompt(messages, tok)
-        text = gtok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
+        try:
+            text = gtok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, chat_template=template
+            )
+        except Exception as e:  # see _check_gguf_template
+            return Check("BOS once", "FAIL", f"the GGUF template refuses a held-out prompt ({type(e).__name__}: {e})")
         got = ([bos] if add_bos and bos is not None else []) + gtok(text, add_special_tokens=False)["input_ids"]
         got += [eos] if add_eos and eos is not None else []
         lead_want = _leading(want, bos)
