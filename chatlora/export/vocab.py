@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import gguf
 
 from ..model import ModelError
-from ..template import control_tokens, end_of_turn
+from ..template import control_tokens, end_of_turn, takes_system
 
 
 def _split_patterns() -> dict[str, str]:
@@ -221,4 +221,22 @@ def _write_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> Non
     # sees a BOS it never saw in training (twice, when the template writes it too).
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(tokenizer.chat_template)
+    writer.add_chat_template(gguf_chat_template(tokenizer))
+
+
+# Jinja put before a template that has no system turn: a leading system message opens the first user turn, followed
+# by a blank line, as chatlora folds it for training (template.render_text). No text between its tags, so it writes
+# nothing itself.
+_FOLD_SYSTEM = (
+    "{% if messages and messages[0]['role'] == 'system' and messages|length > 1 and messages[1]['role'] == 'user' %}"
+    "{% set messages = [{'role': 'user', 'content': (messages[0]['content'] ~ '\\n\\n' ~ messages[1]['content']) "
+    "if messages[0]['content'] else messages[1]['content']}] + messages[2:] %}{% endif %}"
+)
+
+
+def gguf_chat_template(tokenizer) -> str:
+    """The chat template the GGUF carries: training's, and for a template without a system turn (Gemma 2's raises
+    on one, Mistral v0.3's writes it into the last user turn only) preceded by the fold training applied, so a
+    runtime given a system message renders what the model was trained on."""
+    template = tokenizer.chat_template
+    return template if takes_system(tokenizer) else _FOLD_SYSTEM + template

@@ -126,3 +126,20 @@ def test_go_template_errors_are_reported():
     """Guards against a Go parse error passing silently as an empty rendering."""
     with pytest.raises(TemplateError, match="Go could not render"):
         render_go_template("{{ if }}", [[{"role": "user", "content": "x"}]])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "qwen"])
+def test_gguf_chat_template_renders_a_system_prompt_as_training_did(family):
+    """Guards against a GGUF chat template that raises on a system message (Gemma 2) or drops it from a conversation
+    ending on a reply (Mistral v0.3), where training folded it into the first user turn: a runtime given the trained
+    system prompt must render the text the model was trained on."""
+    from chatlora.export.vocab import gguf_chat_template
+
+    tok = family_tokenizer(family)
+    template = gguf_chat_template(tok)
+    for system in (SYSTEM, ""):
+        conv = [{"role": "system", "content": system}, *CONVERSATIONS[1][:3]]
+        want = render_text(conv, tok, add_generation_prompt=True)
+        assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, chat_template=template) == want
+        whole = [{"role": "system", "content": system}, *CONVERSATIONS[0]]
+        assert tok.apply_chat_template(whole, tokenize=False, chat_template=template) == render_text(whole, tok)
