@@ -58,6 +58,13 @@ MAX_SEED = 2**32 - 1  # np.random.seed (transformers.set_seed) takes 0..2**32-1
 MAX_DRIFT_CONTEXT = 10**6  # tokens; the model's own context caps it further at eval time
 MAX_PERSONA_COUNT = 10**4  # drift conversations, drift turns, probe turns
 MAX_PERSONA_TOKENS = 10**5  # max_new_tokens of a probe or drift reply
+# The persona sizes an eval fits to its device when the block leaves them unset (chatlora.persona.fit_sizes): on a
+# CPU configs/quickstart-cpu.yaml's (probes 15 s, drift 42 s, retention 21 s on the 2-core CPU), on a GPU the full
+# set (None: all probes, the model's whole context). The full set took 14 minutes on the 2-core CPU (issue 28 F).
+PERSONA_SIZES = {
+    "cpu": {"probes": 8, "drift_conversations": 1, "drift_context": 256, "max_new_tokens": 24},
+    "gpu": {"probes": None, "drift_conversations": 4, "drift_context": None, "max_new_tokens": 64},
+}
 
 
 def _finite(x: float) -> bool:
@@ -68,6 +75,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _largest(size: str) -> int:
+    return max(sizes[size] for sizes in PERSONA_SIZES.values())
 
 
 @functools.cache
@@ -99,16 +110,22 @@ class PersonaConfig:
     vendors: list[str] | None = _f(
         None, "names of the base model's maker and family, forbidden too (default: derived from the model's name)"
     )
-    probes: int | None = _f(None, "identity probes asked (default: all shipped, Chinese and English alternating)")
+    probes: int | None = _f(
+        None, "identity probes asked, Chinese and English alternating (unset: all shipped on a GPU, 8 on a CPU)"
+    )
     probe_turns: int = _f(2, "in-character turns (from the held-out records) before each probe in its second asking")
-    drift_conversations: int = _f(4, "long conversations for the drift measurement (0: skip it)")
+    drift_conversations: int | None = _f(
+        None, "long conversations for the drift measurement (0: skip it; unset: 4 on a GPU, 1 on a CPU)"
+    )
     drift_turns: int = _f(20, "user turns per drift conversation, the model's own replies fed back")
     drift_context: int | None = _f(
         None,
         "tokens a drift turn may hold, prompt + reply; the oldest exchanges are dropped to fit, the system prompt "
-        "stays (default: the model's context length)",
+        "stays (unset: the model's context length on a GPU, 256 on a CPU)",
     )
-    max_new_tokens: int = _f(64, "reply token limit for probes and drift turns")
+    max_new_tokens: int | None = _f(
+        None, "reply token limit for probes and drift turns (unset: 64 on a GPU, 24 on a CPU)"
+    )
     retention: bool = _f(True, "loss on the shipped general prompts, base vs tuned and per checkpoint")
 
     def __post_init__(self) -> None:
@@ -129,13 +146,22 @@ class PersonaConfig:
                 f"must be 1 to {shipped}, the probes shipped (unset: all)",
             ),
             (0 <= self.probe_turns <= n, "probe_turns", f"must be 0 to {n}"),
-            (0 <= self.drift_conversations <= n, "drift_conversations", f"must be 0 to {n} (0: no drift measurement)"),
-            (0 < self.drift_turns <= n, "drift_turns", f"must be 1 to {n}"),
-            (0 < self.max_new_tokens <= MAX_PERSONA_TOKENS, "max_new_tokens", f"must be 1 to {MAX_PERSONA_TOKENS}"),
             (
-                self.drift_context is None or self.drift_context > self.max_new_tokens,
+                self.drift_conversations is None or 0 <= self.drift_conversations <= n,
+                "drift_conversations",
+                f"must be 0 to {n} (0: no drift measurement)",
+            ),
+            (0 < self.drift_turns <= n, "drift_turns", f"must be 1 to {n}"),
+            (
+                self.max_new_tokens is None or 0 < self.max_new_tokens <= MAX_PERSONA_TOKENS,
+                "max_new_tokens",
+                f"must be 1 to {MAX_PERSONA_TOKENS}",
+            ),
+            (
+                self.drift_context is None or self.drift_context > (self.max_new_tokens or _largest("max_new_tokens")),
                 "drift_context",
-                "must be > max_new_tokens (room for a prompt and its reply)",
+                "must be > max_new_tokens (room for a prompt and its reply; unset, max_new_tokens is up to "
+                f"{_largest('max_new_tokens')})",
             ),
             (
                 self.drift_context is None or self.drift_context <= MAX_DRIFT_CONTEXT,

@@ -516,6 +516,12 @@ def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:
         chat = ChatModel.load(cfg.adapter, device=cfg.device, dtype=cfg.dtype)
     if not chat.has_adapter:
         raise ModelError(f"{cfg.adapter}: the loaded model has no LoRA adapter to compare against its base")
+    log.info(
+        "eval plan: %d records, base and tuned: held-out loss, then greedy replies of up to %d tokens%s",
+        len(records),
+        cfg.max_new_tokens,
+        "; then the persona section, whose plan follows the replies" if persona is not None else "",
+    )
     result = measure(cfg, card, chat, records, source)
     if persona is not None:
         measure_persona(cfg, card, chat, records, result, persona)
@@ -546,6 +552,7 @@ def measure(
         for name in SYSTEMS
     }
     log.info("held-out loss: base %.4f, tuned %.4f", loss["base"].loss, loss["tuned"].loss)
+    loss_s = time.time() - started
 
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens, temperature=0, repetition_penalty=cfg.repetition_penalty
@@ -555,6 +562,7 @@ def measure(
     generated = {
         name: _generate(chat, prompts, sampling, cfg.batch_size, use_adapter=name == "tuned") for name in SYSTEMS
     }
+    replies_s = time.time() - started - loss_s
     replies = {
         name: reply_metrics([r.text for r in out], references, [r.finish_reason for r in out])
         for name, out in generated.items()
@@ -574,6 +582,8 @@ def measure(
         "device": str(chat.device),
         "dtype": str(next(chat.model.parameters()).dtype).removeprefix("torch."),
         "runtime_s": round(time.time() - started, 1),
+        "loss_s": round(loss_s, 1),  # the pace the persona plan's estimate takes (persona.PersonaPlan.estimate)
+        "replies_s": round(replies_s, 1),
     }
     rows = _rows(records, references, generated)
     targets = _targets(loss, replies, significance)
@@ -597,29 +607,35 @@ def measure_persona(
 ) -> None:
     """Phase 2b: the persona section (identity probes, drift, retention; :mod:`chatlora.persona`) and its targets,
     into ``result``. ``settings``: :func:`persona_settings`, read here when not given."""
-    from .persona import evaluate_persona
+    from .persona import evaluate_persona, plan_persona
 
     settings = settings or persona_settings(cfg, card)
     if not settings.enabled:
         return
     started = time.time()
+    conversations = [r.messages for r in records]
+    final_step = (card.get("results") or {}).get("global_step")
+    plan = plan_persona(chat, settings, conversations, Path(cfg.adapter), final_step)
+    n = len(records) * len(SYSTEMS)
+    plan.estimate(result.settings["replies_s"] / (n * cfg.max_new_tokens), result.settings["loss_s"] / n)
+    for line in plan.lines():
+        log.info("%s", line)
     base = card.get("base_model") or {}
     result.persona = evaluate_persona(
         chat,
-        [r.messages for r in records],
+        conversations,
         settings,
         loss_fn=assistant_loss,
-        sampling=SamplingConfig(
-            max_new_tokens=settings.max_new_tokens, temperature=0, repetition_penalty=cfg.repetition_penalty
-        ),
+        sampling=SamplingConfig(temperature=0, repetition_penalty=cfg.repetition_penalty),
         system_prompt=result.settings["system_prompt"],
         max_length=result.settings["max_length"],
         batch_size=cfg.batch_size,
         tuned_loss=result.loss["tuned"].loss,
         adapter_dir=Path(cfg.adapter),
-        final_step=(card.get("results") or {}).get("global_step"),
+        final_step=final_step,
         model_names=[base.get("spec"), base.get("resolved"), getattr(chat.model.config, "model_type", None)],
         character_name=((card.get("template") or {}).get("character") or {}).get("name"),
+        plan=plan,
     )
     result.targets += [Target(*t) for t in result.persona.targets()]
     result.settings["persona_runtime_s"] = round(time.time() - started, 1)

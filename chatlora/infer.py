@@ -11,6 +11,7 @@ builds such batches from requests that arrive one by one (the server); :meth:`Ch
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ __all__ = [
     "ReplyFile",
     "Reply",
     "Row",
+    "RowCache",
     "SamplingConfig",
     "Stream",
     "generate_file",
@@ -146,7 +148,9 @@ class Row:
 
     ``on_text(delta)`` gets the reply's text as it is decoded (never past a stop string, never half a character);
     ``on_done(reply)`` gets the finished reply; ``on_error(exc)`` a failure of the batch. Setting ``cancel`` ends the
-    row at the next token (``finish_reason="cancelled"``). All callbacks run in the generating thread.
+    row at the next token (``finish_reason="cancelled"``). All callbacks run in the generating thread. ``cache``: a
+    :class:`RowCache` carried from the row's previous call (the conversation's last turn), whose keys and values
+    spare re-encoding the prompt's start; the call leaves this row's in it.
     """
 
     prompt_ids: list[int]
@@ -159,6 +163,7 @@ class Row:
     on_done: Callable[[Reply], None] | None = None
     on_error: Callable[[BaseException], None] | None = None
     cancel: threading.Event | None = None
+    cache: RowCache | None = None
     reply: Reply | None = field(default=None, init=False)
     _tokens: list[int] = field(default_factory=list, init=False)
     _sent: int = field(default=0, init=False)  # characters of text handed to on_text
@@ -323,6 +328,103 @@ def _active(model, adapter: str):
         model.set_adapter(before)
 
 
+@dataclass(eq=False)
+class RowCache:
+    """The keys and values one row's last call computed, kept for its next call (a conversation's next turn).
+
+    ``ids`` are the tokens they belong to: the prompt and the reply's tokens fed back (left padding dropped). A next
+    prompt that starts with some of them re-encodes only the rest; the memory held is that of one row of the call's
+    own cache, at most the prompt and reply it had.
+    """
+
+    ids: list[int] = field(default_factory=list)
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
+    reused: int = 0  # prompt tokens the last call took from the cache (not re-encoded)
+
+    def clear(self) -> None:
+        self.ids, self.layers, self.reused = [], [], 0
+
+
+@functools.cache
+def _cache_keyword() -> str:
+    """``generate``'s name for a cache passed in: ``cache`` in later transformers 5 (``past_key_values`` warns)."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _batch_cache(model, rows: list[Row], width: int):
+    """A ``DynamicCache`` laid out as the left-padded batch: positions ``[0, start)`` of each row from its
+    :class:`RowCache` (zeros where the row is padding, masked out); empty when nothing can be reused; None when the
+    model's cache is not plain (sliding windows, linear attention: a row's cache cannot be cut and re-padded).
+
+    ``start`` is shared by the batch: every row must encode from it on, so a row whose new tokens are fewer than
+    another's re-encodes a few of its cached ones. At least the last prompt token is always encoded.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    reuse = [
+        min(_common_prefix(r.cache.ids, r.prompt_ids), len(r.prompt_ids) - 1) if r.cache and r.cache.layers else 0
+        for r in rows
+    ]
+    start = width - max(len(r.prompt_ids) - n for r, n in zip(rows, reuse, strict=True))
+    # this row's tokens in [0, start): never more than it has cached, since its new tokens are at most the batch's
+    takes = [max(0, start - (width - len(r.prompt_ids))) for r in rows]
+    for r, take in zip(rows, takes, strict=True):
+        if r.cache is not None:
+            r.cache.reused = take
+    if start <= 0:
+        return cache
+    like = next(r.cache.layers for r, take in zip(rows, takes, strict=True) if take)  # the longest row has some
+    for layer in range(len(cache.layers)):
+        keys, values = [], []
+        for r, take in zip(rows, takes, strict=True):
+            k, v = like[layer]
+            zeros = k.new_zeros((1, k.shape[1], start - take, k.shape[3]))
+            if take:
+                k, v = r.cache.layers[layer]
+                keys.append(torch.cat([zeros, k[:, :, :take]], dim=2))
+                values.append(torch.cat([zeros, v[:, :, :take]], dim=2))
+            else:
+                keys.append(zeros)
+                values.append(zeros)
+        cache.update(torch.cat(keys), torch.cat(values), layer)
+    for r in rows:
+        if r.cache is not None:
+            r.cache.layers = []  # the batch holds them now: memory for one copy, not two
+    return cache
+
+
+def _keep_caches(cache, rows: list[Row], sequences: torch.Tensor, width: int) -> None:
+    """Cut each row's keys and values (its own tokens, no padding) out of the call's cache into its RowCache."""
+    length = cache.get_seq_length()
+    for i, r in enumerate(rows):
+        if r.cache is None:
+            continue
+        pad = width - len(r.prompt_ids)
+        r.cache.ids = sequences[i, pad:length].tolist()
+        r.cache.layers = [
+            (layer.keys[i : i + 1, :, pad:length].clone(), layer.values[i : i + 1, :, pad:length].clone())
+            for layer in cache.layers
+        ]
+
+
 def _generate(model, rows: list[Row], pad_token_id: int, extra: dict) -> None:
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -330,7 +432,14 @@ def _generate(model, rows: list[Row], pad_token_id: int, extra: dict) -> None:
     width = max(len(r.prompt_ids) for r in rows)
     ids = torch.tensor([[pad_token_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
-    model.generate(
+    cache = _batch_cache(model, rows, width) if any(r.cache is not None for r in rows) else None
+    if cache is not None:
+        extra = {**extra, _cache_keyword(): cache}
+    else:
+        for r in rows:  # a model whose cache cannot be cut per row encodes every prompt whole
+            if r.cache is not None:
+                r.cache.clear()
+    sequences = model.generate(
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max(r.sampling.max_new_tokens for r in rows),
@@ -345,6 +454,8 @@ def _generate(model, rows: list[Row], pad_token_id: int, extra: dict) -> None:
         pad_token_id=pad_token_id,
         **extra,
     )
+    if cache is not None:
+        _keep_caches(cache, rows, sequences, width)
     for r in rows:  # generate ended early (e.g. the model's own max_length): what is there is the reply
         if not r.done:
             r._finish("length")
@@ -550,6 +661,12 @@ class ChatModel:
             self.adapter if use_adapter else BASE,
             **callbacks,
         )
+
+    @staticmethod
+    def row_cache() -> RowCache:
+        """A :class:`RowCache` for a conversation whose turns are generated one call after another (the persona
+        drift): passed as ``row(..., cache=...)`` at each turn, it spares re-encoding the turns before."""
+        return RowCache()
 
     def run(self, rows: list[Row]) -> list[Reply]:
         """Generate ``rows`` as one batch (they may come from other views of the same model)."""

@@ -16,6 +16,7 @@ needs no judge model, and an in-character reply has no reason to use these words
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -25,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_SYSTEM_PROMPT, PersonaConfig
+from .config import DEFAULT_SYSTEM_PROMPT, PERSONA_SIZES, PersonaConfig
 from .model import context_length
 
 __all__ = [
@@ -35,13 +36,16 @@ __all__ = [
     "SYSTEMS",
     "Persona",
     "PERSONA_JSONL",
+    "PersonaPlan",
     "PersonaResult",
     "Rates",
     "TermMatcher",
     "describe",
     "evaluate_persona",
+    "fit_sizes",
     "load_probes",
     "load_retention",
+    "plan_persona",
     "plot_drift",
     "recommend_checkpoint",
     "resolve",
@@ -239,9 +243,18 @@ def load_retention() -> list[list[dict]]:
 # ---------------------------------------------------------------- generation
 
 
-def _replies(chat, conversations: list[list[dict]], sampling, system: str | None, batch_size: int, use_adapter: bool):
+def _bar(desc: str, total: int, unit: str):
+    """A progress bar on stderr, styled as ``train``'s and the eval replies' (tqdm)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit)
+
+
+def _replies(chat, conversations: list[list[dict]], sampling, system: str | None, batch_size: int, use_adapter, bar):
     systems = [system] * len(conversations)
-    return chat.generate_many(conversations, sampling, systems, use_adapter, batch_size, desc=None)
+    return chat.generate_many(
+        conversations, sampling, systems, use_adapter, batch_size, desc=None, on_reply=lambda i, r: bar.update(1)
+    )
 
 
 def _drift_context(chat, cfg: PersonaConfig) -> int:
@@ -286,24 +299,26 @@ def _probe_phase(chat, persona, probes, records_messages, cfg, sampling, system,
     conversations = probe_conversations(probes, records_messages, cfg.probe_turns)
     rates: dict[str, dict[str, Rates]] = {}
     rows = []
-    for system_name in SYSTEMS:
-        rates[system_name] = {}
-        for condition, convs in conversations.items():
-            if not convs:
-                continue
-            replies = _replies(chat, convs, sampling, system, batch_size, use_adapter=system_name == "tuned")
-            rates[system_name][condition], found = score_replies([r.text for r in replies], persona)
-            rows += [
-                {
-                    "kind": "probe",
-                    "system": system_name,
-                    "condition": condition,
-                    "probe": p["id"],
-                    "question": p["text"],
-                }
-                | {"reply": r.text, "finish": r.finish_reason, **f}
-                for p, r, f in zip(probes, replies, found, strict=True)
-            ]
+    total = len(SYSTEMS) * sum(len(c) for c in conversations.values())
+    with _bar("persona: probes", total, "reply") as bar:
+        for system_name in SYSTEMS:
+            rates[system_name] = {}
+            for condition, convs in conversations.items():
+                if not convs:
+                    continue
+                replies = _replies(chat, convs, sampling, system, batch_size, system_name == "tuned", bar)
+                rates[system_name][condition], found = score_replies([r.text for r in replies], persona)
+                rows += [
+                    {
+                        "kind": "probe",
+                        "system": system_name,
+                        "condition": condition,
+                        "probe": p["id"],
+                        "question": p["text"],
+                    }
+                    | {"reply": r.text, "finish": r.finish_reason, **f}
+                    for p, r, f in zip(probes, replies, found, strict=True)
+                ]
     return rates, rows
 
 
@@ -318,11 +333,13 @@ def drift_prompts(records_messages: list[list[dict]], conversations: int, turns:
 
 @dataclass
 class Drift:
-    """Per turn (index 0 = turn 1), per system: leak and marker counts over the drift conversations."""
+    """Per turn (index 0 = turn 1), per system: leak and marker counts over the drift conversations; ``tokens``:
+    prompt tokens of all turns, and how many of them came from the rows' kept keys and values (not re-encoded)."""
 
     turns: int
     conversations: int
     per_turn: dict[str, list[Rates]]
+    tokens: dict[str, int] = field(default_factory=dict)
 
     def series(self, system: str, what: str) -> list[float]:
         return [getattr(r, f"{what}_rate") for r in self.per_turn[system]]
@@ -331,43 +348,58 @@ class Drift:
         return {
             "turns": self.turns,
             "conversations": self.conversations,
+            "prompt_tokens": self.tokens.get("prompt"),
+            "reused_tokens": self.tokens.get("reused"),
             "per_turn": {k: [r.to_dict() for r in v] for k, v in self.per_turn.items()},
         }
 
 
-def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_size):
-    """Each turn of every conversation, base and tuned, in one generate call: the turns of a conversation must
-    follow one another, so a conversation alone would be one batch of one row per turn (half the calls measured
-    64 s of a 100 s persona section on the 2-core CPU)."""
+def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_size, reuse: bool = True):
+    """Each turn of every conversation, base and tuned, in one batch: the turns of a conversation must follow one
+    another, so a conversation alone would be one batch of one row per turn (half the calls measured 64 s of a
+    100 s persona section on the 2-core CPU).
+
+    ``reuse``: each row keeps its keys and values between turns (``chat.row_cache()``), so a turn
+    encodes its new tokens (last reply's end, the user turn) instead of the whole conversation, which made 20 turns
+    quadratic; when the oldest exchange is dropped to fit ``drift_context``, that turn encodes the window again.
+    """
     prompts = drift_prompts(records_messages, cfg.drift_conversations, cfg.drift_turns)
     if not prompts:
         return None, []
     budget = _drift_context(chat, cfg) - cfg.max_new_tokens
     per_turn: dict[str, list[Rates]] = {name: [] for name in SYSTEMS}
     histories = {name: [[] for _ in prompts] for name in SYSTEMS}
+    keys = [(name, c) for name in SYSTEMS for c in range(len(prompts))]
+    caches = {key: chat.row_cache() if reuse else None for key in keys}
+    tokens = {"prompt": 0, "reused": 0}
     rows = []
-    for t in range(cfg.drift_turns):
-        for name in SYSTEMS:
-            for c, h in enumerate(histories[name]):
-                h.append({"role": "user", "content": prompts[c][t]})
-                histories[name][c] = _fit(chat, h, system, budget)
-        conversations = [h for name in SYSTEMS for h in histories[name]]
-        adapters = [name == "tuned" for name in SYSTEMS for _ in prompts]
-        replies = chat.generate_many(
-            conversations, sampling, [system] * len(conversations), adapters, batch_size, None
-        )
-        for k, name in enumerate(SYSTEMS):
-            mine = replies[k * len(prompts) : (k + 1) * len(prompts)]
-            rates, found = score_replies([r.text for r in mine], persona)
-            per_turn[name].append(rates)
-            for c, (r, f) in enumerate(zip(mine, found, strict=True)):
-                histories[name][c].append({"role": "assistant", "content": r.text})
-                rows.append(
-                    {"kind": "drift", "system": name, "conversation": c, "turn": t + 1, "user": prompts[c][t]}
-                    | {"reply": r.text, "finish": r.finish_reason, **f}
-                )
+    with _bar("persona: drift", cfg.drift_turns, "turn") as bar:
+        for t in range(cfg.drift_turns):
+            for name in SYSTEMS:
+                for c, h in enumerate(histories[name]):
+                    h.append({"role": "user", "content": prompts[c][t]})
+                    histories[name][c] = _fit(chat, h, system, budget)
+            batch = [
+                chat.row(chat.prompt_ids(histories[name][c], system), sampling, name == "tuned", cache=caches[name, c])
+                for name, c in keys
+            ]
+            for start in range(0, len(batch), batch_size):
+                chat.run(batch[start : start + batch_size])
+            tokens["prompt"] += sum(len(r.prompt_ids) for r in batch)
+            tokens["reused"] += sum(r.cache.reused for r in batch if r.cache is not None)
+            for k, name in enumerate(SYSTEMS):
+                mine = [r.reply for r in batch[k * len(prompts) : (k + 1) * len(prompts)]]
+                rates, found = score_replies([r.text for r in mine], persona)
+                per_turn[name].append(rates)
+                for c, (r, f) in enumerate(zip(mine, found, strict=True)):
+                    histories[name][c].append({"role": "assistant", "content": r.text})
+                    rows.append(
+                        {"kind": "drift", "system": name, "conversation": c, "turn": t + 1, "user": prompts[c][t]}
+                        | {"reply": r.text, "finish": r.finish_reason, **f}
+                    )
+            bar.update(1)
     rows.sort(key=lambda r: SYSTEMS.index(r["system"]))  # base's rows first, as the report reads them
-    return Drift(cfg.drift_turns, len(prompts), per_turn), rows
+    return Drift(cfg.drift_turns, len(prompts), per_turn, tokens), rows
 
 
 def plot_drift(drift: Drift, png_path: str | Path) -> Path:
@@ -425,36 +457,205 @@ def _losses(loss_fn, chat, conversations, system, max_length, batch_size, use_ad
     return loss_fn(chat.model, chat.tokenizer, conversations, system, max_length, batch_size, use_adapter).loss
 
 
+def _checkpoints(chat, adapter_dir: Path | None, final_step: int | None) -> list[tuple[int, Path]]:
+    """The complete ``checkpoint-N`` adapters beside the run's that the checkpoint table measures."""
+    from .rundir import checkpoints, is_complete
+
+    if not hasattr(chat.model, "load_adapter") or adapter_dir is None:
+        return []
+    return [
+        (step, path)
+        for step, path in checkpoints(Path(adapter_dir))
+        # the final adapter is that checkpoint's weights: measured once, as "final"
+        if step != final_step and is_complete(path) and (path / "adapter_config.json").is_file()
+    ]
+
+
 def _checkpoint_phase(
     loss_fn, chat, adapter_dir, held_out, retention, system, max_length, batch_size, final_step, final
 ):
     """Load each complete ``checkpoint-N`` beside the adapter into the model, measure, unload."""
-    from .rundir import checkpoints, is_complete
-
+    found = _checkpoints(chat, adapter_dir, final_step)
+    if not found:
+        return [final]
     rows = []
     model = chat.model
-    if not hasattr(model, "load_adapter") or adapter_dir is None:
-        return [final]
     active = model.active_adapter
-    for step, path in checkpoints(Path(adapter_dir)):
-        if step == final_step or not is_complete(path) or not (path / "adapter_config.json").is_file():
-            continue  # the final adapter is that checkpoint's weights: measured once, as "final"
-        name = f"persona-checkpoint-{step}"
-        model.load_adapter(str(path), adapter_name=name)
-        try:
-            model.set_adapter(name)
-            rows.append(
-                CheckpointRow(
-                    path.name,
-                    step,
-                    _losses(loss_fn, chat, held_out, system, max_length, batch_size, True),
-                    _losses(loss_fn, chat, retention, None, max_length, batch_size, True),
+    with _bar("persona: checkpoints", len(found), "checkpoint") as bar:
+        for step, path in found:
+            name = f"persona-checkpoint-{step}"
+            model.load_adapter(str(path), adapter_name=name)
+            try:
+                model.set_adapter(name)
+                rows.append(
+                    CheckpointRow(
+                        path.name,
+                        step,
+                        _losses(loss_fn, chat, held_out, system, max_length, batch_size, True),
+                        _losses(loss_fn, chat, retention, None, max_length, batch_size, True),
+                    )
                 )
-            )
-        finally:
-            model.set_adapter(active)
-            model.delete_adapter(name)
+            finally:
+                model.set_adapter(active)
+                model.delete_adapter(name)
+            bar.update(1)
     return [*rows, final]
+
+
+# ---------------------------------------------------------------- plan
+
+
+def fit_sizes(cfg: PersonaConfig, device: Any) -> tuple[PersonaConfig, list[str]]:
+    """``cfg`` with the sizes it leaves unset (None) fitted to ``device``, and the names of those fitted.
+
+    On a CPU the quickstart's sizes (``configs/quickstart-cpu.yaml``): the full set took 14 minutes there. On a GPU
+    the full set. Sizes the block sets, even to these values, are kept.
+    """
+    kind = "cpu" if str(device).startswith("cpu") else "gpu"
+    sizes = dict(PERSONA_SIZES[kind])
+    if cfg.max_new_tokens is not None and sizes["drift_context"] is not None:
+        if sizes["drift_context"] <= cfg.max_new_tokens:
+            sizes["drift_context"] = None  # no room for a prompt: the model's context, as on a GPU
+    fitted = [name for name in sizes if getattr(cfg, name) is None]
+    values = {name: sizes[name] for name in fitted}
+    return dataclasses.replace(cfg, **values), fitted
+
+
+@dataclass
+class PersonaPlan:
+    """What the persona section will do, decided before it runs: its phases, their sizes, and an estimate of time.
+
+    Attributes:
+        cfg: The persona settings with the unset sizes fitted (see :func:`fit_sizes`).
+        device: ``cpu`` or ``gpu``: which sizes the unset ones took.
+        fitted: The sizes fitted to the device (the block left them unset).
+        probes: Identity probes asked.
+        probe_replies: Probe replies to generate, base and tuned.
+        drift_replies: Drift replies to generate, base and tuned.
+        drift_context: Tokens a drift turn may hold.
+        retention_conversations: Conversations whose loss retention and the checkpoint table measure.
+        checkpoints: Checkpoints in the table besides the final adapter.
+        estimate_s: Seconds estimated from the eval's own pace (:meth:`estimate`); None until then.
+        basis: How the estimate was made.
+    """
+
+    cfg: PersonaConfig
+    device: str
+    fitted: list[str]
+    probes: int
+    probe_replies: int
+    drift_replies: int
+    drift_context: int
+    retention_conversations: int
+    checkpoints: int
+    estimate_s: float | None = None
+    basis: str | None = None
+
+    @property
+    def reply_tokens(self) -> int:
+        """Token budget of all probe and drift replies (each at most ``max_new_tokens``)."""
+        return (self.probe_replies + self.drift_replies) * self.cfg.max_new_tokens
+
+    def estimate(self, s_per_reply_token: float, s_per_loss_conversation: float) -> float:
+        """Seconds for the section at the pace the eval's replies and losses just ran: the replies' token budget at
+        the seconds each reply token took there, the losses at the seconds per conversation."""
+        replies = self.reply_tokens * s_per_reply_token
+        losses = self.retention_conversations * s_per_loss_conversation
+        self.estimate_s = replies + losses
+        self.basis = (
+            f"{self.reply_tokens:,} reply tokens at {1 / s_per_reply_token:.1f} tokens/s, the pace of the replies "
+            f"just generated; {self.retention_conversations} loss passes at {s_per_loss_conversation:.2f} s"
+        )
+        return self.estimate_s
+
+    def lines(self) -> list[str]:
+        c = self.cfg
+        out = [
+            f"persona plan: probes: {self.probes} asked alone and after {c.probe_turns} in-character turns, base and "
+            f"tuned: {self.probe_replies} replies of up to {c.max_new_tokens} tokens",
+        ]
+        if self.drift_replies:
+            out.append(
+                f"persona plan: drift: {c.drift_conversations} conversation(s) x {c.drift_turns} turns, base and "
+                f"tuned: {self.drift_replies} replies of up to {c.max_new_tokens} tokens, {self.drift_context}-token "
+                "window, keys and values kept across turns"
+            )
+        if c.retention:
+            out.append(
+                f"persona plan: retention: general-prompt loss base and tuned, then {self.checkpoints} checkpoint(s) "
+                f"besides the final adapter: {self.retention_conversations} conversations' loss"
+            )
+        if self.fitted:
+            where = "the CPU (configs/quickstart-cpu.yaml's)" if self.device == "cpu" else "a GPU (the full set)"
+            sizes = ", ".join(f"{n} {_size(c, n)}" for n in self.fitted)
+            why = (
+                "the full set took 14 minutes on a 2-core CPU"
+                if self.device == "cpu"
+                else "a GPU runs the full set in a few minutes"
+            )
+            out.append(
+                f"persona plan: sizes fitted to {where}, as the persona block set none of them: {sizes} ({why}; "
+                "set them in the training YAML's persona: block or --persona-config to choose)"
+            )
+        else:
+            out.append("persona plan: sizes as the persona block sets them (nothing fitted to the device)")
+        if self.estimate_s is not None:
+            out.append(f"persona plan: estimated time ~{_duration(self.estimate_s)} (an estimate: {self.basis})")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "fitted": self.fitted,
+            "probes": self.probes,
+            "probe_replies": self.probe_replies,
+            "drift_replies": self.drift_replies,
+            "retention_conversations": self.retention_conversations,
+            "checkpoints": self.checkpoints,
+            "estimate_s": round(self.estimate_s, 1) if self.estimate_s is not None else None,
+            "estimate_basis": self.basis,
+        }
+
+
+def _size(cfg: PersonaConfig, name: str) -> str:
+    value = getattr(cfg, name)
+    if value is None:
+        return "all" if name == "probes" else "the model's context"
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def plan_persona(
+    chat,
+    cfg: PersonaConfig,
+    records_messages: list[list[dict]],
+    adapter_dir: Path | None = None,
+    final_step: int | None = None,
+) -> PersonaPlan:
+    """The persona section's plan on ``chat``'s device: ``cfg``'s unset sizes fitted (:func:`fit_sizes`), the
+    replies and losses each phase will run."""
+    cfg, fitted = fit_sizes(cfg, chat.device)
+    probes = load_probes(cfg.probes)
+    conversations = probe_conversations(probes, records_messages, cfg.probe_turns)
+    prompts = (
+        drift_prompts(records_messages, cfg.drift_conversations, cfg.drift_turns) if cfg.drift_conversations else []
+    )
+    checkpoints = len(_checkpoints(chat, adapter_dir, final_step)) if cfg.retention else 0
+    retention = len(load_retention())
+    return PersonaPlan(
+        cfg,
+        "cpu" if chat.device.type == "cpu" else "gpu",
+        fitted,
+        len(probes),
+        len(SYSTEMS) * sum(len(c) for c in conversations.values()),
+        len(SYSTEMS) * len(prompts) * cfg.drift_turns,
+        _drift_context(chat, cfg),
+        (len(SYSTEMS) * retention + checkpoints * (retention + len(records_messages))) if cfg.retention else 0,
+        checkpoints,
+    )
 
 
 # ---------------------------------------------------------------- result
@@ -542,15 +743,18 @@ def evaluate_persona(
     final_step: int | None = None,
     model_names: list[str | None] | None = None,
     character_name: str | None = None,
+    plan: PersonaPlan | None = None,
 ) -> PersonaResult:
-    """Run the persona section on a loaded model with an adapter (nothing is written: see ``write_files``).
+    """Run the persona section on a loaded model with an adapter (nothing is written: see ``write_files``); each
+    phase shows a progress bar (tqdm, on stderr).
 
     Args:
         chat: A :class:`~chatlora.infer.ChatModel` whose model has the adapter (base = adapter disabled).
         records_messages: The evaluated held-out conversations: probe contexts, drift prompts, checkpoint loss.
         cfg: The run's ``persona:`` settings.
         loss_fn: :func:`chatlora.eval.assistant_loss` (passed in: eval sits above this module).
-        sampling: The eval's greedy :class:`~chatlora.infer.SamplingConfig`, with ``cfg.max_new_tokens``.
+        sampling: The eval's greedy :class:`~chatlora.infer.SamplingConfig`; its reply limit is replaced by the
+            persona's ``max_new_tokens`` (fitted to the device when unset).
         system_prompt: The run's system prompt (the compiled character card, if any).
         max_length: The run's max_length, for the losses.
         batch_size: Conversations per generate / forward batch.
@@ -559,7 +763,11 @@ def evaluate_persona(
         final_step: The run's last step (its checkpoint equals the final adapter and is not measured twice).
         model_names: Names of the base model (hub id, folder, model_type) for the vendor names.
         character_name: The character card's name, if the run used one.
+        plan: :func:`plan_persona`'s plan for these settings (made here when None): its fitted sizes are used.
     """
+    plan = plan or plan_persona(chat, cfg, records_messages, adapter_dir, final_step)
+    cfg = plan.cfg
+    sampling = dataclasses.replace(sampling, max_new_tokens=cfg.max_new_tokens)
     persona = resolve(cfg, system_prompt, model_names or [], character_name)
     probes = load_probes(cfg.probes)
     timings: dict[str, float] = {}
@@ -578,9 +786,11 @@ def evaluate_persona(
     retention, table, recommended = None, [], None
     if cfg.retention:
         general = load_retention()
-        retention = {
-            name: _losses(loss_fn, chat, general, None, max_length, batch_size, name == "tuned") for name in SYSTEMS
-        }
+        retention = {}
+        with _bar("persona: retention", len(SYSTEMS), "pass") as bar:
+            for name in SYSTEMS:
+                retention[name] = _losses(loss_fn, chat, general, None, max_length, batch_size, name == "tuned")
+                bar.update(1)
         final = CheckpointRow("final", final_step, tuned_loss, retention["tuned"])
         table = _checkpoint_phase(
             loss_fn,
@@ -604,6 +814,7 @@ def evaluate_persona(
         "drift_turns": cfg.drift_turns,
         "drift_context": _drift_context(chat, cfg),
         "max_new_tokens": cfg.max_new_tokens,
+        "plan": plan.to_dict(),
     }
     return PersonaResult(
         persona, probe_rates, len(probes), drift, retention, table, recommended, settings, timings, rows + drift_rows

@@ -369,3 +369,65 @@ def test_persona_drift_feeds_each_system_its_own_replies(chats):
                 assert r["reply"] == want, (name, c, r["turn"])
                 history.append({"role": "assistant", "content": r["reply"]})
     assert [r["system"] for r in rows] == ["base"] * 6 + ["tuned"] * 6
+
+
+@pytest.mark.parametrize("context", [None, 160])
+def test_drift_keeping_keys_and_values_gives_the_same_replies(chats, context):
+    """Bug: a drift turn that reuses its rows' kept keys and values, instead of re-encoding each conversation,
+    misplaced them in the left-padded batch (a cached token off by one, padding on the wrong side) and the greedy
+    replies changed; also once the oldest exchange is dropped to fit drift_context (160: the kept cache must be
+    cut), and with base and tuned rows in batches smaller than a turn."""
+    from chatlora.config import PersonaConfig
+    from chatlora.persona import _drift_phase, resolve
+
+    chat = chats["alpha"]
+    cfg = PersonaConfig(markers=["x"], drift_conversations=3, drift_turns=4, max_new_tokens=10, drift_context=context)
+    records = [conv[:1] for conv in CONVERSATIONS]
+    persona = resolve(cfg, "Huanhuan", [])
+    kept, kept_rows = _drift_phase(chat, persona, records, cfg, GREEDY, None, 4, reuse=True)
+    plain, plain_rows = _drift_phase(chat, persona, records, cfg, GREEDY, None, 4, reuse=False)
+    assert kept_rows == plain_rows  # token-exact: the same text and finish of every reply, turn by turn
+    assert kept.tokens["reused"] > 0 and plain.tokens["reused"] == 0
+    assert kept.tokens["prompt"] == plain.tokens["prompt"]
+
+
+def test_drift_turn_encodes_its_new_tokens_not_the_whole_conversation(chats):
+    """Bug: each drift turn re-encoded the whole conversation, so 20 turns were quadratic (drift took 665 s of a
+    14-minute persona section on the 2-core CPU). With the keys and values kept, a turn's prefill is at most its
+    user turn, the template around it and the last reply's final token, counted at the model's forward."""
+    from chatlora.config import PersonaConfig
+    from chatlora.persona import _drift_phase, resolve
+
+    chat = chats["alpha"]
+    tok = chat.tokenizer
+    # replies of ASCII letters: their text encodes back to the very tokens generated (random bytes would not)
+    allowed = {tok.convert_tokens_to_ids(c) for c in "abcdefghij"} | set(chat.stop_ids)
+    sampling = SamplingConfig(
+        max_new_tokens=8, temperature=0, logit_bias={i: -1e4 for i in range(len(tok)) if i not in allowed}
+    )
+    cfg = PersonaConfig(markers=["x"], drift_conversations=3, drift_turns=5, max_new_tokens=8)
+    records = [conv[:1] for conv in CONVERSATIONS]
+    persona = resolve(cfg, "Huanhuan", [])
+    prefills: list[int] = []
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:  # decode steps feed one token
+            prefills.append(ids.shape[1])
+
+    hook = chat.model.get_base_model().register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        _, rows = _drift_phase(chat, persona, records, cfg, sampling, None, 8, reuse=True)
+        kept = list(prefills)
+        prefills.clear()
+        _drift_phase(chat, persona, records, cfg, sampling, None, 8, reuse=False)
+        whole = list(prefills)
+    finally:
+        hook.remove()
+    assert len(kept) == len(whole) == cfg.drift_turns  # one batch, one prefill per turn
+    template = len(chat.prompt_ids([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}] * 2))
+    template -= len(chat.prompt_ids([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]))
+    longest_user = max(len(tok.encode(r["user"], add_special_tokens=False)) for r in rows)
+    assert max(kept[1:]) <= longest_user + template + 1, (kept, whole)
+    assert whole[-1] > longest_user + template + 1 and whole == sorted(whole)  # the counter sees the growth
+    assert all("\ufffd" not in r["reply"] for r in rows)

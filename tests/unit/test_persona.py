@@ -19,6 +19,7 @@ from chatlora.persona import (
     Rates,
     TermMatcher,
     drift_prompts,
+    fit_sizes,
     load_probes,
     load_retention,
     plot_drift,
@@ -242,6 +243,28 @@ def test_targets_leak_at_most_base_and_markers_above_base():
     assert len(result(Rates(1, 0, 0), Rates(1, 0, 0), markers=()).targets()) == 1  # no markers: not a target
 
 
+# ---------------------------------------------------------------- sizes fitted to the device
+
+
+def test_unset_sizes_fit_the_device_and_set_sizes_are_kept(tmp_path):
+    """Bug: the persona sizes were the GPU's on every device (14 minutes of persona on a 2-core CPU), or fitting
+    replaced sizes the block set, even to the GPU defaults' values (a YAML asking 4 drift conversations on a CPU
+    got 1)."""
+    cpu, fitted = fit_sizes(PersonaConfig(), "cpu")
+    assert (cpu.probes, cpu.drift_conversations, cpu.drift_context, cpu.max_new_tokens) == (8, 1, 256, 24)
+    assert fitted == ["probes", "drift_conversations", "drift_context", "max_new_tokens"]
+    gpu, fitted = fit_sizes(PersonaConfig(), "cuda:0")
+    assert (gpu.probes, gpu.drift_conversations, gpu.drift_context, gpu.max_new_tokens) == (None, 4, None, 64)
+    assert len(fitted) == 4
+
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text("persona:\n  drift_conversations: 4\n  max_new_tokens: 64\n", encoding="utf-8")
+    kept, fitted = fit_sizes(load_config(yaml).persona, "cpu")
+    assert (kept.drift_conversations, kept.max_new_tokens) == (4, 64)  # set to the GPU's values: kept
+    assert (kept.probes, kept.drift_context) == (8, 256) and fitted == ["probes", "drift_context"]
+    assert fit_sizes(PersonaConfig(max_new_tokens=300), "cpu")[0].drift_context is None  # 256 leaves no room
+
+
 # ---------------------------------------------------------------- in a real eval
 
 
@@ -331,3 +354,100 @@ def test_checkpoint_rows_measure_each_checkpoint_not_the_final_adapter(persona_r
     assert rows["checkpoint-1"].character_loss == pytest.approx(direct.loss, rel=1e-5)
     assert rows["checkpoint-1"].character_loss != pytest.approx(rows["final"].character_loss, rel=1e-6)
     assert result.persona.recommended in result.persona.checkpoints
+
+
+class _Bars:
+    """Stands in for tqdm: records each bar (desc, total, the updates it got) and, in ``events``, when it opened."""
+
+    def __init__(self, events: list, bars: list):
+        self.events, self.bars = events, bars
+
+    def __call__(self, *args, total=None, desc=None, disable=False, **kwargs):
+        bar = {"desc": desc, "total": total, "n": 0, "disable": disable}
+        self.bars.append(bar)
+        self.events.append(("bar", desc))
+
+        class Bar:
+            def update(self, n=1):
+                bar["n"] += n
+
+            def close(self):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        return Bar()
+
+
+@pytest.fixture(scope="module")
+def eval_events(persona_run, tmp_path_factory):
+    """One eval of the persona run with its log lines and progress bars recorded, in order."""
+    import logging
+
+    from chatlora.eval import EvalConfig, evaluate
+    from chatlora.infer import ChatModel
+
+    chat = ChatModel.load(persona_run, device="cpu")  # before tqdm is replaced: loading iterates over a bar
+    events: list = []
+    bars: list = []
+
+    class Lines(logging.Handler):
+        def emit(self, record):
+            events.append(("log", record.getMessage()))
+
+    handler = Lines(level=logging.INFO)
+    logger = logging.getLogger("chatlora")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("tqdm.auto.tqdm", _Bars(events, bars))
+            out = tmp_path_factory.mktemp("eval-events")
+            result = evaluate(EvalConfig(persona_run, output=out, max_new_tokens=2, batch_size=4), chat)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return events, bars, result
+
+
+def test_eval_prints_the_persona_plan_before_the_persona_phase(eval_events):
+    """Bug: the persona section (14 minutes on a 2-core CPU) started without a word of what it would run or how
+    long it might take: the plan (phases, sizes, what was fitted to the device, an estimated time) must come first."""
+    events, _, result = eval_events
+    lines = [e[1] for e in events if e[0] == "log"]
+    assert any(line.startswith("eval plan: 4 records") for line in lines)
+    plan = [line for line in lines if line.startswith("persona plan:")]
+    assert plan, "no persona plan logged"
+    first_bar = next(i for i, e in enumerate(events) if e == ("bar", "persona: probes"))
+    last_plan = max(i for i, e in enumerate(events) if e[0] == "log" and e[1].startswith("persona plan:"))
+    assert last_plan < first_bar
+    text = "\n".join(plan)
+    assert "probes: 4 asked alone and after 2 in-character turns, base and tuned: 16 replies of up to 6 tokens" in text
+    assert "drift: 2 conversation(s) x 3 turns, base and tuned: 12 replies" in text
+    assert "1 checkpoint(s)" in text
+    # the run's block sets probes, drift_conversations, max_new_tokens; drift_context is unset: fitted to the CPU
+    assert (
+        "sizes fitted to the CPU (configs/quickstart-cpu.yaml's), as the persona block set none of them: "
+        "drift_context 256" in text
+    )
+    assert "estimated time ~" in text and "(an estimate: " in text
+    assert result.persona.settings["drift_context"] == 256 and result.persona.settings["plan"]["estimate_s"] > 0
+
+
+def test_every_persona_phase_drives_a_progress_bar(eval_events):
+    """Bug: the persona phases ran without progress (probes, drift, retention and checkpoints silent for
+    minutes), or a bar stopped short of its total (a phase's count wrong)."""
+    _, bars, _ = eval_events
+    persona = {b["desc"]: b for b in bars if (b["desc"] or "").startswith("persona")}
+    assert set(persona) == {"persona: probes", "persona: drift", "persona: retention", "persona: checkpoints"}
+    assert persona["persona: probes"]["total"] == 2 * (4 + 4)
+    assert persona["persona: drift"]["total"] == 3
+    assert persona["persona: retention"]["total"] == 2
+    assert persona["persona: checkpoints"]["total"] == 1
+    for bar in persona.values():
+        assert bar["n"] == bar["total"] and not bar["disable"], bar
