@@ -563,8 +563,8 @@ class PersonaPlan:
         losses = self.retention_conversations * s_per_loss_conversation
         self.estimate_s = replies + losses
         self.basis = (
-            f"{self.reply_tokens:,} reply tokens at {1 / s_per_reply_token:.1f} tokens/s, the pace of the replies "
-            f"just generated; {self.retention_conversations} loss passes at {s_per_loss_conversation:.2f} s"
+            f"{self.reply_tokens:,} reply tokens at {_pace(s_per_reply_token)}, the pace of the replies just "
+            f"generated; {self.retention_conversations} loss passes at {s_per_loss_conversation:.2f} s"
         )
         return self.estimate_s
 
@@ -615,6 +615,10 @@ class PersonaPlan:
             "estimate_s": round(self.estimate_s, 1) if self.estimate_s is not None else None,
             "estimate_basis": self.basis,
         }
+
+
+def _pace(s_per_token: float) -> str:
+    return f"{1 / s_per_token:.1f} tokens/s" if s_per_token > 0 else "a pace too fast to time"
 
 
 def _size(cfg: PersonaConfig, name: str) -> str:
