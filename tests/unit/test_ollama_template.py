@@ -140,6 +140,8 @@ def test_gguf_chat_template_renders_a_system_prompt_as_training_did(family):
     for system in (SYSTEM, ""):
         conv = [{"role": "system", "content": system}, *CONVERSATIONS[1][:3]]
         want = render_text(conv, tok, add_generation_prompt=True)
-        assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, chat_template=template) == want
+        assert (
+            tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True, chat_template=template) == want
+        )
         whole = [{"role": "system", "content": system}, *CONVERSATIONS[0]]
         assert tok.apply_chat_template(whole, tokenize=False, chat_template=template) == render_text(whole, tok)
