@@ -237,3 +237,37 @@ def test_llama_cpp_computes_what_the_check_reloads(runs, tmp_path):
             want = model(torch.tensor([ids])).logits[0].numpy()
         assert (got.argmax(-1) == want.argmax(-1)).all(), arch
         assert np.abs(got - want).max() < 0.05 * np.abs(want).max(), arch
+
+
+def test_llama_cpp_applies_each_lora_gguf(runs, tmp_path, monkeypatch, broken=False):
+    """Guards against a LoRA GGUF llama.cpp loads but applies differently from PEFT (names, Q/K order, scale): on
+    the base's f32 GGUF, ``--lora`` brings llama.cpp's logits to the adapter's (its error shrinks ten-fold; with
+    mistral's lora_b rows left in HF's order it does not)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import torch
+
+    from chatlora.export.source import _open_source, _reference_model
+
+    if broken:
+        monkeypatch.setattr("chatlora.export.lora._permute", lambda w, n: w)
+    conv = [{"role": "user", "content": "你是谁？我是甄嬛。 12345 Hello world, this is a tiny tokenizer."}]
+    for arch in ["mistral"] if broken else ARCHS:
+        run = runs(arch)
+        base = export(model=run.parent / "base", output=tmp_path / arch / "base", quant="f32", check=False)
+        lora = export(run, tmp_path / arch / "lora", lora_only=True, check=False)
+        tok = family_tokenizer(arch)
+        ids = tok(render_text(conv, tok, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            want = _reference_model(_open_source(run, None))(torch.tensor([ids])).logits[0].numpy()
+        errors = []
+        for extra in ({"lora_path": str(lora.files[0])}, {}):
+            llm = llama_cpp.Llama(str(base.files[0]), logits_all=True, verbose=False, n_ctx=64, n_threads=1, **extra)
+            llm.eval(ids)
+            errors.append(np.abs(np.array(llm.scores[: len(ids)]) - want).max())
+        assert errors[0] < 0.1 * errors[1], (arch, errors)
+
+
+def test_llama_cpp_lora_check_catches_hf_qk_order(runs, tmp_path, monkeypatch):
+    """The test above, made to fail once: lora_b of mistral's Q/K written in HF's row order."""
+    with pytest.raises(AssertionError, match="mistral"):
+        test_llama_cpp_applies_each_lora_gguf(runs, tmp_path, monkeypatch, broken=True)
