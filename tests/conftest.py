@@ -134,3 +134,24 @@ def embedded_model_dir() -> str:
     from chatlora.model import resolve_model
 
     return resolve_model("embedded")
+
+
+def edited_tokenizer(tok, edit, specials: list[str], template: str | None):
+    """A new fast tokenizer from ``tok``'s tokenizer.json after ``edit(dict)`` changed it, with ``tok``'s BOS/EOS/UNK,
+    ``specials`` added as special tokens and ``template`` as its chat template (``tok`` itself is left as it was)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = json.loads(tok.backend_tokenizer.to_str())
+    edit(backend)
+    copy = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(backend)),
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        unk_token=tok.unk_token,
+    )
+    copy.add_special_tokens({"additional_special_tokens": specials})
+    copy.chat_template = template
+    return copy

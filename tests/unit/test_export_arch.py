@@ -7,14 +7,13 @@ byte-level BPE with ChatML.
 
 from __future__ import annotations
 
-import json
 import re
 
 import gguf
 import numpy as np
 import pytest
 from chat_templates import FAMILIES
-from conftest import VOCAB_DIR, vocab_tokenizer
+from conftest import VOCAB_DIR, edited_tokenizer, vocab_tokenizer
 from test_export import failed, make_bpe_tokenizer, make_model_dir, statuses, train_adapter
 
 import chatlora.export.writer as writer
@@ -39,23 +38,16 @@ def family_tokenizer(arch: str):
         return vocab_tokenizer("qwen2")
     if arch == "mistral":
         return vocab_tokenizer("llama-spm", FAMILIES["mistral"][0])
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     spm = AutoTokenizer.from_pretrained(str(VOCAB_DIR / "llama-spm"))  # a copy: vocab_tokenizer's is shared
-    # Gemma's shape: no word-start space added anywhere, so none stripped when decoding.
-    backend = json.loads(spm.backend_tokenizer.to_str())
-    backend["pre_tokenizer"]["prepend_scheme"] = "never"
-    backend["decoder"]["decoders"] = [d for d in backend["decoder"]["decoders"] if d["type"] != "Strip"]
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(backend)),
-        bos_token=spm.bos_token,
-        eos_token=spm.eos_token,
-        unk_token=spm.unk_token,
-    )
-    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
-    tok.chat_template = FAMILIES["gemma2" if arch == "gemma2" else "gemma3"][0]
-    return tok
+
+    def gemma_shape(backend: dict) -> None:  # no word-start space added anywhere, so none stripped when decoding
+        backend["pre_tokenizer"]["prepend_scheme"] = "never"
+        backend["decoder"]["decoders"] = [d for d in backend["decoder"]["decoders"] if d["type"] != "Strip"]
+
+    template = FAMILIES["gemma2" if arch == "gemma2" else "gemma3"][0]
+    return edited_tokenizer(spm, gemma_shape, ["<start_of_turn>", "<end_of_turn>"], template)
 
 
 def make_run(tmp, arch: str, seed: int = 0, **config):

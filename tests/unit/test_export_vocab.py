@@ -15,7 +15,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from conftest import vocab_tokenizer
+from conftest import edited_tokenizer, vocab_tokenizer
 from test_export import failed, make_model_dir, statuses, train_adapter
 
 from chatlora.export import check_export, export
@@ -172,21 +172,8 @@ _LEGACY_NORMALIZER = {
 
 
 def _with_backend(tok, edit):
-    """A copy of ``tok`` whose tokenizer.json was edited by ``edit(dict)``."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    backend = json.loads(tok.backend_tokenizer.to_str())
-    edit(backend)
-    copy = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(backend)),
-        bos_token=tok.bos_token,
-        eos_token=tok.eos_token,
-        unk_token=tok.unk_token,
-    )
-    copy.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    copy.chat_template = tok.chat_template
-    return copy
+    """A copy of ``tok`` (Yi's shape: ChatML markers) whose tokenizer.json was edited by ``edit(dict)``."""
+    return edited_tokenizer(tok, edit, ["<|im_start|>", "<|im_end|>"], tok.chat_template)
 
 
 @pytest.mark.parametrize(
