@@ -1,5 +1,5 @@
 """Issue 22's end-to-end claim, from the command line: for the model families people tune (Yi's shape, Mistral,
-Qwen3, Gemma 2 and 3), `chatlora train` for 2 steps, then `chatlora export --quant q8_0` and `--quant q4_k_m` exit 0
+Qwen3, Gemma 3), `chatlora train` for 2 steps, then `chatlora export --quant q8_0` and `--quant q4_k_m` exit 0
 and their parity tables pass, the real llama.cpp rows included (llama-cpp-python, the test extra).
 
 Each base is a tiny model of its architecture with its family's real kind of vocabulary and chat template, wide
@@ -26,9 +26,11 @@ FAMILIES = {  # name -> HF model_type
     "yi": "llama",  # Llama 2's sentencepiece vocabulary with the ChatML markers added: Yi-6B-Chat's shape
     "mistral": "mistral",
     "qwen3": "qwen3",
-    "gemma2": "gemma2",
     "gemma3": "gemma3_text",
 }
+# Gemma 2 is not here: llama.cpp's gemma2 graph has no output layer of its own, so export refuses untied Gemma 2
+# embeddings, and this test's confident bigram models need an untied one. test_export_arch.py exports a tied Gemma 2
+# at q8_0 with every row (the llama.cpp row included where llama-cpp-python is installed).
 ROWS = [
     {"instruction": f"你是谁？ Who are you? {i}", "input": "", "output": "臣妾甄嬛。" if i % 2 else "皇上万福金安。"}
     for i in range(12)
