@@ -160,7 +160,7 @@ def check_export(
         source: the adapter or merged model dir, when it moved since the export.
     """
     directory = Path(directory)
-    manifest = read_manifest(directory, QUANTS)
+    manifest = read_manifest(directory)
     if _source is None:
         recorded = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
         if source is None and not isinstance(recorded.get("path"), str):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import FileError
+from .quants import QUANTS
 
 MANIFEST = "chatlora-export.json"
 _MAX_MANIFEST = 1 << 20  # a manifest is a few KiB; more is not one
@@ -46,7 +46,7 @@ def run_commands(directory: str | Path) -> list[str]:
     """How to run an export, one line per runtime: Ollama when there is a Modelfile, llama.cpp's ``llama-cli`` with
     the trained system prompt (``-sys``) and ``llama-server``; every path and text quoted for a POSIX shell."""
     directory = Path(directory)
-    manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    manifest = read_manifest(directory)
     gguf = str(directory / manifest["gguf"])
     base = manifest.get("base_gguf")
     lines = []
@@ -65,7 +65,7 @@ def run_commands(directory: str | Path) -> list[str]:
     return lines
 
 
-def read_manifest(directory: str | Path, quants: Collection[str]) -> dict[str, Any]:
+def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest :func:`~chatlora.export.export` wrote, checked: one clear error for a damaged one.
 
     Its ``gguf`` must name a file in ``directory`` itself: a manifest never makes the check open a file elsewhere.
@@ -87,8 +87,8 @@ def read_manifest(directory: str | Path, quants: Collection[str]) -> dict[str, A
         raise FileError(f"{path}: field 'gguf' must name a file in {directory}, not {name!r}")
     if not (Path(directory) / name).is_file():
         raise FileError(f"{Path(directory) / name}: the GGUF file named in {MANIFEST} is missing")
-    if manifest.get("quant") not in quants:
-        raise FileError(f"{path}: field 'quant' is {manifest.get('quant')!r}, not one of {', '.join(quants)}")
+    if manifest.get("quant") not in QUANTS:
+        raise FileError(f"{path}: field 'quant' is {manifest.get('quant')!r}, not one of {', '.join(QUANTS)}")
     base = manifest.get("base_gguf")
     if base is not None and not (isinstance(base, str) and base.endswith(".gguf")):
         raise FileError(f"{path}: field 'base_gguf' must be the base model's .gguf file, not {base!r}")

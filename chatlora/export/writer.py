@@ -182,11 +182,12 @@ def write_gguf(model, tokenizer, path: str | Path, quant: str = "f16", name: str
     path = Path(path)
     config = model.config
     arch = _arch(config)
-    ensure_space(path, _gguf_bytes(model, spec), "the GGUF file")
+    # a K-quant file is written beside its f32 source: both are on disk at once
+    need = _gguf_bytes(model, spec) + (_gguf_bytes(model, _quant("f32")) if spec.llama_cpp else 0)
+    ensure_space(path, need, "the GGUF file")
     tmp = path.with_name(path.name + ".tmp")
     if spec.llama_cpp:
         f32 = path.with_name(path.name + ".f32.tmp")
-        ensure_space(path, _gguf_bytes(model, _quant("f32")) + _gguf_bytes(model, spec), "the GGUF file")
         try:
             write_gguf(model, tokenizer, f32, "f32", name or path.stem)
             _llama_quantize(f32, tmp, spec)

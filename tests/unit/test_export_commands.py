@@ -14,8 +14,15 @@ SYSTEM = '现在你要扮演皇帝身边的女人--甄嬛. Say "臣妾"; it\'s $
 def _export_dir(tmp_path: Path, lora_only: bool = False, base: str | None = None, modelfile: bool = True) -> Path:
     out = tmp_path / "my export"  # a space: every path in a printed command must be quoted
     out.mkdir()
-    manifest = {"gguf": "run-q8_0.gguf", "lora_only": lora_only, "base_gguf": base, "system_prompt": SYSTEM}
+    manifest = {
+        "gguf": "run-q8_0.gguf",
+        "quant": "f16" if lora_only else "q8_0",
+        "lora_only": lora_only,
+        "base_gguf": base,
+        "system_prompt": SYSTEM,
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False))
+    (out / "run-q8_0.gguf").write_bytes(b"GGUF")
     if modelfile:
         (out / "Modelfile").write_text("FROM ./run-q8_0.gguf\n")
     return out
