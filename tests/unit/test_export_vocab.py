@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import pytest
 from conftest import edited_tokenizer, vocab_tokenizer
-from test_export import failed, make_model_dir, statuses, train_adapter
+from test_export import failed, make_model_dir, set_gguf_field, statuses, train_adapter
 
 from chatlora.export import check_export, export
 from chatlora.export.vocab import _space_prefix, _vocab
@@ -124,10 +124,7 @@ def test_bos_added_twice_is_caught(tmp_path):
     result = export(run, tmp_path / "x", quant="f32", samples=2, max_new_tokens=4)
     assert result.passed, statuses(result.checks)
     path = _gguf(result)
-    reader = gguf.GGUFReader(path, "r+")
-    field = reader.fields["tokenizer.ggml.add_bos_token"]
-    field.parts[field.data[0]][...] = True
-    reader.data.flush()
+    set_gguf_field(path, "tokenizer.ggml.add_bos_token", lambda value: True)
     bad = failed(check_export(result.output_dir, samples=2, max_new_tokens=4))
     assert "2 BOS tokens" in bad["BOS once"]
 
@@ -151,10 +148,7 @@ def test_wrong_space_prefix_breaks_llama_cpp(yi_f16, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is part of the test extra")
     out = _copy(yi_f16, tmp_path)
     path = out / _gguf(yi_f16).name
-    reader = gguf.GGUFReader(path, "r+")
-    field = reader.fields["tokenizer.ggml.add_space_prefix"]
-    field.parts[field.data[0]][...] = True
-    reader.data.flush()
+    set_gguf_field(path, "tokenizer.ggml.add_space_prefix", lambda value: True)
     tok = vocab_tokenizer("llama-spm")
     conv = [{"role": "user", "content": "你是谁？"}]
     llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
