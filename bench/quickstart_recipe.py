@@ -41,7 +41,7 @@ def seconds_per_step(metrics_path: Path) -> float | None:
 def run_trial(name: str, overrides: dict[str, str], out: Path) -> dict:
     from chatlora.config import load_config
     from chatlora.eval import assistant_loss, held_out_records
-    from chatlora.runcard import system_prompt as runcard_system_prompt
+    from chatlora.runcard import added_system_prompt
     from chatlora.train import train
 
     cfg = load_config(
@@ -52,7 +52,7 @@ def run_trial(name: str, overrides: dict[str, str], out: Path) -> dict:
     train_s = time.time() - started
     records, _ = held_out_records(result.run_card, EVAL_SAMPLES)
     conversations = [r.messages for r in records]
-    system_prompt = runcard_system_prompt(result.run_card)
+    system_prompt = added_system_prompt(result.run_card)  # for the records that carry none, as in training
     loss = {
         side: assistant_loss(
             result.model,
