@@ -3,6 +3,8 @@
 With a 64k vocabulary the full ``[tokens, vocab]`` logits (upcast to fp32 for the loss) cost gigabytes and a large
 matmul per step, while only the assistant tokens carry labels. :func:`label_only_loss` runs the decoder, keeps the
 hidden states at label positions and projects only those: same loss, same gradients.
+:func:`label_only_loss_wrapped` does the same through the model's own forward (``logits_to_keep``), for a model
+wrapped by DDP / FSDP / DeepSpeed, whose hooks fire only there.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 
 from .template import IGNORE_INDEX
 
-__all__ = ["apply_liger", "label_only_loss", "supports_label_only_loss"]
+__all__ = ["apply_liger", "label_only_loss", "label_only_loss_wrapped", "supports_label_only_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,36 @@ def label_only_loss(model, inputs: dict, num_items_in_batch=None) -> torch.Tenso
     kept = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, index)
     logits = base.get_output_embeddings()(kept).float()
     loss = F.cross_entropy(logits, target.index_select(0, index), reduction="sum")
-    denom = num_items_in_batch if num_items_in_batch is not None else max(index.numel(), 1)
+    return _normalised(loss, num_items_in_batch, index.numel())
+
+
+def label_only_loss_wrapped(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+    """:func:`label_only_loss` through ``model``'s own forward, so that a DDP / FSDP / DeepSpeed wrapper's hooks fire
+    (gradient all-reduce, parameter gathering): the LM head runs only at the columns where some row has a label
+    (``logits_to_keep``, which every transformers causal LM takes), the other rows' entries there are ignored."""
+    target = inputs["labels"][:, 1:]
+    labelled = target != IGNORE_INDEX
+    columns = labelled.any(0).nonzero().squeeze(1)
+    logits = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs.get("attention_mask"),
+        position_ids=inputs.get("position_ids"),
+        use_cache=False,
+        logits_to_keep=columns,
+    ).logits
+    kept = target.index_select(1, columns)
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), kept.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return _normalised(loss, num_items_in_batch, labelled.sum())
+
+
+def _normalised(loss: torch.Tensor, num_items_in_batch, count) -> torch.Tensor:
+    """``loss`` over the Trainer's count for the accumulation window when given, else over this batch's ``count``."""
+    denom = num_items_in_batch if num_items_in_batch is not None else count
     if torch.is_tensor(denom):
-        denom = denom.to(loss.device)
-    return loss / denom
+        return loss / denom.to(loss.device).clamp(min=1)
+    return loss / max(denom, 1)
 
 
 def apply_liger(model) -> bool:

@@ -6,8 +6,8 @@ Every choice left unset in the config (``None``: auto) is made here from the sit
 what applied:
 
 - one CUDA process: packing, label-only LM head, regional ``torch.compile`` (Liger instead where compile is off);
-- several processes (torchrun / accelerate): DDP with packing, no compile (measured at 0.48x one compiled GPU) and
-  the full-vocabulary loss (the label-only head would bypass DDP's hooks);
+- several processes (torchrun / accelerate): DDP with packing and the label-only head (through the wrapper's forward,
+  ``logits_to_keep``), no compile (measured at 0.48x one compiled GPU);
 - CPU: packing and the label-only head, no compile (measured +11 % after ~40 s of compiling: no gain on short runs).
 
 Memory is estimated from the model's shapes (read on the ``meta`` device, no weights) and the real micro-batches
@@ -263,6 +263,8 @@ class BatchPlan:
     micro_batches_per_epoch: int
     max_tokens: int  # positions (padding included) of the largest micro-batch
     max_labels: int  # labelled positions of the largest micro-batch
+    # the label-only head under DDP/FSDP projects rows x the columns where any row has a label (logits_to_keep)
+    max_label_columns: int
     conversations_per_step: float  # mean
     tokens_per_step: float  # mean real tokens
 
@@ -275,10 +277,22 @@ def _label_count(ex: dict) -> int:
     return sum(1 for label in ex["labels"][1:] if label != IGNORE_INDEX)
 
 
+def _labelled_columns(rows: list[list[dict]]) -> int:
+    """Columns where some row (conversations packed back to back) has a label, times the rows."""
+    columns: set[int] = set()
+    for row in rows:
+        start = 0
+        for ex in row:
+            columns.update(start + j for j, label in enumerate(ex["labels"][1:]) if label != IGNORE_INDEX)
+            start += len(ex["input_ids"])
+    return len(rows) * len(columns)
+
+
 def _packed_batch(examples: list[dict], plan: list[list[list[int]]], mode: str, accum: int) -> BatchPlan:
-    def size(batch: list[list[int]]) -> tuple[int, int]:
+    def size(batch: list[list[int]]) -> tuple[int, int, int]:
         width = max(sum(len(examples[i]["input_ids"]) for i in row) for row in batch)
-        return len(batch) * width, sum(_label_count(examples[i]) for row in batch for i in row)
+        labels = sum(_label_count(examples[i]) for row in batch for i in row)
+        return len(batch) * width, labels, _labelled_columns([[examples[i] for i in row] for row in batch])
 
     sizes = [size(b) for b in plan]
     n_conv = sum(len(row) for b in plan for row in b)
@@ -288,8 +302,9 @@ def _packed_batch(examples: list[dict], plan: list[list[list[int]]], mode: str, 
         mode=mode,
         micro_batches_per_step=accum,
         micro_batches_per_epoch=len(plan),
-        max_tokens=max(t for t, _ in sizes),
-        max_labels=max(n for _, n in sizes),
+        max_tokens=max(t for t, _, _ in sizes),
+        max_labels=max(n for _, n, _ in sizes),
+        max_label_columns=max(c for _, _, c in sizes),
         conversations_per_step=n_conv / steps,
         tokens_per_step=real / steps,
     )
@@ -306,6 +321,7 @@ def _padded_batch(examples: list[dict], batch_size: int, accum: int) -> BatchPla
         micro_batches_per_epoch=math.ceil(n / batch_size),
         max_tokens=len(longest) * len(longest[0]["input_ids"]),
         max_labels=sum(_label_count(ex) for ex in longest),
+        max_label_columns=_labelled_columns([[ex] for ex in longest]),
         conversations_per_step=n / steps,
         tokens_per_step=sum(len(ex["input_ids"]) for ex in examples) / steps,
     )
@@ -440,12 +456,9 @@ def make_plan(
         return auto
 
     packing = choose("packing", True)
-    label_only = choose("logits_at_labels", not several and shape.label_only_ok, _label_only_off(several, shape))
+    label_only = choose("logits_at_labels", shape.label_only_ok, _label_only_off(shape))
     if label_only and not shape.label_only_ok:
         notes.append("label-only LM head asked for, but this model's logits are not a plain lm_head(hidden): off")
-        label_only = False
-    if label_only and several:
-        notes.append("label-only LM head skipped: it would bypass DDP/FSDP's forward hooks")
         label_only = False
     liger_installed = importlib.util.find_spec("liger_kernel") is not None
 
@@ -501,7 +514,7 @@ def make_plan(
             precision,
             quantize,
             batches.max_tokens,
-            batches.max_labels,
+            batches.max_label_columns if several else batches.max_labels,
             checkpointing=memory_mode or cfg.gradient_checkpointing,
             compiled=compiled,
             liger=liger,
@@ -562,9 +575,7 @@ def make_plan(
     )
 
 
-def _label_only_off(several: bool, shape: ModelShape) -> str | None:
-    if several:
-        return "several processes (the label-only head would bypass DDP/FSDP's hooks)"
+def _label_only_off(shape: ModelShape) -> str | None:
     if not shape.label_only_ok:
         return "this model's logits are not a plain lm_head(hidden)"
     return None

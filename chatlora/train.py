@@ -18,7 +18,7 @@ from . import __version__
 from .character import resolve_character
 from .config import BUILTIN_DATA, ON_HELD_OUT_LOSS, ConfigError, TrainConfig
 from .data import DataError, Record, SystemPrompts, load_records, parse_columns
-from .kernels import apply_liger, label_only_loss
+from .kernels import apply_liger, label_only_loss, label_only_loss_wrapped
 from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
 from .packing import PackedDataset, collate
 from .plan import RunPlan, auto_val_count, check_limits, make_plan, read_shape
@@ -416,7 +416,8 @@ def _trainer_class(label_only: bool, keep_checkpoints: int):
 
     class ChatloraTrainer(Trainer):
         """Counts packed batches' real tokens on the CPU (the stock count syncs the GPU every micro-step) and,
-        with ``label_only``, takes the loss from :func:`chatlora.kernels.label_only_loss`."""
+        with ``label_only``, takes the loss from :func:`chatlora.kernels.label_only_loss` (one process) or
+        :func:`chatlora.kernels.label_only_loss_wrapped` (several)."""
 
         unsynced_tokens = 0  # this rank's packed tokens since the last log (several processes)
 
@@ -428,14 +429,17 @@ def _trainer_class(label_only: bool, keep_checkpoints: int):
                     self.state.num_input_tokens_seen += real
                 else:
                     self.unsynced_tokens += real
-            # label_only_loss calls the decoder directly, which would bypass DDP's/FSDP's forward hooks
-            if not label_only or not single or return_outputs or "labels" not in inputs:
+            if not label_only or return_outputs or "labels" not in inputs:
                 inputs.pop("label_index", None)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # label_only_loss calls the decoder itself, bypassing the bf16/fp16 autocast that accelerate wraps around
-            # model.forward; without it PEFT runs every LoRA matmul in fp32 (measured: 26 % of GPU time)
-            with self.accelerator.autocast():
-                loss = label_only_loss(model, inputs, num_items_in_batch)
+            if single:
+                # label_only_loss calls the decoder itself, bypassing the bf16/fp16 autocast that accelerate wraps
+                # around model.forward; without it PEFT runs every LoRA matmul in fp32 (measured: 26 % of GPU time)
+                with self.accelerator.autocast():
+                    loss = label_only_loss(model, inputs, num_items_in_batch)
+            else:  # through the DDP/FSDP wrapper's forward, whose hooks all-reduce and gather
+                inputs.pop("label_index", None)
+                loss = label_only_loss_wrapped(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # mirrors Trainer.compute_loss's DDP rescale
             return loss

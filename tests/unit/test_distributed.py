@@ -80,18 +80,22 @@ import json, os, sys
 from chatlora.config import TrainConfig
 from chatlora.train import train
 bs, ga, out, data, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+label_only = sys.argv[6] == "label-only"
 r = train(TrainConfig(model=model, data=data, output_dir=out, max_steps=3, batch_size=bs, grad_accum=ga, val_size=0,
     logging_steps=1, save_steps=100, device="cpu", lora_dropout=0.0, lr=1e-2, warmup_ratio=0, group_by_length=False,
-    max_grad_norm=1e9, system_prompt="S", packing=False, logits_at_labels=False, dtype="fp32"))
+    max_grad_norm=1e9, system_prompt="S", packing=False, logits_at_labels=label_only, dtype="fp32"))
 if int(os.environ.get("RANK", 0)) == 0:
     s = sum(p.double().abs().sum().item() for n, p in r.model.named_parameters() if "lora_B" in n)
     print("LORA_B", repr(s), flush=True)
 """
 
 
-def test_ddp_equals_grad_accumulation_equals_one_big_batch(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("head", ["full-vocab", "label-only"])
+def test_ddp_equals_grad_accumulation_equals_one_big_batch(tiny_model_dir, tmp_path, head):
     """Guards against DDP or grad accumulation mis-normalising the loss: with every step seeing all 8 records,
-    2 processes x 4, 1 process x 4 x accum 2 and 1 process x 8 must train the same LoRA weights and losses."""
+    2 processes x 4, 1 process x 4 x accum 2 and 1 process x 8 must train the same LoRA weights and losses; with the
+    label-only head too (under DDP through the wrapper's forward: a head that bypassed DDP's hooks would leave each
+    rank's gradients un-averaged)."""
     rows = [{"instruction": f"q{i}" * (i + 1), "input": "", "output": "嗯。" * (i + 1)} for i in range(8)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     script = tmp_path / "equiv.py"
@@ -107,7 +111,7 @@ def test_ddp_equals_grad_accumulation_equals_one_big_batch(tiny_model_dir, tmp_p
     weights, losses = {}, {}
     for name, launcher in runs.items():
         out = tmp_path / name
-        args = [str(script), *sizes[name], str(out), str(data), str(tiny_model_dir)]
+        args = [str(script), *sizes[name], str(out), str(data), str(tiny_model_dir), head]
         proc = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         weights[name] = float(next(line for line in proc.stdout.splitlines() if line.startswith("LORA_B")).split()[1])
@@ -117,6 +121,9 @@ def test_ddp_equals_grad_accumulation_equals_one_big_batch(tiny_model_dir, tmp_p
     assert weights["ddp2"] == pytest.approx(weights["bs8"], rel=1e-6)
     assert losses["accum2"] == pytest.approx(losses["bs8"], rel=1e-6)
     assert losses["ddp2"] == pytest.approx(losses["bs8"], rel=1e-6)
+    if head == "label-only":  # the label-only path must have run under DDP, not the full head
+        card = json.loads((tmp_path / "ddp2" / "chatlora.json").read_text())
+        assert card["plan"]["logits_at_labels"] is True
 
 
 def test_torchrun_resume_continues_exactly(tiny_model_dir, tmp_path):
@@ -163,7 +170,7 @@ def test_one_process_on_several_gpus_does_not_fall_back_to_data_parallel(monkeyp
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     cfg = TrainConfig(model="m", data="d", output_dir=str(tmp_path), dtype="fp32", batch_size=8)
     precision = pick_precision(torch.device("cpu"), "fp32")
-    batches = BatchPlan("padded", 1, 10, 8 * 384, 8 * 100, 8.0, 1200.0)
+    batches = BatchPlan("padded", 1, 10, 8 * 384, 8 * 100, 8 * 100, 8.0, 1200.0)
     plan = RunPlan("cuda", "fp32", None, False, False, False, False, False, 1, batches, None, None, True)
     with caplog.at_level("WARNING"):
         args = training_args(cfg, precision, torch.device("cuda"), False, plan)

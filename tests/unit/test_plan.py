@@ -162,13 +162,25 @@ def test_a_plain_run_gets_the_fast_path_and_plain_turns_it_off(tiny_model_dir, g
         TrainConfig(plain=True, packing=True)
 
 
-def test_several_processes_use_ddp_without_compile_or_the_label_only_head(tiny_model_dir, gpu):
-    """Guards against the paths measured slower or wrong under DDP (compiled DDP at 0.48x; the label-only head
-    bypassing DDP's hooks) being used when torchrun starts several processes."""
+def test_several_processes_use_ddp_with_the_label_only_head_without_compile(tiny_model_dir, gpu):
+    """Guards against compile (compiled DDP measured at 0.48x) under torchrun's several processes, and against
+    losing the label-only head there (it runs through the wrapper's forward; test_distributed checks its loss)."""
     shape = read_shape(str(tiny_model_dir), TrainConfig())
     p = make_plan(TrainConfig(compile=True), CUDA, BF16, shape, _huanhuan_like(200), world_size=2)
-    assert p.packing and not p.compile and not p.logits_at_labels
+    assert p.packing and not p.compile and p.logits_at_labels
     assert any("--compile skipped" in n for n in p.notes)
+
+
+def test_label_only_memory_under_several_processes_counts_rows_times_labelled_columns():
+    """Guards against the estimate counting only labels when the head runs through ``logits_to_keep``, which
+    projects every row at each column where any row has a label."""
+    from chatlora.plan import _labelled_columns
+
+    a = {"input_ids": [1] * 6, "labels": [-100, -100, -100, 5, 6, 7]}  # labels at columns 2, 3, 4 of labels[1:]
+    b = {"input_ids": [1] * 4, "labels": [-100, 5, -100, -100]}  # column 0
+    assert _labelled_columns([[a]]) == 3
+    assert _labelled_columns([[a], [b]]) == 2 * 4  # columns {0, 2, 3, 4} x 2 rows
+    assert _labelled_columns([[a, a]]) == 1 * 6  # packed: the second a starts at column 6: {2, 3, 4, 8, 9, 10}
 
 
 def test_packed_steps_keep_the_recipes_steps_per_epoch():
