@@ -27,6 +27,7 @@ from .infer import ChatModel, SamplingConfig
 from .packing import collate
 from .persona import SYSTEMS
 from .report import LOSS_PNG, REPLIES_JSONL, REPORT_HTML, REPORT_MD, write_report
+from .run import held_out_records
 from .runcard import METRICS, added_system_prompt, file_sha256, plot_loss_curve, read_run_card
 from .template import IGNORE_INDEX, encode_conversation, with_system
 
@@ -341,44 +342,6 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------- data
-
-
-def held_out_records(card: dict[str, Any], max_samples: int | None = None) -> tuple[list[Record], dict[str, Any]]:
-    """The run's held-out records, reloaded from the dataset named in its run card, and where they came from.
-
-    Warns (log) when the file's sha256 differs from the one recorded at training time: the indices may then point
-    at different conversations than the ones held out.
-    """
-    ds = card.get("dataset") or {}
-    if "val_indices" not in ds or "path" not in ds:
-        raise ModelError("the run card records no held-out split (dataset.val_indices); pass --data PATH")
-    path = Path(ds["path"])
-    if not path.is_file():
-        raise DataError([f"{path}: the run's dataset is gone; pass --data PATH to evaluate another file"])
-    sha = file_sha256(path)
-    if ds.get("sha256") and sha != ds["sha256"]:
-        log.warning(
-            "%s changed since training (sha256 %s, run card %s): held-out indices may not match",
-            path,
-            sha[:12],
-            ds["sha256"][:12],
-        )
-    cfg = card.get("config") or {}
-    records = load_records(path, cfg.get("format", "auto"), parse_columns(cfg.get("columns")))
-    by_index = {r.index: r for r in records}
-    missing = [i for i in ds["val_indices"] if i not in by_index]
-    if missing:
-        raise DataError([f"{path}: held-out indices {missing[:5]} are not in the file (was it changed?)"])
-    picked = [by_index[i] for i in ds["val_indices"]][: max_samples or None]
-    source = {
-        "kind": "held-out",
-        "path": str(path),
-        "sha256": sha,
-        "sha256_matches_run": sha == ds.get("sha256"),
-        "records": len(picked),
-        "held_out_records": len(ds["val_indices"]),
-    }
-    return picked, source
 
 
 def _file_records(path: str | Path, format: str, columns: str | None, max_samples: int | None):

@@ -31,9 +31,8 @@ import torch
 from .data import read_json_file
 from .errors import ConfigError, DataError
 from .files import FileError, check_output_file, temp_file
-from .model import base_quantization, dtype_for, load_model, load_tokenizer, pick_device, resolve_model
-from .runcard import read_adapter, read_run_card
-from .runcard import system_prompt as card_system_prompt
+from .model import resolve_model
+from .run import open_model, open_run
 from .template import encode_prompt, end_of_turn, with_system
 
 __all__ = [
@@ -614,28 +613,13 @@ class ChatModel:
     ) -> ChatModel:
         """Load for inference: ``adapter`` (its run card names the base) or ``model`` (base or merged dir); the base
         in ``dtype`` (:func:`~chatlora.model.dtype_for`)."""
-        dev = pick_device(device)
-        card: dict = {}
-        if adapter is not None:
-            adapter = Path(adapter)
-            card, spec = read_adapter(adapter)
-            model = model if model is not None else spec
-        else:
-            card = read_run_card(model) if model and Path(model).is_dir() else {}
-        base_path = resolve_model(model)
-        # The adapter dir carries the exact tokenizer + chat template used in training.
-        tokenizer = load_tokenizer(str(adapter) if adapter is not None else base_path)
+        run = open_run(adapter) if adapter is not None else open_model(model)
+        net = run.load(device, dtype, base_only, model)
+        tokenizer = run.tokenizer
         tokenizer.padding_side = "left"
-        quantize = base_quantization([card], dev) if adapter is not None else None
-        net = load_model(base_path, dtype_for(dev, dtype), dev, quantize=quantize)
-        name = Path(base_path).name
-        if adapter is not None and not base_only:
-            from peft import PeftModel
-
-            net = PeftModel.from_pretrained(net, str(adapter))
-            name = adapter.name
+        name = run.name if adapter is not None and not base_only else Path(resolve_model(model or run.base_spec)).name
         if system_prompt is None:
-            system_prompt = card_system_prompt(card)
+            system_prompt = run.system_prompt
         return cls(net, tokenizer, system_prompt, name)
 
     def conversation(self, messages: list[dict], system: str | None = None) -> list[dict]:

@@ -10,23 +10,11 @@ import torch
 from safetensors import SafetensorError
 
 from .files import ensure_space, publish_dir, staging_dir
-from .model import ModelError, load_model, load_tokenizer, resolve_model
-from .runcard import read_adapter, write_run_card
-from .template import stop_token_ids
+from .model import ModelError
+from .run import open_run
+from .runcard import write_run_card
 
-__all__ = ["merge", "set_generation_stops"]
-
-
-def set_generation_stops(model, tokenizer) -> None:
-    """Make ``generation_config`` stop where chat generation does: at the end-of-turn token (then EOS).
-
-    A base model's config often names only its pretraining EOS (Yi: 2, while replies end with ``<|im_end|>`` = 7),
-    so a merged model would never stop in runtimes that read ``generation_config.json``.
-    """
-    ids = stop_token_ids(tokenizer)
-    model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids
-    if tokenizer.pad_token_id is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+__all__ = ["merge"]
 
 
 log = logging.getLogger(__name__)
@@ -51,13 +39,12 @@ def merge(
     leaves ``output`` as it was. A non-empty ``output`` is refused unless ``overwrite`` (then the files merge writes
     are replaced one by one, each atomically, and the folder's other files are kept).
     """
-    from peft import PeftModel
-
     adapter, output = Path(adapter), Path(output)
-    card, spec = read_adapter(adapter)
+    run = open_run(adapter)
+    card = run.card
     if output.resolve() == adapter.resolve():
         raise ModelError("--output must differ from --adapter")
-    quantized = card.get("base_model", {}).get("quantize")
+    quantized = run.quantized
     if quantized:
         # merging into 4-bit weights would round the update away; the full-precision base is what others load
         log.warning(
@@ -68,10 +55,8 @@ def merge(
     _check_output(output, overwrite)
     staging = staging_dir(output)  # also proves the folder is writable before the model loads
     try:
-        base = load_model(resolve_model(spec), dtype)
-        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-        tokenizer = load_tokenizer(str(adapter))
-        set_generation_stops(merged, tokenizer)
+        merged = run.merged(dtype)
+        tokenizer = run.tokenizer
         weights = {t.data_ptr(): t.numel() * t.element_size() for t in merged.state_dict().values()}
         ensure_space(staging, sum(weights.values()), "the merged model")
         merged.save_pretrained(staging, safe_serialization=True)

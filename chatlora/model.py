@@ -140,6 +140,9 @@ def load_tokenizer(path: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise ModelError(f"cannot load a tokenizer from {path}: {e}") from None
+    except ValueError as e:  # a tokenizer_config.json without the vocabulary files it needs (tokenizer.json gone)
+        why = str(e).strip().splitlines()[0].rstrip(":")
+        raise ModelError(f"cannot load a tokenizer from {path}: its files are incomplete or damaged ({why})") from None
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -28,6 +28,7 @@ from typing import Any
 
 from .config import DEFAULT_SYSTEM_PROMPT, PERSONA_SIZES, PersonaConfig
 from .model import context_length
+from .run import complete_checkpoints, open_run
 
 __all__ = [
     "DEFAULT_FORBIDDEN",
@@ -459,16 +460,10 @@ def _losses(loss_fn, chat, conversations, system, max_length, batch_size, use_ad
 
 def _checkpoints(chat, adapter_dir: Path | None, final_step: int | None) -> list[tuple[int, Path]]:
     """The complete ``checkpoint-N`` adapters beside the run's that the checkpoint table measures."""
-    from .rundir import checkpoints, is_complete
-
     if not hasattr(chat.model, "load_adapter") or adapter_dir is None:
         return []
-    return [
-        (step, path)
-        for step, path in checkpoints(Path(adapter_dir))
-        # the final adapter is that checkpoint's weights: measured once, as "final"
-        if step != final_step and is_complete(path) and (path / "adapter_config.json").is_file()
-    ]
+    # the final adapter is that checkpoint's weights: measured once, as "final"
+    return complete_checkpoints(Path(adapter_dir), skip_step=final_step)
 
 
 def _checkpoint_phase(
@@ -484,7 +479,7 @@ def _checkpoint_phase(
     with _bar("persona: checkpoints", len(found), "checkpoint") as bar:
         for step, path in found:
             name = f"persona-checkpoint-{step}"
-            model.load_adapter(str(path), adapter_name=name)
+            open_run(path, tokenizer=False).attach(model, name)
             try:
                 model.set_adapter(name)
                 rows.append(

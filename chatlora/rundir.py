@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import zipfile
 from pathlib import Path
 
 from .errors import ModelError
+from .run import COMPLETE, SAVING, checkpoints, is_complete
 
 __all__ = [
     "COMPLETE",
@@ -33,9 +33,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "chatlora-complete.json"
-SAVING = ".chatlora-saving"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what a chatlora run writes into its folder (an --overwrite removes these, nothing else)
 RUN_FILES = (
     "chatlora.json",
@@ -46,14 +43,6 @@ RUN_FILES = (
     "README.md",
 )
 RUN_DIRS = ("eval",)
-
-
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """``checkpoint-N`` folders of ``out``, oldest first."""
-    if not out.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
-    return sorted(found)
 
 
 def _is_run(out: Path) -> bool:
@@ -111,20 +100,6 @@ def clear_previous_run(out: Path) -> None:
     for name in RUN_DIRS:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
-
-
-def is_complete(ckpt: Path) -> bool:
-    """Marked complete by chatlora; or, for checkpoints of older versions (no mark, no 'saving' flag), a readable
-    trainer state, which the Trainer writes last."""
-    if (ckpt / COMPLETE).is_file():
-        return True
-    if (ckpt / SAVING).exists():
-        return False
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and "global_step" in state
 
 
 def begin_save(ckpt: Path) -> None:

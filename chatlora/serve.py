@@ -53,15 +53,11 @@ from .errors import ConfigError
 from .infer import BASE, Batcher, ChatModel, Reply, Row, SamplingConfig
 from .model import (
     ModelError,
-    base_quantization,
     context_length,
-    dtype_for,
-    load_model,
     load_tokenizer,
-    pick_device,
     resolve_model,
 )
-from .runcard import read_adapter, read_run_card, system_prompt
+from .run import load_base, open_model, open_run
 from .template import TemplateError
 
 __all__ = ["ModelSet", "ServedModel", "create_app", "load_models", "parse_adapters", "run"]
@@ -145,10 +141,9 @@ def load_models(
     adapters = {name: Path(d) for name, d in (adapters or {}).items()}
     if not adapters and not model:
         raise ModelError("give an adapter dir (a trained run) or a model (a base or merged model)")
-    read = {name: read_adapter(d) for name, d in adapters.items()}
-    cards = {name: card for name, (card, _) in read.items()}
+    runs = {name: open_run(d) for name, d in adapters.items()}
     if model is None:
-        specs = {name: spec for name, (_, spec) in read.items()}
+        specs = {name: run.base_spec for name, run in runs.items()}
         resolved = {resolve_model(s) for s in specs.values()}
         if len(resolved) > 1:
             raise ModelError(
@@ -156,36 +151,27 @@ def load_models(
                 "serve them from separate processes"
             )
         model = next(iter(specs.values()))
-    base_path = resolve_model(model)
     base_name = "embedded" if model in ("", "embedded") else Path(str(model).rstrip("/")).name
     if not _NAME.match(base_name):
         base_name = "base"
     if base_name in adapters:
         raise ModelError(f"adapter name {base_name!r} is the base model's name; give NAME=DIR with another name")
 
-    dev = pick_device(device)
-    quantize = base_quantization(list(cards.values()), dev) if adapters and not base_only else None
-    net = load_model(base_path, dtype_for(dev, dtype), dev, quantize=quantize)
-    first = next(iter(adapters), None)
-    base_tok = load_tokenizer(str(adapters[first]) if first else base_path)
-    base_tok.padding_side = "left"
+    attached = list(runs.values()) if not base_only else []
+    net = load_base(model, device, dtype, attached)
+    first = next(iter(runs.values()), None)
     # The base is served with the first run's system prompt, as `chatlora chat --base-only` does: fair comparisons.
-    base_card = cards[first] if first else read_run_card(base_path)
+    base_run = first or open_model(model)
+    base_tok = base_run.tokenizer
+    base_tok.padding_side = "left"
     served: dict[str, ServedModel] = {}
-    if adapters and not base_only:
-        from peft import PeftModel
-
-        for name, d in adapters.items():
-            if not isinstance(net, PeftModel):
-                net = PeftModel.from_pretrained(net, str(d), adapter_name=name)
-            else:
-                net.load_adapter(str(d), adapter_name=name)
-            tok = load_tokenizer(str(d))
-            tok.padding_side = "left"
-            system = system_prompt(cards[name])
-            served[name] = ServedModel(name, ChatModel(net, tok, system, name, adapter=name), name)
-            log.info("loaded adapter %s from %s", name, d)
-    base_system = system_prompt(base_card)
+    for name, run in runs.items() if not base_only else ():
+        net = run.attach(net, name)
+        tok = load_tokenizer(str(run.path))  # its own instance: the base view's is the first run's
+        tok.padding_side = "left"
+        served[name] = ServedModel(name, ChatModel(net, tok, run.system_prompt, name, adapter=name), name)
+        log.info("loaded adapter %s from %s", name, run.path)
+    base_system = base_run.system_prompt
     base_chat = ChatModel(net, base_tok, base_system, base_name, adapter=BASE)
     served = {base_name: ServedModel(base_name, base_chat, None), **served}
     return ModelSet(served, context_length(net, base_tok))

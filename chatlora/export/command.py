@@ -91,6 +91,8 @@ def export(
     config = AutoConfig.from_pretrained(str(src.path) if src.kind == "model" else resolve_model(src.base_spec))
     _check_supported(config, _arch(config))
     _rope_theta(config)
+    if src.run is not None:
+        src.run.check_base(config)
     if not lora_only:
         _vocab(src.tokenizer, config.vocab_size)
     eot_text, _ = end_of_turn(src.tokenizer)

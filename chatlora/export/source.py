@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from ..errors import ChatloraError
-from ..merge import set_generation_stops
-from ..model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer, resolve_model
-from ..runcard import added_system_prompt, read_adapter, read_run_card, system_prompt, system_prompt_note
+from ..model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer
+from ..run import Run, held_out_records, open_run
+from ..runcard import added_system_prompt, read_run_card, system_prompt, system_prompt_note
 from ..template import with_system
 
 
@@ -23,6 +23,7 @@ class _Source:
     card: dict[str, Any]
     tokenizer: Any
     base_spec: str | None = None
+    run: Run | None = None  # the opened run, for an adapter
 
     @property
     def system_prompt(self) -> str | None:
@@ -43,9 +44,8 @@ def _open_source(adapter: str | Path | None, model: str | Path | None) -> _Sourc
     if (adapter is None) == (model is None):
         raise ModelError("give exactly one of --adapter DIR (a chatlora run) or --model DIR (a merged model)")
     if adapter is not None:
-        path = Path(adapter)
-        card, spec = read_adapter(path)
-        return _Source("adapter", path, card, load_tokenizer(str(path)), spec)
+        run = open_run(adapter)
+        return _Source("adapter", run.path, run.card, run.tokenizer, run.base_spec, run)
     path = Path(model)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no config.json here; --model takes a merged model directory (chatlora merge)")
@@ -56,12 +56,7 @@ def _reference_model(src: _Source):
     """The model the export must reproduce, in fp32: base + adapter merged, or the merged model as saved."""
     if src.kind == "model":
         return load_model(str(src.path)).eval()
-    from peft import PeftModel
-
-    base = load_model(resolve_model(src.base_spec), torch.float32)
-    merged = PeftModel.from_pretrained(base, str(src.path)).merge_and_unload().eval()
-    set_generation_stops(merged, src.tokenizer)
-    return merged
+    return src.run.merged(torch.float32)
 
 
 def _base_gguf(src: _Source) -> Path | None:
@@ -78,8 +73,6 @@ _BUILTIN_PROMPTS = ["你是谁？", "皇上今日为何闷闷不乐？", "Tell m
 def _conversations(src: _Source, samples: int) -> tuple[list[list[dict]], str]:
     """Held-out conversations from the run card, each ending on its reference reply and rendered as training did
     (their own system prompt, else the one training added); without them, built-in prompts with the run's SYSTEM."""
-    from ..eval import held_out_records
-
     try:
         records, _ = held_out_records(src.card, samples)
         why = "the run card's held-out split is empty"

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),
     ("template",),
     ("model", "packing", "kernels"),
+    ("run",),  # open a trained run: card, tokenizer, base + adapter (every command that loads one)
     ("plan", "rundir"),  # the training plan; checkpoint folders
     ("persona",),  # the eval's persona section (eval passes in its loss and sampling; report renders it)
     ("train", "infer", "merge", "report", "show"),  # show: `data show`, records as training encodes them
@@ -41,7 +42,7 @@ RANK = {name: rank for rank, row in enumerate(LAYERS) for name in row}
 
 # The trainer side, and the modules that must run without it (an inference server or an eval job).
 TRAINER = {"train", "plan", "rundir", "kernels"}
-NO_TRAINER = ["infer", "merge", "serve", "eval", "report", "export", "runcard", "show"]
+NO_TRAINER = ["run", "infer", "merge", "serve", "eval", "report", "export", "runcard", "show"]
 TRAINER_LIBRARIES = ["transformers.trainer", "transformers.training_args", "liger_kernel"]
 
 
