@@ -185,7 +185,8 @@ def load_card(path: str | Path) -> Character:
     Raises:
         CharacterError: One line, ``PATH: field: what is wrong`` (``PATH: what is wrong`` when it is not JSON).
     """
-    from .files import FileError, parse_json, read_input
+    from .errors import FileError
+    from .files import parse_json, read_input
 
     try:
         raw = read_input(path, "a character card (JSON)")

@@ -570,7 +570,8 @@ def persona_from(where: str, value: Any) -> PersonaConfig:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """YAML file (optional) + overrides (flags win) -> validated :class:`TrainConfig`. Errors name the file and
     key (``FILE: `key`: expected ...``) or the flag."""
-    from .files import FileError, read_input
+    from .errors import FileError
+    from .files import read_input
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = {}

@@ -13,9 +13,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,11 @@ from .errors import ConfigError, DataError, ModelError
 from .infer import ChatModel, SamplingConfig
 from .packing import collate
 from .persona import SYSTEMS
-from .report import LOSS_PNG, REPLIES_JSONL, REPORT_HTML, REPORT_MD, write_report
+from .report import write_report
+from .results import LOSS_PNG, EvalResult, LossResult, ReplyMetrics, Significance, Target
 from .run import held_out_records
 from .runcard import METRICS, added_system_prompt, file_sha256, plot_loss_curve, read_run_card
 from .template import IGNORE_INDEX, encode_conversation, with_system
-
-if TYPE_CHECKING:
-    from .persona import PersonaResult
 
 __all__ = [
     "TARGET_LOSS_RATIO",
@@ -112,33 +110,6 @@ def bleu(hypotheses: list[str], references: list[str]) -> float:
     return float(sacrebleu.corpus_bleu(hypotheses, [references], tokenize="zh").score)
 
 
-@dataclass
-class ReplyMetrics:
-    """Reply quality of one system against the references.
-
-    Attributes:
-        n: Number of replies.
-        chrf: Corpus chrF vs the references (0-100).
-        bleu: Corpus BLEU vs the references, ``tokenize="zh"`` (0-100).
-        mean_length: Mean reply length in characters.
-        reference_length: Mean reference length in characters.
-        length_ratio: ``mean_length / reference_length``.
-        stop_rate: Share of replies ending with the end-of-turn token (None for the references).
-        distinct_1: Character distinct-1 over all replies (see :func:`distinct_n`).
-        distinct_2: Character distinct-2 over all replies.
-    """
-
-    n: int
-    chrf: float
-    bleu: float
-    mean_length: float
-    reference_length: float
-    length_ratio: float | None
-    stop_rate: float | None
-    distinct_1: float
-    distinct_2: float
-
-
 def reply_metrics(replies: list[str], references: list[str], finish_reasons: list[str] | None = None) -> ReplyMetrics:
     """All reply metrics of one system; ``finish_reasons`` None (e.g. for the references) leaves stop_rate None."""
     if len(replies) != len(references):
@@ -155,39 +126,6 @@ def reply_metrics(replies: list[str], references: list[str], finish_reasons: lis
         distinct_1=distinct_n(replies, 1),
         distinct_2=distinct_n(replies, 2),
     )
-
-
-@dataclass
-class Significance:
-    """Paired bootstrap test of tuned against base on one corpus metric (Koehn 2004, as sacrebleu's PairedTest
-    runs it): the records are resampled with replacement and both systems are scored on each resample.
-
-    Attributes:
-        metric: ``chrF`` or ``BLEU``.
-        base: The base model's score on all records.
-        tuned: The tuned model's score on all records.
-        p_value: Two-sided: how often a difference at least this large would come from resampling if the systems
-            were equally good. 1.0 when the scores are equal.
-        base_ci: Half-width of the base score's 95 % interval over the resamples.
-        tuned_ci: The same for the tuned score.
-        samples: Number of resamples.
-    """
-
-    metric: str
-    base: float
-    tuned: float
-    p_value: float
-    base_ci: float
-    tuned_ci: float
-    samples: int
-
-    @property
-    def difference(self) -> float:
-        return self.tuned - self.base
-
-    def describe(self) -> str:
-        """E.g. ``-0.66, p = 0.018``."""
-        return f"{self.difference:+.2f}, p = {self.p_value:.3f}"
 
 
 def paired_bootstrap(
@@ -228,15 +166,6 @@ def paired_bootstrap(
 
 
 # ---------------------------------------------------------------- loss
-
-
-@dataclass
-class LossResult:
-    """Token-weighted mean cross-entropy over the assistant tokens (labels != -100) of a set of conversations."""
-
-    loss: float
-    perplexity: float | None
-    tokens: int
 
 
 def _adapter_off(model, use_adapter: bool):
@@ -364,58 +293,6 @@ def select_records(cfg: EvalConfig, card: dict[str, Any]) -> tuple[list[Record],
 
 
 # ---------------------------------------------------------------- evaluate
-
-
-@dataclass
-class Target:
-    """One line of the report's targets: PASS, FAIL, or INFO for a measurement that decides nothing (``passed``
-    None: a difference that is not significant is neither a pass nor a failure)."""
-
-    name: str
-    passed: bool | None
-    detail: str
-
-    @property
-    def verdict(self) -> str:
-        return "INFO" if self.passed is None else "PASS" if self.passed else "FAIL"
-
-
-@dataclass
-class EvalResult:
-    """Everything ``evaluate`` measured, plus the files it wrote."""
-
-    output_dir: Path
-    source: dict[str, Any]
-    settings: dict[str, Any]
-    loss: dict[str, LossResult]
-    replies: dict[str, ReplyMetrics]
-    targets: list[Target]
-    rows: list[dict[str, Any]] = field(repr=False)
-    significance: dict[str, Significance] = field(default_factory=dict)
-    plot_path: Path | None = None
-    persona: PersonaResult | None = None
-
-    @property
-    def loss_ratio(self) -> float:
-        """Tuned / base held-out loss."""
-        return self.loss["tuned"].loss / self.loss["base"].loss if self.loss["base"].loss else math.inf
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "settings": self.settings,
-            "loss": {k: asdict(v) for k, v in self.loss.items()} | {"ratio": self.loss_ratio},
-            "replies": {k: asdict(v) for k, v in self.replies.items()},
-            "significance": {k: asdict(v) | {"difference": v.difference} for k, v in self.significance.items()},
-            "targets": [asdict(t) for t in self.targets],
-            "persona": self.persona.to_dict() if self.persona else None,
-            "files": {
-                "report_md": REPORT_MD,
-                "report_html": REPORT_HTML,
-                "replies": REPLIES_JSONL,
-                "loss_plot": self.plot_path.name if self.plot_path else None,
-            },
-        }
 
 
 def _targets(

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from .errors import ModelError
 from .files import ensure_space, publish_dir, staging_dir
-from .model import ModelError
 from .run import open_run
 from .runcard import write_run_card
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .errors import ConfigError
-from .model import ModelError, Precision, check_quantize, cpu_bf16_note
+from .errors import ConfigError, ModelError
+from .model import Precision, check_quantize, cpu_bf16_note
 from .packing import pack_rows, plan_batches, plan_steps
 from .template import IGNORE_INDEX
 

@@ -15,7 +15,7 @@ from .runcard import system_prompt
 from .train import TrainResult, train
 
 if TYPE_CHECKING:
-    from .eval import EvalResult
+    from .results import EvalResult
 
 __all__ = ["eval_held_out", "free_output_dir", "quickstart"]
 

@@ -1,4 +1,4 @@
-"""The eval report: an :class:`~chatlora.eval.EvalResult` as files (``metrics.json``, ``replies.jsonl``,
+"""The eval report: an :class:`~chatlora.results.EvalResult` as files (``metrics.json``, ``replies.jsonl``,
 ``report.md``, ``report.html``).
 
 The report is a list of sections, each rendered to Markdown and to HTML by the function in :data:`SECTIONS` that
@@ -12,10 +12,8 @@ import html
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .eval import EvalResult
+from .results import LOSS_PNG, METRICS_JSON, REPLIES_JSONL, REPORT_HTML, REPORT_MD, EvalResult
 
 __all__ = [
     "LOSS_PNG",
@@ -30,12 +28,6 @@ __all__ = [
     "sections",
     "write_report",
 ]
-
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
-METRICS_JSON = "metrics.json"
-REPLIES_JSONL = "replies.jsonl"
-LOSS_PNG = "loss.png"
 
 
 @dataclass

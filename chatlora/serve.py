@@ -49,16 +49,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelError, TemplateError
 from .infer import BASE, Batcher, ChatModel, Reply, Row, SamplingConfig
 from .model import (
-    ModelError,
     context_length,
     load_tokenizer,
     resolve_model,
 )
 from .run import load_base, open_model, open_run
-from .template import TemplateError
 
 __all__ = ["ModelSet", "ServedModel", "create_app", "load_models", "parse_adapters", "run"]
 

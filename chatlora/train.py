@@ -16,10 +16,11 @@ import torch
 
 from . import __version__
 from .character import resolve_character
-from .config import BUILTIN_DATA, ON_HELD_OUT_LOSS, ConfigError, TrainConfig
-from .data import DataError, Record, SystemPrompts, load_records, parse_columns
+from .config import BUILTIN_DATA, ON_HELD_OUT_LOSS, TrainConfig
+from .data import Record, SystemPrompts, load_records, parse_columns
+from .errors import ConfigError, DataError, ModelError
 from .kernels import apply_liger, label_only_loss, label_only_loss_wrapped
-from .model import ModelError, apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
+from .model import apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
 from .packing import PackedDataset, collate
 from .plan import RunPlan, auto_val_count, check_limits, make_plan, read_shape
 from .runcard import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from ..model import ModelError
+from ..errors import ModelError
 from .quants import _Q, Quant
 
 # HF model_type -> llama.cpp architecture. Mistral is llama's graph (llama.cpp's own converter writes it so).

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import FileError
-from ..model import ModelError, resolve_model
+from ..errors import FileError, ModelError
+from ..model import resolve_model
 from ..template import (
     end_of_turn,
     stop_token_ids,

@@ -11,7 +11,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from ..model import ModelError, resolve_model
+from ..errors import ModelError
+from ..model import resolve_model
 from ..runcard import read_adapter
 from .arch import _ARCHS, _PERMUTED, _arch, _gguf_arch, _gguf_name, _permute, _qk_heads
 from .quants import LORA_QUANTS

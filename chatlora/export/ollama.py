@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelError, TemplateError
 from ..infer import SamplingConfig
-from ..model import ModelError
 from ..template import (
-    TemplateError,
     render_text,
 )
 

@@ -10,11 +10,10 @@ import gguf
 import numpy as np
 import torch
 
-from ..errors import FileError
-from ..model import ModelError, load_model, resolve_model
+from ..errors import FileError, ModelError, TemplateError
+from ..model import load_model, resolve_model
 from ..template import (
     IGNORE_INDEX,
-    TemplateError,
     encode_conversation,
     encode_prompt,
     end_of_turn,

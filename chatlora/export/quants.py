@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gguf
 
-from ..model import ModelError
+from ..errors import ModelError
 
 _Q = gguf.GGMLQuantizationType
 _F = gguf.LlamaFileType

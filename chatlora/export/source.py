@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ChatloraError
-from ..model import EMBEDDED, ModelError, embedded_gguf, load_model, load_tokenizer
+from ..errors import ChatloraError, ModelError
+from ..model import EMBEDDED, embedded_gguf, load_model, load_tokenizer
 from ..run import Run, held_out_records, open_run
 from ..runcard import added_system_prompt, read_run_card, system_prompt, system_prompt_note
 from ..template import with_system

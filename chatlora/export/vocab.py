@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import gguf
 
-from ..model import ModelError
+from ..errors import ModelError
 from ..template import control_tokens, end_of_turn, takes_system
 
 

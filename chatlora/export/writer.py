@@ -10,9 +10,9 @@ import gguf
 import numpy as np
 import torch
 
+from ..errors import ModelError
 from ..files import ensure_space
 from ..infer import SamplingConfig
-from ..model import ModelError
 from .arch import (
     _ARCHS,
     _PERMUTED,

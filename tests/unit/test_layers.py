@@ -19,29 +19,31 @@ import chatlora
 
 PACKAGE = Path(chatlora.__file__).parent
 
-# Bottom to top. A module may import modules of lower rows only (not its own row): workflows on one row do not
-# import each other. A new module gets a row here before the test passes.
-LAYERS: list[tuple[str, ...]] = [
-    ("chatlora", "errors"),  # the package (its __version__) and the user-error types
-    ("files",),  # safe reading and writing
-    ("character",),  # character cards -> the system prompt (config compiles a card named in it)
-    ("config", "runcard"),  # typed settings; what a run leaves on disk
-    ("data",),
-    ("template",),
-    ("model", "packing", "kernels"),
-    ("run",),  # open a trained run: card, tokenizer, base + adapter (every command that loads one)
-    ("plan", "rundir"),  # the training plan; checkpoint folders
-    ("persona",),  # the eval's persona section (eval passes in its loss and sampling; report renders it)
-    ("train", "infer", "merge", "report", "show"),  # show: `data show`, records as training encodes them
-    ("eval", "serve"),
-    ("export", "quickstart"),
-    ("cli",),
-    ("__main__",),
+# The design, bottom to top: a module may import its own layer and the layers below, never one above. The train side
+# and the inference side share a rank and never import each other. A command (the library of one CLI verb that the
+# others do not build on) imports no other command; the CLI layer calls them. Checked on every import, those inside
+# functions too, followed transitively: a module may not reach a higher layer through a lower one either.
+LAYERS: list[tuple[str, frozenset[str]]] = [
+    ("base", frozenset({"chatlora", "errors", "files"})),
+    ("data and template", frozenset({"character", "config", "runcard", "data", "template"})),
+    ("model", frozenset({"model", "packing", "kernels"})),
+    ("run", frozenset({"run"})),  # open a trained run: card, tokenizer, base + adapter, held-out split, checkpoints
+    ("train side", frozenset({"train", "plan", "rundir"})),
+    ("inference side", frozenset({"infer", "persona", "results", "report"})),
+    ("commands", frozenset({"merge", "eval", "serve", "export", "show"})),
+    (
+        "cli",
+        frozenset({"cli", "quickstart", "__main__"}),
+    ),  # quickstart: train, eval and chat in a row, as a user would
 ]
-RANK = {name: rank for rank, row in enumerate(LAYERS) for name in row}
+SIDES = ("train side", "inference side")
+LAYER = {name: layer for layer, names in LAYERS for name in names}
+RANK = {layer: min(rank, 4) if layer in SIDES else rank for rank, (layer, _) in enumerate(LAYERS)}
+RANK = {name: RANK[layer] for name, layer in LAYER.items()}
+COMMANDS = dict(LAYERS)["commands"]
 
 # The trainer side, and the modules that must run without it (an inference server or an eval job).
-TRAINER = {"train", "plan", "rundir", "kernels"}
+TRAINER = dict(LAYERS)["train side"] | {"kernels"}
 NO_TRAINER = ["run", "infer", "merge", "serve", "eval", "report", "export", "runcard", "show"]
 TRAINER_LIBRARIES = ["transformers.trainer", "transformers.training_args", "liger_kernel"]
 
@@ -107,23 +109,109 @@ def _file_imports(tree: ast.Module, top: int) -> set[str]:
     return found
 
 
-def test_every_module_has_a_layer():
-    """Guards against a new module escaping the layer check because nobody placed it in the table."""
-    missing = [m for m in _modules() if m not in RANK]
-    assert not missing, f"place {missing} in LAYERS (tests/unit/test_layers.py)"
+def _reach(module: str, graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Every module ``module`` imports, directly or through others, each with the chain of imports that reaches it."""
+    paths = {module: [module]}
+    todo = [module]
+    while todo:
+        here = todo.pop()
+        for there in sorted(graph.get(here, ())):
+            if there not in paths:
+                paths[there] = [*paths[here], there]
+                todo.append(there)
+    del paths[module]
+    return paths
 
 
-@pytest.mark.parametrize("module", _modules())
-def test_imports_go_down_the_layers(module):
+def violations() -> list[str]:
+    """What breaks the design in the package at ``PACKAGE``: an unplaced module, an import up the layers or across
+    the train/inference sides (direct or transitive), a command importing a command, an import circle."""
+    modules = _modules()
+    graph = {m: _imports(m) for m in modules}
+    found = [
+        f"chatlora.{m} has no layer: place it in LAYERS (tests/unit/test_layers.py)" for m in modules if m not in LAYER
+    ]
+    for module in modules:
+        if module not in LAYER:
+            continue
+        for there in sorted(graph[module] & COMMANDS):
+            if LAYER[module] != "cli":
+                found.append(f"chatlora.{module} imports the command {there}: move what they share down a layer")
+        for there, chain in sorted(_reach(module, graph).items()):
+            how = " -> ".join(chain)
+            if there not in LAYER:
+                continue
+            elif RANK[there] > RANK[module]:
+                found.append(f"{how}: {LAYER[module]} reaches {LAYER[there]}, a higher layer")
+            elif RANK[there] == RANK[module] and LAYER[there] != LAYER[module]:
+                found.append(f"{how}: the {LAYER[module]} reaches the {LAYER[there]}")
+            elif module in NO_TRAINER and there in TRAINER:
+                found.append(f"{how}: {module} must run without the trainer")
+        if _reach_circles(module, graph):
+            found.append(f"chatlora.{module} is on an import circle")
+    return found
+
+
+def _reach_circles(module: str, graph: dict[str, set[str]]) -> bool:
+    return any(module in graph.get(m, ()) for m in _reach(module, graph))
+
+
+def test_the_package_follows_the_layers():
     """Guards against an upward import (data importing train, infer importing eval, ...), even one hidden inside a
-    function, and against inference-side code importing the trainer."""
-    if module not in RANK:
-        pytest.skip("not placed yet: see test_every_module_has_a_layer")
-    upward = sorted(m for m in _imports(module) if RANK.get(m, len(LAYERS)) >= RANK[module])
-    assert not upward, f"chatlora.{module} (row {RANK[module]}) imports {upward} from its own row or above"
-    if module in NO_TRAINER:
-        trainer = sorted(_imports(module) & TRAINER)
-        assert not trainer, f"chatlora.{module} imports the trainer side: {trainer}"
+    function or reached through another module, against the inference side importing the trainer side, and against
+    a new module escaping the check because nobody placed it in the table."""
+    assert violations() == []
+
+
+def test_no_import_circles():
+    """Guards against two modules importing each other (eval and report did: report needed EvalResult, eval
+    write_report), through any number of modules in between."""
+    graph = {m: _imports(m) for m in _modules()}
+    circles = [m for m in graph if _reach_circles(m, graph)]
+    assert not circles, f"modules on an import circle: {circles}"
+
+
+def test_no_module_imports_a_command():
+    """Guards against a command importing another (export used eval's held-out selection and merge's generation
+    stops): what two commands share lives in a lower layer; only the CLI layer calls commands."""
+    importers = {
+        m: sorted(_imports(m) & COMMANDS) for m in _modules() if LAYER.get(m) != "cli" and _imports(m) & COMMANDS
+    }
+    assert not importers, f"modules importing a command: {importers}"
+
+
+def test_errors_come_from_chatlora_errors():
+    """Guards against error types imported from whichever module re-exports them (``from .model import
+    ModelError``): the one user-error family is imported from chatlora.errors."""
+    from chatlora import errors
+
+    names = set(errors.__all__)
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level and (node.module or "").split(".")[-1] != "errors":
+                wrong += [
+                    f"{path.relative_to(PACKAGE)}: {a.name} from .{node.module}" for a in node.names if a.name in names
+                ]
+    assert not wrong, wrong
+
+
+def test_layer_check_follows_a_lazy_import_into_a_command(tmp_path, monkeypatch):
+    """Guards against the check missing the import that issue 24 names: a lazy ``from ..eval import ...`` inside a
+    function of export (a command importing a command), and a circle made through a lower module."""
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "__init__.py").write_text("from .source import convs\n")
+    (tmp_path / "export" / "source.py").write_text("def convs():\n    from ..eval import held_out_records\n")
+    (tmp_path / "eval.py").write_text("from .infer import ChatModel\n")
+    (tmp_path / "infer.py").write_text("def load():\n    from .run import open_run\n")
+    (tmp_path / "run.py").write_text("def open_run():\n    from .train import x\n")
+    (tmp_path / "train.py").write_text("")
+    found = violations()
+    assert "chatlora.export imports the command eval: move what they share down a layer" in found
+    assert "infer -> run -> train: the inference side reaches the train side" in found
+    assert "run -> train: run reaches train side, a higher layer" in found
+    assert "eval -> infer -> run -> train: eval must run without the trainer" in found
 
 
 def test_layer_check_sees_imports_inside_functions(tmp_path, monkeypatch):
