@@ -65,19 +65,34 @@ def _config_from(args: argparse.Namespace) -> TrainConfig:
     return load_config(args.config, overrides)
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: 0.7)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default: 50)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="(default: 1.1)")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2, on the reply (default: 0)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2, on the reply (default: 0)")
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"(default: {max_new_tokens})")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible replies")
+def _add_setting(p, cls: type, name: str, flag: str | None = None, shown=None, **kw) -> None:
+    """``--name`` (or ``flag``) for field ``name`` of the settings dataclass ``cls``: its default and help come from
+    the field (``shown``: the default as the help states it, where the flag's unit differs)."""
+    from .settings import setting_default, setting_help
+
+    default = kw.pop("default", setting_default(cls, name))
+    help_ = setting_help(cls, name)
+    if kw.get("action") != "store_true":
+        kw.setdefault("default", default)
+        if default is not None or shown is not None:
+            help_ += f" (default: {default if shown is None else shown})"
+    p.add_argument(flag or "--" + name.replace("_", "-"), dest=name, help=help_.replace("%", "%%"), **kw)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int | None = None) -> None:
+    from .settings import SamplingConfig
+
+    for name, kind in [("temperature", float), ("top_p", float), ("top_k", int), ("repetition_penalty", float)]:
+        _add_setting(p, SamplingConfig, name, type=kind)
+    _add_setting(p, SamplingConfig, "presence_penalty", type=float)
+    _add_setting(p, SamplingConfig, "frequency_penalty", type=float)
+    extra = {} if max_new_tokens is None else {"default": max_new_tokens}
+    _add_setting(p, SamplingConfig, "max_new_tokens", type=int, **extra)
+    _add_setting(p, SamplingConfig, "seed", type=int)
 
 
 def _sampling(args: argparse.Namespace):
-    from .infer import SamplingConfig
+    from .settings import SamplingConfig
 
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -190,11 +205,13 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 
 def _print_paths(out: Path, card: dict) -> None:
+    from .runcard import LOSS_PLOT, METRICS, RUN_CARD
+
     res = card.get("results", {})
-    print(f"adapter:     {out}  (PEFT format; run card {out / 'chatlora.json'})")
-    print(f"metrics:     {out / 'metrics.jsonl'}")
-    if (out / "loss.png").exists():
-        print(f"loss plot:   {out / 'loss.png'}")
+    print(f"adapter:     {out}  (PEFT format; run card {out / RUN_CARD})")
+    print(f"metrics:     {out / METRICS}")
+    if (out / LOSS_PLOT).exists():
+        print(f"loss plot:   {out / LOSS_PLOT}")
     loss = res.get("train_loss_final")
     ev = res.get("eval_loss")
     hw = card["hardware"]
@@ -262,31 +279,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         reply = chat.generate([{"role": "user", "content": args.prompt}], sampling, system=args.system)
         print(reply.text)
         return 0
-    print(f"chatting with {chat.name} — /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
-    history: list[dict] = []
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if not line.strip():
-            continue
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if line.strip() == "/reset":
-            history.clear()
-            print("(history cleared)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        stream = chat.stream(history, sampling, system=args.system)
-        print(f"{chat.name}> ", end="", flush=True)
-        for piece in stream:
-            print(piece, end="", flush=True)
-        print()
-        if stream.reply.finish_reason == "length":
-            print("(reply cut at --max-new-tokens)", file=sys.stderr)
-        history.append({"role": "assistant", "content": stream.reply.text})
+    from .chat import repl
+
+    repl(chat, sampling, args.system, input, _write, lambda line: print(line, file=sys.stderr))
+    return 0
+
+
+def _write(text: str) -> None:
+    print(text, end="", flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -376,7 +376,10 @@ def _print_eval(result) -> None:
         )
     for t in result.targets:
         print(f"  {t.verdict}  {t.name}: {t.detail}")
-    print(f"eval report: {result.output_dir / 'report.html'} (and report.md, metrics.json, replies.jsonl)")
+    from .results import METRICS_JSON, REPLIES_JSONL, REPORT_HTML, REPORT_MD
+
+    others = ", ".join((REPORT_MD, METRICS_JSON, REPLIES_JSONL))
+    print(f"eval report: {result.output_dir / REPORT_HTML} (and {others})")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -389,40 +392,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serve import parse_adapters, run
+        from .serve import ServeConfig, parse_adapters, run
     except ModuleNotFoundError as e:
         raise CliError(f"serving needs the serve extra ({e.name} is missing): pip install 'chatlora[serve]'") from None
 
     if not args.adapter and not args.model:
         raise CliError("give --adapter DIR (or NAME=DIR, repeatable) or --model M (a base or merged model)")
-    if args.max_queue < 0 or args.max_tokens <= 0 or (args.max_batch is not None and args.max_batch <= 0):
-        raise CliError("--max-queue must be >= 0, --max-tokens and --max-batch > 0")
-    for flag in ("max_body_mb", "max_messages", "read_timeout", "timeout_keep_alive", "max_connections"):
-        if not getattr(args, flag) > 0:
-            raise CliError(f"--{flag.replace('_', '-')} must be > 0")
     origins = args.allowed_origins if args.allowed_origins is not None else os.environ.get("CHATLORA_ORIGINS", "")
-    run(
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if f.name in vars(args)}
+    flags.update(
         adapters=parse_adapters(args.adapter),
-        model=args.model,
-        base_only=args.base_only,
-        device=args.device,
-        dtype=args.dtype,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key or os.environ.get("CHATLORA_API_KEY"),
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        log_prompts=args.log_prompts,
-        default_max_tokens=args.max_tokens,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        max_messages=args.max_messages,
-        read_timeout=args.read_timeout,
-        timeout_keep_alive=args.timeout_keep_alive,
-        max_connections=args.max_connections,
-        allowed_hosts=[h.strip() for h in args.allowed_hosts.split(",") if h.strip()],
-        allowed_origins=[o.strip() for o in origins.split(",") if o.strip()],
+        max_body_bytes=int(args.max_body_bytes * 2**20),  # --max-body-mb
+        allowed_hosts=_names(args.allowed_hosts),
+        allowed_origins=_names(origins),
     )
+    run(ServeConfig(**flags).check())
     return 0
+
+
+def _names(text: str) -> list[str]:
+    """``A,B`` -> ``["A", "B"]``."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 # ---------------------------------------------------------------- parser
@@ -520,7 +510,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--adapter", help="a chatlora output dir (adapter + run card)")
     ex.add_argument("--model", help="a merged model dir (chatlora merge) instead of an adapter")
     ex.add_argument("--output", help="folder for the GGUF file, Modelfile and manifest (must be empty or new)")
-    ex.add_argument("--format", default="gguf", choices=["gguf"], help="(default: gguf)")
     ex.add_argument(
         "--quant",
         default=None,
@@ -535,34 +524,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="compare base and tuned model on held-out conversations; write a report")
+    from .settings import EvalConfig
+
     ev.add_argument("--adapter", required=True, help="a chatlora output dir (adapter + run card)")
-    ev.add_argument("--data", default=None, help="evaluate this dataset file instead of the run's held-out split")
-    ev.add_argument(
-        "--format",
-        default="auto",
-        choices=["auto", "alpaca", "messages", "sharegpt"],
-        help="format of --data (default: auto)",
-    )
-    ev.add_argument("--columns", default=None, help="field renames for --data, e.g. instruction=prompt")
-    ev.add_argument("--output", default=None, help="report folder (default: ADAPTER/eval)")
-    ev.add_argument("--max-samples", type=int, default=None, help="evaluate at most N records (default: all)")
-    ev.add_argument("--max-new-tokens", type=int, default=128, help="reply token limit (default: 128)")
-    ev.add_argument("--batch-size", type=int, default=8, help="conversations per batch (default: 8)")
-    ev.add_argument("--repetition-penalty", type=float, default=1.1, help="greedy decoding's penalty (default: 1.1)")
-    ev.add_argument("--examples", type=int, default=10, help="replies shown in the report (default: 10)")
+    _add_setting(ev, EvalConfig, "data")
+    _add_setting(ev, EvalConfig, "format", choices=["auto", "alpaca", "messages", "sharegpt"])
+    _add_setting(ev, EvalConfig, "columns")
+    _add_setting(ev, EvalConfig, "output")
+    _add_setting(ev, EvalConfig, "max_samples", type=int)
+    for name in ("max_new_tokens", "batch_size", "examples"):
+        _add_setting(ev, EvalConfig, name, type=int)
+    _add_setting(ev, EvalConfig, "repetition_penalty", type=float)
     _add_device_flags(ev)
-    ev.add_argument(
-        "--persona",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the persona section: identity probes, drift, retention (default: on)",
-    )
-    ev.add_argument(
-        "--persona-config",
-        default=None,
-        metavar="FILE.yaml",
-        help="a training YAML whose persona: block replaces the run's (README Persona eval)",
-    )
+    _add_setting(ev, EvalConfig, "persona", action=argparse.BooleanOptionalAction, shown="on")
+    _add_setting(ev, EvalConfig, "persona_config", metavar="FILE.yaml")
     ev.set_defaults(func=cmd_eval)
 
     sv = sub.add_parser("serve", help="serve adapters over an OpenAI-compatible API with a web chat page")
@@ -573,57 +548,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]DIR",
         help="a chatlora output dir to serve, repeatable (name: the dir's name unless NAME=DIR)",
     )
-    sv.add_argument(
-        "--model", help="base or merged model (hub id, dir, .gguf, 'embedded'); default: the adapters' base"
-    )
-    sv.add_argument("--base-only", action="store_true", help="serve only the base model of the adapters")
+    from .settings import MAX_BODY_BYTES, ServeConfig
+
+    _add_setting(sv, ServeConfig, "model")
+    _add_setting(sv, ServeConfig, "base_only", action="store_true")
     _add_device_flags(sv)
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
-    sv.add_argument("--port", type=int, default=8000, help="(default: 8000)")
-    sv.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (env CHATLORA_API_KEY)"
-    )
-    sv.add_argument(
-        "--max-batch",
-        type=int,
-        default=None,
-        help="requests generated together; 1: one at a time (default: 64 on a GPU, 8 on the CPU)",
-    )
-    sv.add_argument(
-        "--max-queue", type=int, default=16, help="requests waiting beyond a full batch; more get 503 (default: 16)"
-    )
-    sv.add_argument("--max-tokens", type=int, default=256, help="reply limit when a request sets none (default: 256)")
-    sv.add_argument("--log-prompts", action="store_true", help="also log request messages (off: prompts stay private)")
+    _add_setting(sv, ServeConfig, "host")
+    _add_setting(sv, ServeConfig, "port", type=int)
+    _add_setting(sv, ServeConfig, "api_key")
+    _add_setting(sv, ServeConfig, "max_batch", type=int)
+    _add_setting(sv, ServeConfig, "max_queue", type=int)
+    _add_setting(sv, ServeConfig, "default_max_tokens", "--max-tokens", type=int)
+    _add_setting(sv, ServeConfig, "log_prompts", action="store_true")
     limits = sv.add_argument_group("limits and guards (see the README's Serve section)")
-    limits.add_argument("--max-body-mb", type=float, default=8, help="larger request bodies get 413 (default: 8)")
-    limits.add_argument(
-        "--max-messages", type=int, default=1000, help="requests with more messages get 400 (default: 1000)"
+    mb = MAX_BODY_BYTES / 2**20
+    _add_setting(
+        limits, ServeConfig, "max_body_bytes", "--max-body-mb", type=float, default=mb, shown=f"{mb:g}", metavar="MB"
     )
-    limits.add_argument(
-        "--read-timeout",
-        type=float,
-        default=30,
-        help="seconds a client has to send a whole request, headers and body; slower ones are dropped (default: 30)",
-    )
-    limits.add_argument(
-        "--timeout-keep-alive", type=float, default=5, help="seconds an idle connection stays open (default: 5)"
-    )
-    limits.add_argument(
-        "--max-connections", type=int, default=128, help="open connections; more get 503 (default: 128)"
-    )
-    limits.add_argument(
-        "--allowed-hosts",
-        default="",
-        metavar="A,B",
-        help="Host names accepted besides IP addresses, localhost and --host ('*': any); checked without --api-key",
-    )
-    limits.add_argument(
-        "--allowed-origins",
-        default=None,
-        metavar="A,B",
-        help="browser origins allowed besides the page's own, globs like http://localhost:* ('*': any), also "
-        "answered with CORS headers (env CHATLORA_ORIGINS)",
-    )
+    _add_setting(limits, ServeConfig, "max_messages", type=int)
+    _add_setting(limits, ServeConfig, "read_timeout", type=float)
+    _add_setting(limits, ServeConfig, "timeout_keep_alive", type=float)
+    _add_setting(limits, ServeConfig, "max_connections", type=int)
+    _add_setting(limits, ServeConfig, "allowed_hosts", default="", metavar="A,B", shown="none")
+    _add_setting(limits, ServeConfig, "allowed_origins", default=None, metavar="A,B")
     sv.set_defaults(func=cmd_serve)
     return parser
 

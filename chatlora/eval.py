@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from .config import PersonaConfig, load_config, persona_from
 from .data import Record, load_records, parse_columns
-from .errors import ConfigError, DataError, ModelError
+from .errors import DataError, ModelError
 from .infer import ChatModel, SamplingConfig
 from .packing import collate
 from .persona import SYSTEMS
@@ -30,6 +29,7 @@ from .report import write_report
 from .results import LOSS_PNG, EvalResult, LossResult, ReplyMetrics, Significance, Target
 from .run import held_out_records
 from .runcard import METRICS, added_system_prompt, file_sha256, plot_loss_curve, read_run_card
+from .settings import EvalConfig
 from .template import IGNORE_INDEX, encode_conversation, with_system
 
 __all__ = [
@@ -221,53 +221,6 @@ def assistant_loss(
 
 
 # ---------------------------------------------------------------- settings
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class EvalConfig:
-    """What ``chatlora eval`` measures and where it writes; each field is the flag of the same name."""
-
-    adapter: str | Path = field(metadata={"help": "a chatlora output dir (adapter + run card + metrics.jsonl)"})
-    data: str | Path | None = _f(None, "evaluate this dataset file (its first records) instead of the held-out split")
-    format: str = _f("auto", "format of --data: auto, alpaca, messages or sharegpt")
-    columns: str | None = _f(None, "field renames for --data, e.g. instruction=prompt,output=response")
-    output: str | Path | None = _f(None, "report folder (default: ADAPTER/eval)")
-    max_samples: int | None = _f(None, "evaluate at most this many records (None: all)")
-    max_new_tokens: int = _f(128, "reply token limit; a reply that reaches it counts as not stopped")
-    batch_size: int = _f(8, "conversations per forward / generate batch")
-    repetition_penalty: float = _f(1.1, "greedy decoding's repetition penalty (1.0: plain greedy)")
-    examples: int = _f(10, "replies shown side by side in the report (all go to replies.jsonl)")
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N (ignored when evaluate is given a loaded model)")
-    dtype: str = _f("auto", "the base model's dtype: auto, fp32, bf16, fp16 (ignored when given a loaded model)")
-    persona: bool = _f(True, "the persona section: identity probes, drift, retention (README Persona eval)")
-    persona_config: str | Path | None = _f(None, "a training YAML whose persona: block replaces the run's")
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_samples is None or self.max_samples > 0, "--max-samples must be > 0"),
-            (self.max_new_tokens > 0, "--max-new-tokens must be > 0"),
-            (self.batch_size > 0, "--batch-size must be > 0"),
-            (
-                math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-                "--repetition-penalty must be > 0",
-            ),
-            (self.examples >= 0, "--examples must be >= 0"),
-            (
-                self.data is not None or (self.format == "auto" and not self.columns),
-                "--format and --columns apply to --data only (the held-out split uses the run's own)",
-            ),
-        ]
-        for ok, why in checks:
-            if not ok:
-                raise ConfigError(why)
-
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.output) if self.output is not None else Path(self.adapter) / "eval"
 
 
 # ---------------------------------------------------------------- data

@@ -20,8 +20,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from .errors import ConfigError, DataError, FileError
 from .files import check_output_file, temp_file
 from .model import resolve_model
 from .run import open_model, open_run
+from .settings import SamplingConfig
 from .template import encode_prompt, end_of_turn, with_system
 
 __all__ = [
@@ -53,68 +54,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's adapter name for "no adapter" in a mixed batch
-
-
-def _range(default, help_: str, **bounds) -> Any:
-    return field(default=default, metadata={"help": help_, **bounds})
-
-
-@dataclass
-class SamplingConfig:
-    """Decoding settings, with the ranges they must lie in (checked alike for CLI flags and server requests).
-
-    ``temperature == 0`` means greedy decoding. ``seed`` makes a sampled reply reproducible: a row draws from its own
-    generator, so the same seed, prompt, settings and model give the same reply whatever else shares its batch (up to
-    the last-bit differences batched matrix products may have on a GPU).
-    """
-
-    max_new_tokens: int = _range(256, "reply token limit", ge=1)
-    temperature: float = _range(0.7, "0 for greedy", ge=0, le=2)
-    top_p: float = _range(0.9, "nucleus sampling mass", gt=0, le=1)
-    top_k: int = _range(50, "sample among the k likeliest tokens (0: all)", ge=0, le=10**6)
-    repetition_penalty: float = _range(1.1, "divides the scores of tokens already present (1: off)", gt=0, le=100)
-    presence_penalty: float = _range(
-        0.0, "subtracted from a token's score once it is in the reply (OpenAI's; 0: off)", ge=-2, le=2
-    )
-    frequency_penalty: float = _range(
-        0.0, "subtracted from a token's score per time it is in the reply (OpenAI's; 0: off)", ge=-2, le=2
-    )
-    seed: int | None = None
-    logit_bias: Mapping[int, float] | None = field(
-        default=None, metadata={"help": "added to these token ids' scores before sampling (OpenAI's logit_bias)"}
-    )
-
-    @classmethod
-    def bounds(cls, name: str) -> dict[str, float]:
-        """The range of field ``name`` as ``{"ge"|"gt"|"le": value}`` (pydantic's ``Field`` keywords)."""
-        meta = next(f.metadata for f in fields(cls) if f.name == name)
-        return {k: v for k, v in meta.items() if k in ("ge", "gt", "le")}
-
-    def problems(self) -> list[tuple[str, str]]:
-        """``(field, "must be ...")`` for each value outside its range."""
-        out = []
-        for f in fields(self):
-            value, b = getattr(self, f.name), self.bounds(f.name)
-            if value is None or not b:
-                continue
-            low = ("ge", ">=", value >= b["ge"]) if "ge" in b else ("gt", ">", value > b["gt"]) if "gt" in b else None
-            ok = (low is None or low[2]) and ("le" not in b or value <= b["le"])
-            if not ok:
-                parts = [f"{low[1]} {b[low[0]]}"] if low else []
-                parts += [f"<= {b['le']}"] if "le" in b else []
-                out.append((f.name, "must be " + " and ".join(parts)))
-        return out
-
-    def check(self) -> SamplingConfig:
-        """Raise ConfigError naming the first value outside its range; return self."""
-        bad = self.problems()
-        if bad:
-            raise ConfigError(f"{bad[0][0]} {bad[0][1]}, got {getattr(self, bad[0][0])}")
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
 
 
 @dataclass

@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
@@ -57,21 +57,31 @@ from .model import (
     resolve_model,
 )
 from .run import load_base, open_model, open_run
+from .settings import KEEP_ALIVE_S, MAX_BODY_BYTES, MAX_CONNECTIONS, MAX_MESSAGES, READ_TIMEOUT_S, ServeConfig
 
-__all__ = ["ModelSet", "ServedModel", "create_app", "load_models", "parse_adapters", "run"]
+__all__ = [
+    "KEEP_ALIVE_S",
+    "MAX_BODY_BYTES",
+    "MAX_CONNECTIONS",
+    "MAX_HEADER_BYTES",
+    "MAX_MESSAGES",
+    "READ_TIMEOUT_S",
+    "ModelSet",
+    "ServeConfig",
+    "ServedModel",
+    "create_app",
+    "load_models",
+    "parse_adapters",
+    "run",
+]
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-# Defaults of the limits (`chatlora serve` flags of the same names).
+# Defaults of the limits that are not flags; those that are live in chatlora.settings (ServeConfig).
 STREAM_INTERVAL_S = 0.05  # a stream's deltas go out at most this often (20 per second), the first at once
-MAX_BODY_BYTES = 8 * 2**20  # --max-body-mb
-MAX_MESSAGES = 1000  # --max-messages
-READ_TIMEOUT_S = 30.0  # --read-timeout: to receive a whole request, headers and body
-KEEP_ALIVE_S = 5.0  # --timeout-keep-alive: idle time between requests on one connection
-MAX_CONNECTIONS = 128  # --max-connections
 MAX_HEADER_BYTES = 16 * 2**10  # a request's head: request line, headers and the blank line after them; else 431
 LINGER_S = 2.0  # after refusing a request mid-upload: read and drop its rest this long, so the client sees why
 LINGER_BYTES = 64 * 2**20
@@ -799,52 +809,38 @@ def _add_guards(
     app.add_middleware(_AccessLog)  # outermost: refusals and 401s are logged too
 
 
-def create_app(
-    models: ModelSet,
-    api_key: str | None = None,
-    max_queue: int = 16,
-    max_batch: int | None = None,
-    log_prompts: bool = False,
-    default_max_tokens: int = 256,
-    max_body_bytes: int = MAX_BODY_BYTES,
-    max_messages: int = MAX_MESSAGES,
-    allowed_hosts: Sequence[str] = (),
-    allowed_origins: Sequence[str] = (),
-):
+def create_app(models: ModelSet, config: ServeConfig | None = None, **settings: Any):
     """The FastAPI app: ``/v1/models``, ``/v1/chat/completions`` (SSE streaming), ``/health`` and the page at ``/``.
 
     Args:
         models: what :func:`load_models` returned.
-        api_key: if set, every ``/v1/*`` call needs ``Authorization: Bearer <api_key>``, and ``/health`` says only
-            ``{"status": "ok"}``. Without one, ``Host`` must be an IP address, localhost or in ``allowed_hosts``,
-            and a browser's ``Origin`` must be the server's own or match ``allowed_origins``.
-        max_queue: requests that may wait beyond a full batch; more get 503 with ``Retry-After``.
-        max_batch: requests generated together (dynamic batching, :class:`~chatlora.infer.Batcher`); 1: one at a
-            time; None: 64 on a GPU, 8 elsewhere.
-        log_prompts: also log the request's messages (off by default: prompts may be private).
-        default_max_tokens: reply length limit for requests that give no ``max_tokens``.
-        max_body_bytes: larger request bodies get 413.
-        max_messages: requests with more messages get 400.
-        allowed_hosts: more ``Host`` names to accept (``"*"``: any).
-        allowed_origins: ``Origin`` patterns to accept and answer with CORS headers, e.g. ``http://localhost:*``
-            (``"*"``: any).
+        config: the settings (:class:`~chatlora.settings.ServeConfig`, checked here); ``settings``: fields of it
+            that replace ``config``'s. Those the app uses:
+            ``api_key``: if set, every ``/v1/*`` call needs ``Authorization: Bearer <api_key>``, and ``/health``
+            says only ``{"status": "ok"}``. Without one, ``Host`` must be an IP address, localhost or in
+            ``allowed_hosts``, and a browser's ``Origin`` must be the server's own or match ``allowed_origins``.
+            ``max_queue``: requests that may wait beyond a full batch; more get 503 with ``Retry-After``.
+            ``max_batch``: requests generated together (dynamic batching, :class:`~chatlora.infer.Batcher`); 1: one
+            at a time; None: 64 on a GPU, 8 elsewhere.
+            ``log_prompts``: also log the request's messages (off by default: prompts may be private).
+            ``default_max_tokens``: reply length limit for requests that give no ``max_tokens``.
+            ``max_body_bytes`` (larger bodies get 413), ``max_messages`` (more get 400), ``allowed_hosts`` (more
+            ``Host`` names to accept, ``"*"``: any), ``allowed_origins`` (``Origin`` patterns to accept and answer
+            with CORS headers, e.g. ``http://localhost:*``; ``"*"``: any).
     """
+    cfg = replace(config or ServeConfig(), **settings).check()
     first = next(iter(models.models.values())).chat  # every served model shares this network
-    if max_batch is None:
-        max_batch = first.batch_size  # generate's default batch, which depends on the device
-    if max_queue < 0 or max_batch < 1:
-        raise ConfigError("max_queue must be >= 0 and max_batch >= 1")
-    if max_body_bytes <= 0 or max_messages <= 0:
-        raise ConfigError("max_body_bytes and max_messages must be > 0")
+    # generate's default batch, which depends on the device
+    max_batch = cfg.max_batch if cfg.max_batch is not None else first.batch_size
     app = FastAPI(title="chatlora", docs_url=None, redoc_url=None, openapi_url=None)
     batcher = Batcher(first.model, first.tokenizer.pad_token_id, max_batch)
-    admission = Admission(max_queue, max_batch, batcher.gate)
+    admission = Admission(cfg.max_queue, max_batch, batcher.gate)
     app.state.models, app.state.admission, app.state.batcher = models, admission, batcher
-    key = api_key.encode() if api_key else None
+    key = cfg.api_key.encode() if cfg.api_key else None
     _add_error_handlers(app)
     _add_info_routes(app, models, admission, public=key is None)
-    _add_chat_route(app, models, admission, batcher, default_max_tokens, max_messages, log_prompts)
-    _add_guards(app, key, allowed_hosts, allowed_origins, max_body_bytes)
+    _add_chat_route(app, models, admission, batcher, cfg.default_max_tokens, cfg.max_messages, cfg.log_prompts)
+    _add_guards(app, key, cfg.allowed_hosts, cfg.allowed_origins, cfg.max_body_bytes)
     return app
 
 
@@ -1189,62 +1185,31 @@ def _bind(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot serve on {where}: {why}; pick another --port or --host") from None
 
 
-def run(
-    adapters: Mapping[str, str | Path] | None = None,
-    model: str | None = None,
-    base_only: bool = False,
-    device: str = "auto",
-    dtype: str = "auto",
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_queue: int = 16,
-    max_batch: int | None = None,
-    log_prompts: bool = False,
-    default_max_tokens: int = 256,
-    max_body_bytes: int = MAX_BODY_BYTES,
-    max_messages: int = MAX_MESSAGES,
-    read_timeout: float = READ_TIMEOUT_S,
-    timeout_keep_alive: float = KEEP_ALIVE_S,
-    max_connections: int = MAX_CONNECTIONS,
-    allowed_hosts: Sequence[str] = (),
-    allowed_origins: Sequence[str] = (),
-) -> None:
-    """Load the models and serve them with uvicorn until interrupted (see :func:`create_app` for the options).
+def run(config: ServeConfig | None = None, **settings: Any) -> None:
+    """Load the models and serve them with uvicorn until interrupted.
 
-    The port (1-65535) is taken before the models load: a busy or impossible one fails at once, with a ConfigError
-    saying so.
-    ``read_timeout``, ``timeout_keep_alive`` and ``max_connections``: see :class:`_Http`.
+    ``config``: :class:`~chatlora.settings.ServeConfig` (``settings``: fields of it that replace its own; see
+    :func:`create_app` for what they mean), checked before anything loads. Without an ``api_key``, the environment's
+    ``CHATLORA_API_KEY`` is the key. The port (1-65535) is taken before the models load: a busy or impossible one
+    fails at once, with a ConfigError saying so. ``read_timeout``, ``timeout_keep_alive`` and ``max_connections``:
+    see :class:`_Http`.
     """
     import uvicorn
 
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        # the OS takes the port modulo 65536 (99999 served on 34463) and 0 picks a random one
-        raise ConfigError(f"--port must be between 1 and 65535, got {port}")
-    api_key = api_key or os.environ.get("CHATLORA_API_KEY") or None
-    if host not in LOCAL_HOSTS and not api_key:
+    cfg = replace(config or ServeConfig(), **settings)
+    cfg = replace(cfg, api_key=cfg.api_key or os.environ.get("CHATLORA_API_KEY") or None).check()
+    host, port = cfg.host, cfg.port
+    if host not in LOCAL_HOSTS and not cfg.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", host)
-    if read_timeout <= 0 or timeout_keep_alive <= 0 or max_connections <= 0:  # before the minutes of loading
-        raise ConfigError("read_timeout, timeout_keep_alive and max_connections must be > 0")
     sock = _bind(host, port)
     try:
-        models = load_models(adapters, model, base_only, device, dtype)
-        app = create_app(
-            models,
-            api_key=api_key,
-            max_queue=max_queue,
-            max_batch=max_batch,
-            log_prompts=log_prompts,
-            default_max_tokens=default_max_tokens,
-            max_body_bytes=max_body_bytes,
-            max_messages=max_messages,
-            allowed_hosts=[host, *allowed_hosts],  # the name the server was started with is the user's own
-            allowed_origins=allowed_origins,
-        )
+        models = load_models(cfg.adapters, cfg.model, cfg.base_only, cfg.device, cfg.dtype)
+        # the name the server was started with is the user's own
+        app = create_app(models, cfg, allowed_hosts=[host, *cfg.allowed_hosts])
         bound = sock.getsockname()[1]
         url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
         log.info("serving %s on %s (web chat at /, OpenAI API at /v1)", ", ".join(models.models), url)
-        config = _server_config(app, host, port, read_timeout, timeout_keep_alive, max_connections)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = _server_config(app, host, port, cfg.read_timeout, cfg.timeout_keep_alive, cfg.max_connections)
+        uvicorn.Server(server).run(sockets=[sock])
     finally:
         sock.close()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError, TemplateError
-from ..infer import SamplingConfig
+from ..settings import SamplingConfig
 from ..template import (
     render_text,
 )

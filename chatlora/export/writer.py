@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ModelError
 from ..files import ensure_space
-from ..infer import SamplingConfig
+from ..settings import SamplingConfig
 from .arch import (
     _ARCHS,
     _PERMUTED,

@@ -497,7 +497,7 @@ def test_serve_flags_reach_the_server(monkeypatch):
     from chatlora.cli import main
 
     got: dict = {}
-    monkeypatch.setattr(chatlora.serve, "run", lambda **kw: got.update(kw))
+    monkeypatch.setattr(chatlora.serve, "run", lambda config: got.update(vars(config)))
     monkeypatch.setenv("CHATLORA_ORIGINS", "https://a.example,http://localhost:*")
     flags = ["--max-body-mb", "2", "--max-messages", "50", "--read-timeout", "7", "--timeout-keep-alive", "3"]
     flags += ["--max-connections", "9", "--allowed-hosts", "chat.lan,box"]

@@ -25,11 +25,11 @@ PACKAGE = Path(chatlora.__file__).parent
 # functions too, followed transitively: a module may not reach a higher layer through a lower one either.
 LAYERS: list[tuple[str, frozenset[str]]] = [
     ("base", frozenset({"chatlora", "errors", "files"})),
-    ("data and template", frozenset({"character", "config", "runcard", "data", "template"})),
+    ("data and template", frozenset({"character", "config", "settings", "runcard", "data", "template"})),
     ("model", frozenset({"model", "packing", "kernels"})),
     ("run", frozenset({"run"})),  # open a trained run: card, tokenizer, base + adapter, held-out split, checkpoints
     ("train side", frozenset({"train", "plan", "rundir"})),
-    ("inference side", frozenset({"infer", "persona", "results", "report"})),
+    ("inference side", frozenset({"infer", "chat", "persona", "results", "report"})),
     ("commands", frozenset({"merge", "eval", "serve", "export", "show"})),
     (
         "cli",
