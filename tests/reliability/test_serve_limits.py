@@ -484,7 +484,7 @@ def test_a_port_outside_1_to_65535_fails_before_loading(monkeypatch, capsys):
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the port was checked")
 
-    monkeypatch.setattr(chatlora.serve, "load_models", no_load)
+    monkeypatch.setattr(chatlora.serve.app, "load_models", no_load)
     for port in ("99999", "65536", "0", "-1"):
         assert main(["serve", "--model", "embedded", "--port", port]) == 2, port
         err = capsys.readouterr().err.strip()

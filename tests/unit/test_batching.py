@@ -234,7 +234,7 @@ def test_sampling_ranges_are_one_definition(tmp_path, capsys):
         SamplingConfig(repetition_penalty=0).check()
     assert main(["chat", "--model", str(tmp_path), "--prompt", "x", "--temperature", "2.5"]) == 2
     assert "--temperature must be >= 0 and <= 2, got 2.5" in capsys.readouterr().err
-    from chatlora.serve import _ChatBody
+    from chatlora.serve.schema import _ChatBody
 
     limits = _ChatBody.model_json_schema()["properties"]["temperature"]["anyOf"][0]
     assert (limits["minimum"], limits["maximum"]) == (0, 2)

@@ -508,7 +508,7 @@ def test_stream_sends_piled_up_deltas_as_one_chunk():
     from types import SimpleNamespace
 
     from chatlora.infer import Reply
-    from chatlora.serve import _sse
+    from chatlora.serve.app import _sse
 
     async def collect() -> list[dict]:
         job = SimpleNamespace(
