@@ -1,4 +1,8 @@
-"""Typed training configuration, mirrored by the YAML files in ``configs/``; every field is also a CLI flag."""
+"""Typed training configuration, mirrored by the YAML files in ``configs/``; every field is also a CLI flag.
+
+One idea at about 600 lines: ``TrainConfig`` (with its ``PersonaConfig``), its checks and its YAML. The settings of
+the commands that do not train are in :mod:`chatlora.settings`.
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ Every record is normalized to OpenAI-style messages. Problems are collected for 
 one :class:`DataError`, each problem formatted as ``PATH:LINE: what is wrong: what was expected``. Only regular files
 within the input size limit are read (:mod:`chatlora.files`); values Python cannot hold (nested too deeply, integers
 over 4,300 digits) and strings with lone surrogates are problems of their line like any invalid JSON.
+
+One idea over 600 lines: the three record formats share the line-numbered problem reporting and the checks of a
+conversation (roles, turns, content) that every format ends in.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Three measurements, each base (adapter off) vs tuned on the same loaded model:
 
 Scoring is by mention: a reply that says "I am not an AI" mentions AI and counts as a leak. Crude on purpose: it
 needs no judge model, and an in-character reply has no reason to use these words at all.
+
+One idea over 600 lines: the three measurements and the checkpoint table share the loaded model, the probe and
+marker rules and the result types that the report renders; split, they would hand all of these around.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""LoRA training on the HF Trainer: data -> held-out split -> encoded examples -> Trainer -> adapter + run card."""
+"""LoRA training on the HF Trainer: data -> held-out split -> encoded examples -> Trainer -> adapter + run card.
+
+One idea over 600 lines: a training run, read top to bottom as its phases; what it decides before loading (plan),
+how it batches (packing), its kernels and its output folder (rundir) live in their own modules.
+"""
 
 from __future__ import annotations
 
