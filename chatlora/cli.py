@@ -428,8 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     check.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"])
     check.add_argument("--columns", default=None, help="rename fields, e.g. instruction=prompt,output=response")
-    check.add_argument("--model", default="embedded", help="tokenizer for token lengths (default: embedded)")
-    check.add_argument("--max-length", type=int, default=384, help="count conversations longer than this")
+    model, max_length = TrainConfig.model, TrainConfig.max_length  # what train would use
+    check.add_argument("--model", default=model, help=f"tokenizer for token lengths (default: {model})")
+    check.add_argument(
+        "--max-length",
+        type=int,
+        default=max_length,
+        help=f"count conversations longer than this (default: {max_length})",
+    )
     check.add_argument(
         "--system-prompt",
         default=None,
