@@ -1,8 +1,9 @@
-"""Layers: lower modules never import higher ones, and inference never imports the trainer.
+"""Layers: the package follows its design, stated in ``LAYERS``, and inference never imports the trainer.
 
-Two checks in the style of torchtune's ``test_import_recipes.py``: each inference-side module imported alone in a
-fresh interpreter leaves the trainer out of ``sys.modules``, and a parse of every ``import`` in the package (those
-inside functions too) finds none that goes up the table below.
+Checks in the style of torchtune's ``test_import_recipes.py``: a parse of every ``import`` in the package (those
+inside functions too), followed from module to module, finds none that goes up the layers or across the two sides,
+no command importing a command and no circle; and each inference-side module imported alone in a fresh interpreter
+leaves the trainer out of ``sys.modules``.
 """
 
 from __future__ import annotations
@@ -26,25 +27,22 @@ PACKAGE = Path(chatlora.__file__).parent
 LAYERS: list[tuple[str, frozenset[str]]] = [
     ("base", frozenset({"chatlora", "errors", "files"})),
     ("data and template", frozenset({"character", "config", "settings", "runcard", "data", "template"})),
-    ("model", frozenset({"model", "packing", "kernels"})),
+    ("model", frozenset({"model", "packing"})),  # packing: the one collator, of training and of eval's loss
     ("run", frozenset({"run"})),  # open a trained run: card, tokenizer, base + adapter, held-out split, checkpoints
-    ("train side", frozenset({"train", "plan", "rundir"})),
+    ("train side", frozenset({"train", "plan", "kernels", "rundir"})),
     ("inference side", frozenset({"infer", "chat", "persona", "results", "report"})),
     ("commands", frozenset({"merge", "eval", "serve", "export", "show"})),
-    (
-        "cli",
-        frozenset({"cli", "quickstart", "__main__"}),
-    ),  # quickstart: train, eval and chat in a row, as a user would
+    ("cli", frozenset({"cli", "quickstart", "__main__"})),  # quickstart: train, eval and chat in a row
 ]
 SIDES = ("train side", "inference side")
 LAYER = {name: layer for layer, names in LAYERS for name in names}
-RANK = {layer: min(rank, 4) if layer in SIDES else rank for rank, (layer, _) in enumerate(LAYERS)}
-RANK = {name: RANK[layer] for name, layer in LAYER.items()}
+_ORDER = [layer for layer, _ in LAYERS]
+RANK = {name: _ORDER.index(SIDES[0]) if layer in SIDES else _ORDER.index(layer) for name, layer in LAYER.items()}
 COMMANDS = dict(LAYERS)["commands"]
 
 # The trainer side, and the modules that must run without it (an inference server or an eval job).
-TRAINER = dict(LAYERS)["train side"] | {"kernels"}
-NO_TRAINER = ["run", "infer", "merge", "serve", "eval", "report", "export", "runcard", "show"]
+TRAINER = dict(LAYERS)["train side"]
+NO_TRAINER = sorted(dict(LAYERS)["inference side"] | COMMANDS | {"run", "runcard"})
 TRAINER_LIBRARIES = ["transformers.trainer", "transformers.training_args", "liger_kernel"]
 
 
