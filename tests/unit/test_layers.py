@@ -239,14 +239,19 @@ def test_layer_check_sees_into_subpackages(tmp_path, monkeypatch):
 def test_inference_module_imports_without_the_trainer(module):
     """Guards against an inference-side module pulling in chatlora.train (and with it the trainer's dependencies)
     when imported alone, as a server or an eval job does."""
+    names = [f"chatlora.{module}"]  # and, for a subpackage, each of its files
+    if (PACKAGE / module).is_dir():
+        names += [
+            f"chatlora.{module}.{p.stem}" for p in sorted((PACKAGE / module).glob("*.py")) if p.stem != "__init__"
+        ]
     code = (
         "import importlib, json, sys\n"
-        f"importlib.import_module('chatlora.{module}')\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     loaded = set(json.loads(done.stdout.splitlines()[-1]))
-    assert f"chatlora.{module}" in loaded
+    assert set(names) <= loaded
     leaked = sorted(_trainer_modules() & loaded)
     assert not leaked, f"importing chatlora.{module} loads {leaked}"
 
