@@ -35,8 +35,8 @@ def main() -> None:
 
     from chatlora.config import PersonaConfig
     from chatlora.data import load_records
-    from chatlora.infer import ChatModel, SamplingConfig
-    from chatlora.persona import _drift_phase, resolve
+    from chatlora.eval.persona import _drift_phase, resolve
+    from chatlora.inference.infer import ChatModel, SamplingConfig
     from chatlora.runcard import read_run_card
 
     card = read_run_card(args.adapter)

@@ -8,7 +8,7 @@
     # the same in fp32, to compare with the default (bf16 on CPUs that multiply bf16 in hardware):
     .venv/bin/python bench/generate_speed.py --model embedded --prompts 32 --batch-sizes 16,1 --max-new-tokens 32 --dtype fp32
 
-Each batch size runs :func:`chatlora.infer.generate_file` (what `chatlora generate --batch-size N` calls) after the
+Each batch size runs :func:`chatlora.inference.infer.generate_file` (what `chatlora generate --batch-size N` calls) after the
 model is loaded, greedy, on user turns taken from data/huanhuan.json. ``--limit B=N`` times batch size B on the first
 N prompts only (batch size 1 on a 6B model takes ~10 minutes for 256 prompts); tokens/s is comparable either way.
 """
@@ -59,7 +59,7 @@ def main() -> int:
         print(f"saved a random Yi-6B-shaped model to {args.make_random} in {time.perf_counter() - started:.0f}s")
         return 0
 
-    from chatlora.infer import ChatModel, ReplyFile, SamplingConfig, generate_file
+    from chatlora.inference.infer import ChatModel, ReplyFile, SamplingConfig, generate_file
 
     records = json.loads((ROOT / "data" / "huanhuan.json").read_text(encoding="utf-8"))
     prompts = [

@@ -5,7 +5,7 @@
 
 A trial trains ``configs/quickstart-cpu.yaml`` with the given config overrides (the quickstart's own split, seed and
 system prompt), then measures what the quickstart's first target reads: the assistant-token loss of base and tuned
-model on the first 32 held-out records (``chatlora.eval.assistant_loss``, as ``chatlora eval`` computes it). Held-out
+model on the first 32 held-out records (``chatlora.eval.command.assistant_loss``, as ``chatlora eval`` computes it). Held-out
 loss is deterministic given the recipe; the seconds per optimizer step are not (this machine is shared), so compare
 a trial's s/step only with a baseline row timed under the same load. Timing skips mid-run evals and checkpoints
 (``eval_steps=0``, no ``save_steps`` inside the run) and the first logged interval (warm-up). Rows are appended to
@@ -42,7 +42,7 @@ def run_trial(name: str, overrides: dict[str, str], out: Path) -> dict:
     from chatlora.config import load_config
     from chatlora.eval import assistant_loss, held_out_records
     from chatlora.runcard import added_system_prompt
-    from chatlora.train import train
+    from chatlora.training.train import train
 
     cfg = load_config(
         CONFIG, {**overrides, "output_dir": str(out / name), "eval_steps": 0, "save_steps": 100_000, "overwrite": True}

@@ -4,7 +4,7 @@
     python3 bench/train_speed.py --device cpu      # `make bench-cpu`: the embedded SmolLM2-135M
 
 The seed rows run the tutorial's own code (its ``process_func`` with Yi ChatML strings and response-only labels, max
-384 tokens, fp16 weights, bs 8 x accum 2, gradient checkpointing). chatlora rows run ``chatlora.train.train`` on the
+384 tokens, fp16 weights, bs 8 x accum 2, gradient checkpointing). chatlora rows run ``chatlora.training.train.train`` on the
 Yi config (``configs/yi-6b-chat-huanhuan.yaml``) exactly as a user runs it, plus the row's flags: ``default`` adds
 none. Both tokenize ``data/huanhuan.json`` with the SmolLM2 tokenizer (no Yi tokenizer offline; its 49152 ids fit
 the 64000 vocab), which ships in ``bench/tokenizer/`` (xz, 0.45 MB), so the benchmark needs neither internet nor
@@ -321,7 +321,7 @@ def run_chatlora(device: str, model_dir: Path, timer: Timer, out: str, overrides
     """``chatlora train --config configs/yi-6b-chat-huanhuan.yaml`` (GPU) or ``chatlora train`` (CPU, embedded
     model) with the row's flags, as the CLI runs it."""
     from chatlora.config import load_config
-    from chatlora.train import train
+    from chatlora.training.train import train
 
     base = dict(
         model=str(model_dir),
@@ -374,7 +374,7 @@ def one(name: str, device: str, warmup: int, steps: int, result_path: str, micro
     if name == "x-profile":
         timer.profile_at = warmup + steps
     if name == "x-cudagraphs":
-        import chatlora.train
+        import chatlora.training.train
 
         def compile_layers(model) -> int:
             layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -382,7 +382,7 @@ def one(name: str, device: str, warmup: int, steps: int, result_path: str, micro
                 layer.compile(mode="reduce-overhead")
             return len(layers)
 
-        chatlora.train.compile_layers = compile_layers
+        chatlora.training.train.compile_layers = compile_layers
     with tempfile.TemporaryDirectory() as out:
         if recipe == "seed":
             extra = run_seed(examples, tokenizer, model_dir, device, timer, out, **overrides)

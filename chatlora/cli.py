@@ -138,7 +138,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load_chat(args: argparse.Namespace):
-    from .infer import ChatModel
+    from .inference.infer import ChatModel
 
     if not args.adapter and not args.model:
         raise CliError("give --adapter DIR (a trained run) or --model M (a base or merged model)")
@@ -233,7 +233,7 @@ def _print_paths(out: Path, card: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import prepare_run, train
+    from .training.train import prepare_run, train
 
     cfg = _config_from(args)
     if args.dry_run:
@@ -279,7 +279,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         reply = chat.generate([{"role": "user", "content": args.prompt}], sampling, system=args.system)
         print(reply.text)
         return 0
-    from .chat import repl
+    from .inference.chat import repl
 
     repl(chat, sampling, args.system, input, _write, lambda line: print(line, file=sys.stderr))
     return 0
@@ -290,7 +290,7 @@ def _write(text: str) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .infer import ReplyFile, generate_file, read_prompts
+    from .inference.infer import ReplyFile, generate_file, read_prompts
 
     sampling = _sampling(args)
     if args.batch_size is not None and args.batch_size <= 0:
@@ -376,7 +376,7 @@ def _print_eval(result) -> None:
         )
     for t in result.targets:
         print(f"  {t.verdict}  {t.name}: {t.detail}")
-    from .results import METRICS_JSON, REPLIES_JSONL, REPORT_HTML, REPORT_MD
+    from .eval.results import METRICS_JSON, REPLIES_JSONL, REPORT_HTML, REPORT_MD
 
     others = ", ".join((REPORT_MD, METRICS_JSON, REPLIES_JSONL))
     print(f"eval report: {result.output_dir / REPORT_HTML} (and {others})")

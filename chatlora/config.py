@@ -62,7 +62,7 @@ MAX_SEED = 2**32 - 1  # np.random.seed (transformers.set_seed) takes 0..2**32-1
 MAX_DRIFT_CONTEXT = 10**6  # tokens; the model's own context caps it further at eval time
 MAX_PERSONA_COUNT = 10**4  # drift conversations, drift turns, probe turns
 MAX_PERSONA_TOKENS = 10**5  # max_new_tokens of a probe or drift reply
-# The persona sizes an eval fits to its device when the block leaves them unset (chatlora.persona.fit_sizes): on a
+# The persona sizes an eval fits to its device when the block leaves them unset (chatlora.eval.persona.fit_sizes): on a
 # CPU configs/quickstart-cpu.yaml's (probes 15 s, drift 42 s, retention 21 s on the 2-core CPU), on a GPU the full
 # set (None: all probes, the model's whole context). The full set took 14 minutes on the 2-core CPU (issue 28 F).
 PERSONA_SIZES = {
@@ -87,7 +87,7 @@ def _largest(size: str) -> int:
 
 @functools.cache
 def _shipped_probes() -> int:
-    """How many identity probes ship in ``persona_data`` (read here, not via :mod:`chatlora.persona`: no torch)."""
+    """How many identity probes ship in ``persona_data`` (read here, not via :mod:`chatlora.eval.persona`: no torch)."""
     text = resources.files("chatlora").joinpath("persona_data", "identity_probes.jsonl").read_text(encoding="utf-8")
     return sum(1 for line in text.splitlines() if line.strip())
 
@@ -96,7 +96,7 @@ def _shipped_probes() -> int:
 class PersonaConfig:
     """The persona section of ``chatlora eval``: does the tuned model stay in character? (README "Persona eval").
 
-    YAML: a ``persona:`` mapping with these keys. Unset lists are derived (see :func:`chatlora.persona.resolve`).
+    YAML: a ``persona:`` mapping with these keys. Unset lists are derived (see :func:`chatlora.eval.persona.resolve`).
     """
 
     enabled: bool = _f(True, "run the persona section (identity probes, drift, retention) in eval")

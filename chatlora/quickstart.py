@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import TrainConfig
-from .infer import ChatModel
+from .inference.infer import ChatModel
 from .runcard import system_prompt
-from .train import TrainResult, train
+from .training.train import TrainResult, train
 
 if TYPE_CHECKING:
-    from .results import EvalResult
+    from .eval.results import EvalResult
 
 __all__ = ["eval_held_out", "free_output_dir", "quickstart"]
 

@@ -1,7 +1,7 @@
 """Serve: an OpenAI-compatible chat API and a web chat page over one base model with several LoRA adapters.
 
 One base model is loaded once; each adapter is loaded into it under its own name. Requests are batched dynamically
-(:class:`~chatlora.infer.Batcher`): while a batch runs, new requests wait, and the next batch takes all that wait,
+(:class:`~chatlora.inference.infer.Batcher`): while a batch runs, new requests wait, and the next batch takes all that wait,
 up to ``max_batch``; requests for different adapters and the base share a batch (PEFT's ``adapter_names=``), each
 with its own sampling settings, seed, reply limit and stop strings, streamed and cancelled on its own. At most
 ``max_batch + max_queue`` requests are admitted; later ones get 503 with ``Retry-After``. Prompts go through

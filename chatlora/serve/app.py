@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..infer import Batcher, Reply, Row
+from ..inference.infer import Batcher, Reply, Row
 from ..settings import ServeConfig
 from .guards import LOCAL_HOSTS, _add_guards, _bind, _server_config
 from .models import ModelSet, load_models
@@ -208,7 +208,7 @@ def create_app(models: ModelSet, config: ServeConfig | None = None, **settings: 
             says only ``{"status": "ok"}``. Without one, ``Host`` must be an IP address, localhost or in
             ``allowed_hosts``, and a browser's ``Origin`` must be the server's own or match ``allowed_origins``.
             ``max_queue``: requests that may wait beyond a full batch; more get 503 with ``Retry-After``.
-            ``max_batch``: requests generated together (dynamic batching, :class:`~chatlora.infer.Batcher`); 1: one
+            ``max_batch``: requests generated together (dynamic batching, :class:`~chatlora.inference.infer.Batcher`); 1: one
             at a time; None: 64 on a GPU, 8 elsewhere.
             ``log_prompts``: also log the request's messages (off by default: prompts may be private).
             ``default_max_tokens``: reply length limit for requests that give no ``max_tokens``.

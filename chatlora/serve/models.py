@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, ModelError
-from ..infer import BASE, ChatModel
+from ..inference.infer import BASE, ChatModel
 from ..model import (
     context_length,
     load_tokenizer,

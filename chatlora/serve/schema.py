@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from ..errors import TemplateError
-from ..infer import SamplingConfig
+from ..inference.infer import SamplingConfig
 from ..settings import MAX_MESSAGES
 from .models import ModelSet, ServedModel
 

@@ -79,7 +79,7 @@ def test_training_loss_falls_clearly(overfit):
 
 def test_greedy_generation_returns_trained_reply_and_stops(overfit):
     """Guards against a prompt mismatch between training and inference, or generation not stopping at <|im_end|>."""
-    from chatlora.infer import ChatModel, SamplingConfig
+    from chatlora.inference.infer import ChatModel, SamplingConfig
 
     records, out = overfit
     chat = ChatModel.load(adapter=out)

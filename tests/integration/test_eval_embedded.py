@@ -10,7 +10,7 @@ from conftest import write_jsonl
 
 from chatlora.cli import main
 from chatlora.config import DEFAULT_SYSTEM_PROMPT, TrainConfig
-from chatlora.train import train
+from chatlora.training.train import train
 
 pytestmark = pytest.mark.integration
 

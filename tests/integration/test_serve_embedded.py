@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 
 from serving import BackgroundServer  # noqa: E402
 
-from chatlora.infer import ChatModel, SamplingConfig  # noqa: E402
+from chatlora.inference.infer import ChatModel, SamplingConfig  # noqa: E402
 from chatlora.serve import create_app, load_models  # noqa: E402
 from chatlora.template import encode_prompt, with_system  # noqa: E402
 

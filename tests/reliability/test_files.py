@@ -136,7 +136,7 @@ def test_generate_full_disk_keeps_the_existing_output_and_the_finished_rows(adap
 
 def test_generate_crash_keeps_the_finished_replies(adapter_dir, tmp_path, monkeypatch):
     """Guards against a crash after hours of generation losing every finished reply (rows were written at the end)."""
-    from chatlora.infer import ChatModel
+    from chatlora.inference.infer import ChatModel
 
     inp = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"问{i}", "id": i} for i in range(6)])
     out = tmp_path / "r.jsonl"

@@ -112,9 +112,9 @@ def test_output_dir_that_is_a_file_or_read_only_is_refused_before_loading(tiny_m
 CRASH_DURING_SAVE = """
 import os, sys
 import transformers.trainer as T
-import chatlora.train
+import chatlora.training.train
 
-original_rng, original_mark = T.Trainer._save_rng_state, chatlora.train.mark_complete
+original_rng, original_mark = T.Trainer._save_rng_state, chatlora.training.train.mark_complete
 
 
 def crash_in_rng(self, output_dir):  # the optimizer is on disk, the RNG state and trainer state are not
@@ -130,7 +130,7 @@ def crash_in_mark(ckpt, step):  # every file is on disk, the completion mark is 
 
 
 T.Trainer._save_rng_state = crash_in_rng
-chatlora.train.mark_complete = crash_in_mark
+chatlora.training.train.mark_complete = crash_in_mark
 from chatlora.cli import main
 
 sys.exit(main(sys.argv[1:]))

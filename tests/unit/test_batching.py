@@ -12,7 +12,7 @@ from conftest import write_jsonl
 from serving import make_adapter
 
 from chatlora.errors import ConfigError
-from chatlora.infer import BASE, Batcher, ChatModel, SamplingConfig, generate_rows
+from chatlora.inference.infer import BASE, Batcher, ChatModel, SamplingConfig, generate_rows
 
 GREEDY = SamplingConfig(max_new_tokens=10, temperature=0)
 CONVERSATIONS = [
@@ -98,7 +98,7 @@ def test_the_penalty_never_sees_left_padding(chats):
     """Bug: the repetition penalty of a left-padded row also hit the pad token, which a row alone never holds."""
     import torch
 
-    from chatlora.infer import _RowSampler
+    from chatlora.inference.infer import _RowSampler
 
     chat = chats["base"]
     pad = chat.tokenizer.pad_token_id
@@ -242,7 +242,7 @@ def test_sampling_ranges_are_one_definition(tmp_path, capsys):
 
 def test_generate_file_writes_each_prompt_with_its_own_system(chats, tmp_path):
     """Bug: batching by length mixed system prompts up, or rows came back out of input order."""
-    from chatlora.infer import ReplyFile, generate_file, read_prompts
+    from chatlora.inference.infer import ReplyFile, generate_file, read_prompts
 
     chat = chats["beta"]
     rows = [
@@ -263,7 +263,7 @@ def test_adapter_dir_has_what_vllm_needs(tmp_path, tiny_model_dir):
     config with rank and targets, safetensors weights), or the tokenizer with the training chat template that the
     README's recipe passes as --chat-template."""
     from chatlora.config import TrainConfig
-    from chatlora.train import train
+    from chatlora.training.train import train
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "input": "", "output": "ok"} for i in range(8)])
     cfg = TrainConfig(
@@ -352,7 +352,7 @@ def test_persona_drift_feeds_each_system_its_own_replies(chats):
     """Bug: base and tuned drift turns, generated in one call, swapped systems or histories (the base conversation
     continued with the tuned replies), so the drift plot compared the wrong models."""
     from chatlora.config import PersonaConfig
-    from chatlora.persona import _drift_phase, resolve
+    from chatlora.eval.persona import _drift_phase, resolve
 
     chat = chats["alpha"]
     cfg = PersonaConfig(markers=["x"], drift_conversations=2, drift_turns=3, max_new_tokens=10)
@@ -378,7 +378,7 @@ def test_drift_keeping_keys_and_values_gives_the_same_replies(chats, context):
     replies changed; also once the oldest exchange is dropped to fit drift_context (160: the kept cache must be
     cut), and with base and tuned rows in batches smaller than a turn."""
     from chatlora.config import PersonaConfig
-    from chatlora.persona import _drift_phase, resolve
+    from chatlora.eval.persona import _drift_phase, resolve
 
     chat = chats["alpha"]
     cfg = PersonaConfig(markers=["x"], drift_conversations=3, drift_turns=4, max_new_tokens=10, drift_context=context)
@@ -396,7 +396,7 @@ def test_drift_turn_encodes_its_new_tokens_not_the_whole_conversation(chats):
     14-minute persona section on the 2-core CPU). With the keys and values kept, a turn's prefill is at most its
     user turn, the template around it and the last reply's final token, counted at the model's forward."""
     from chatlora.config import PersonaConfig
-    from chatlora.persona import _drift_phase, resolve
+    from chatlora.eval.persona import _drift_phase, resolve
 
     chat = chats["alpha"]
     tok = chat.tokenizer

@@ -112,12 +112,12 @@ def test_broken_card_is_one_line_naming_path_and_field_exit_2(tmp_path, capsys, 
 def test_chat_with_lone_surrogate_card_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     """Guards against `chat --character CARD` with a lone surrogate (a \\ud800 escape) in a field reaching the
     tokenizer and dying with a TypeError traceback instead of one line naming the card and the field."""
-    import chatlora.infer
+    import chatlora.inference.infer
 
     def no_model(*args, **kwargs):
         raise AssertionError("the card must be refused before any model loads")
 
-    monkeypatch.setattr(chatlora.infer.ChatModel, "load", no_model)
+    monkeypatch.setattr(chatlora.inference.infer.ChatModel, "load", no_model)
     card = write_card(tmp_path / "card.json", json.dumps(with_data(first_mes="\ud83d来了")))
     assert main(["chat", "--model", "m", "--character", str(card)]) == 2
     err = capsys.readouterr().err
@@ -158,8 +158,8 @@ def test_character_and_system_prompt_together_are_refused(tmp_path):
 def test_compiled_prompt_reaches_train_run_card_and_chat_identically(tiny_model_dir, tmp_path):
     """Guards against train rendering one system prompt and chat (or the run card) another: the tokens chat
     sends for a training conversation are exactly the tokens train trained on, up to the reply."""
-    from chatlora.infer import ChatModel
-    from chatlora.train import prepare_run, train
+    from chatlora.inference.infer import ChatModel
+    from chatlora.training.train import prepare_run, train
 
     card = write_card(tmp_path / "card.json", CARD)
     rows = [{"instruction": f"问题{i}", "input": "", "output": "臣妾做不到啊。"} for i in range(8)]

@@ -241,7 +241,7 @@ def _cfg(model_dir: Path, data: Path, out: Path, system_prompt: str) -> TrainCon
 def run(request, tmp_path_factory):
     """(family, model dir, data, trained adapter dir): Huanhuan's system prompt except for Qwen, which trains with
     none so that its own default is the one used everywhere."""
-    from chatlora.train import train
+    from chatlora.training.train import train
 
     family = request.param
     tmp = tmp_path_factory.mktemp(f"tpl-{family}")
@@ -254,7 +254,7 @@ def run(request, tmp_path_factory):
 def test_training_masks_the_template_and_records_its_end_of_turn(run, tmp_path):
     """Guards against train encoding records another way than the template module (the system prompt of the run
     card, the end-of-turn token recorded for export/serve) for non-ChatML templates."""
-    from chatlora.train import prepare_run
+    from chatlora.training.train import prepare_run
 
     family, model_dir, data, out = run
     card = json.loads((out / "chatlora.json").read_text())
@@ -272,7 +272,7 @@ def test_training_masks_the_template_and_records_its_end_of_turn(run, tmp_path):
 def test_chat_and_stream_stop_at_the_end_of_turn(run):
     """Guards against generation that stops at EOS only: the scripted model says 'hi', its end-of-turn token, then
     'xxx...' (Llama-3/Gemma would reply 'hixxxxxx', finish_reason 'length')."""
-    from chatlora.infer import ChatModel, SamplingConfig
+    from chatlora.inference.infer import ChatModel, SamplingConfig
 
     family, _, _, out = run
     chat = ChatModel.load(adapter=out, device="cpu")
@@ -353,7 +353,7 @@ def test_serve_stops_at_the_end_of_turn_streaming_or_not(run):
 def test_a_record_the_template_refuses_is_named_by_file_and_line(tmp_path):
     """Guards against a template refusal in training data (two user turns in a row, which Gemma forbids) ending
     in a traceback instead of one line naming the record."""
-    from chatlora.train import prepare_run
+    from chatlora.training.train import prepare_run
 
     model_dir = make_scripted_model_dir(tmp_path / "model", "gemma2")
     good = [

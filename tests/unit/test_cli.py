@@ -154,7 +154,7 @@ def test_train_bad_lora_target_is_a_clear_error(tiny_model_dir, tiny_dataset, tm
 def test_chat_prompt_prints_one_reply(run_dir, capsys):
     """Guards against `chat --prompt` hanging on stdin, printing nothing, or printing other than the model's reply
     (the library's greedy reply to the same prompt, then one newline)."""
-    from chatlora.infer import ChatModel, SamplingConfig
+    from chatlora.inference.infer import ChatModel, SamplingConfig
 
     greedy = SamplingConfig(max_new_tokens=5, temperature=0)
     tuned = ChatModel.load(run_dir).generate([{"role": "user", "content": "你好"}], greedy).text
@@ -174,7 +174,7 @@ def test_inference_dtype_is_bf16_where_the_cpu_has_bf16_units(run_dir, monkeypat
     import torch
 
     from chatlora import model as model_module
-    from chatlora.infer import ChatModel
+    from chatlora.inference.infer import ChatModel
     from chatlora.model import dtype_for
 
     def dtypes(chat):
@@ -293,8 +293,8 @@ def _no_loading(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a tokenizer or model loaded before the flags were checked")
 
-    monkeypatch.setattr("chatlora.train.load_model", boom)
-    monkeypatch.setattr("chatlora.train.load_tokenizer", boom)
+    monkeypatch.setattr("chatlora.training.train.load_model", boom)
+    monkeypatch.setattr("chatlora.training.train.load_tokenizer", boom)
 
 
 @pytest.mark.parametrize(

@@ -54,7 +54,7 @@ def test_torchrun_packed_counts_every_ranks_tokens(tiny_model_dir, tmp_path):
     of different sizes, and tokens_seen must be the exact sum over ranks (here: every conversation once)."""
     from chatlora.data import load_records
     from chatlora.model import load_tokenizer
-    from chatlora.train import encode_records
+    from chatlora.training.train import encode_records
 
     rows = [{"instruction": "q" * (130 + 5 * i), "input": "", "output": "嗯。" * (i % 3 + 1)} for i in range(16)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -78,7 +78,7 @@ def test_torchrun_packed_counts_every_ranks_tokens(tiny_model_dir, tmp_path):
 EQUIV = """
 import json, os, sys
 from chatlora.config import TrainConfig
-from chatlora.train import train
+from chatlora.training.train import train
 bs, ga, out, data, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 label_only = sys.argv[6] == "label-only"
 r = train(TrainConfig(model=model, data=data, output_dir=out, max_steps=3, batch_size=bs, grad_accum=ga, val_size=0,
@@ -164,8 +164,8 @@ def test_one_process_on_several_gpus_does_not_fall_back_to_data_parallel(monkeyp
     larger batch (slowly). chatlora trains on one GPU and says how to launch on all."""
     from chatlora.config import TrainConfig
     from chatlora.model import pick_precision
-    from chatlora.plan import BatchPlan, RunPlan
-    from chatlora.train import training_args
+    from chatlora.training.plan import BatchPlan, RunPlan
+    from chatlora.training.train import training_args
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     cfg = TrainConfig(model="m", data="d", output_dir=str(tmp_path), dtype="fp32", batch_size=8)

@@ -18,7 +18,7 @@ def test_every_user_error_type_is_a_chatlora_error_at_its_old_import_path():
     from chatlora.files import FileError
     from chatlora.model import ModelError
     from chatlora.template import TemplateError
-    from chatlora.train import TrainingDiverged
+    from chatlora.training.train import TrainingDiverged
 
     for kind in (CliError, ConfigError, DataError, FileError, ModelError, TemplateError, TrainingDiverged):
         assert issubclass(kind, ChatloraError), kind

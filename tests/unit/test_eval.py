@@ -17,7 +17,7 @@ from conftest import write_jsonl
 from chatlora.cli import main
 from chatlora.config import DEFAULT_SYSTEM_PROMPT, PersonaConfig, TrainConfig
 from chatlora.eval import bleu, chrf, distinct_n, mean_length, paired_bootstrap, reply_metrics, stop_rate
-from chatlora.train import train
+from chatlora.training.train import train
 
 # ---------------------------------------------------------------- pure metrics
 
@@ -379,7 +379,7 @@ def test_eval_config_refuses_bad_settings_naming_the_flag(settings, message):
 def test_chrf_decides_a_target_only_when_significant(base, tuned, p, verdict):
     """Guards against a chrF gain that is chance (+0.04, p = 0.38: the quickstart's, which flipped to a loss on
     another CPU) printed as PASS, and against a significant loss not printed as FAIL."""
-    from chatlora.eval import Significance, _closer_target
+    from chatlora.eval.command import Significance, _closer_target
 
     target = _closer_target(Significance("chrF", base, tuned, p, 0.5, 0.5, 1000))
     assert target.verdict == verdict

@@ -181,7 +181,7 @@ def train_adapter(
     from safetensors.torch import load_file, save_file
 
     from chatlora.config import TrainConfig
-    from chatlora.train import train
+    from chatlora.training.train import train
 
     rows = rows or [
         {"instruction": f"你是谁？{i}", "input": "", "output": "臣妾做不到啊。" if i % 2 else "皇上万福金安。"}

@@ -15,7 +15,7 @@ from conftest import make_model_dir, write_jsonl
 from probes import PrecisionProbe, assert_bf16_autocast
 
 from chatlora.config import TrainConfig
-from chatlora.train import prepare_run, train
+from chatlora.training.train import prepare_run, train
 
 pytestmark = [
     pytest.mark.gpu,
@@ -111,7 +111,7 @@ def test_qlora_trains_reloads_in_4bit_and_merges_into_full_precision(tmp_path, c
     """Guards against --quantize 4bit not quantizing, chat reloading the adapter on another base than it was
     trained on, and merge rounding the update into 4-bit weights."""
     bnb = pytest.importorskip("bitsandbytes")
-    from chatlora.infer import ChatModel
+    from chatlora.inference.infer import ChatModel
     from chatlora.merge import merge
 
     result = train(_cfg(tmp_path, quantize="4bit"))

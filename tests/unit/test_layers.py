@@ -29,8 +29,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("data and template", frozenset({"character", "config", "settings", "runcard", "data", "template"})),
     ("model", frozenset({"model", "packing"})),  # packing: the one collator, of training and of eval's loss
     ("run", frozenset({"run"})),  # open a trained run: card, tokenizer, base + adapter, held-out split, checkpoints
-    ("train side", frozenset({"train", "plan", "kernels", "rundir"})),
-    ("inference side", frozenset({"infer", "chat", "persona", "results", "report"})),
+    ("train side", frozenset({"training"})),  # train, plan, kernels, rundir
+    ("inference side", frozenset({"inference"})),  # infer, chat
     ("commands", frozenset({"merge", "eval", "serve", "export", "show"})),
     ("cli", frozenset({"cli", "quickstart", "__main__"})),  # quickstart: train, eval and chat in a row
 ]
@@ -201,15 +201,18 @@ def test_layer_check_follows_a_lazy_import_into_a_command(tmp_path, monkeypatch)
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "__init__.py").write_text("from .source import convs\n")
     (tmp_path / "export" / "source.py").write_text("def convs():\n    from ..eval import held_out_records\n")
-    (tmp_path / "eval.py").write_text("from .infer import ChatModel\n")
-    (tmp_path / "infer.py").write_text("def load():\n    from .run import open_run\n")
-    (tmp_path / "run.py").write_text("def open_run():\n    from .train import x\n")
-    (tmp_path / "train.py").write_text("")
+    (tmp_path / "eval.py").write_text("from .inference.infer import ChatModel\n")
+    for package in ("inference", "training"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "inference" / "infer.py").write_text("def load():\n    from ..run import open_run\n")
+    (tmp_path / "run.py").write_text("def open_run():\n    from .training.train import x\n")
+    (tmp_path / "training" / "train.py").write_text("")
     found = violations()
     assert "chatlora.export imports the command eval: move what they share down a layer" in found
-    assert "infer -> run -> train: the inference side reaches the train side" in found
-    assert "run -> train: run reaches train side, a higher layer" in found
-    assert "eval -> infer -> run -> train: eval must run without the trainer" in found
+    assert "inference -> run -> training: the inference side reaches the train side" in found
+    assert "run -> training: run reaches train side, a higher layer" in found
+    assert "eval -> inference -> run -> training: eval must run without the trainer" in found
 
 
 def test_layer_check_sees_imports_inside_functions(tmp_path, monkeypatch):

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from chatlora.config import ConfigError, TrainConfig
-from chatlora.kernels import label_only_loss
 from chatlora.model import apply_lora, load_model
 from chatlora.packing import PackedDataset, collate, pack_rows, plan_batches, plan_buckets
-from chatlora.train import prepare_run, train
+from chatlora.training.kernels import label_only_loss
+from chatlora.training.train import prepare_run, train
 
 
 def _examples(n: int, vocab: int, seed: int = 0) -> list[dict]:

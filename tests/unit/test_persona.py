@@ -9,7 +9,7 @@ import pytest
 from conftest import write_jsonl
 
 from chatlora.config import ConfigError, PersonaConfig, TrainConfig, load_config
-from chatlora.persona import (
+from chatlora.eval.persona import (
     DEFAULT_FORBIDDEN,
     HUANHUAN_MARKERS,
     CheckpointRow,
@@ -119,7 +119,7 @@ def test_eval_checks_the_persona_block_before_loading_the_model(persona_run, tmp
     """Bug: a missing --persona-config file or a bad persona value surfaced only after the model had loaded and the
     held-out loss and replies were computed (minutes on a real model)."""
     from chatlora.cli import main
-    from chatlora.infer import ChatModel
+    from chatlora.inference.infer import ChatModel
 
     def no_load(*a, **k):
         raise AssertionError("the model loaded before the persona block was checked")
@@ -277,7 +277,7 @@ ROWS = [
 @pytest.fixture(scope="module")
 def persona_run(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny adapter with a checkpoint before its final step, and a small persona block."""
-    from chatlora.train import train
+    from chatlora.training.train import train
 
     tmp = tmp_path_factory.mktemp("persona-run")
     cfg = TrainConfig(
@@ -335,9 +335,9 @@ def test_checkpoint_rows_measure_each_checkpoint_not_the_final_adapter(persona_r
     from peft import PeftModel
 
     from chatlora.eval import EvalConfig, assistant_loss, evaluate, held_out_records
-    from chatlora.infer import ChatModel
+    from chatlora.inference.infer import ChatModel
     from chatlora.model import load_model
-    from chatlora.train import read_run_card
+    from chatlora.training.train import read_run_card
 
     chat = ChatModel.load(persona_run, device="cpu")
     result = evaluate(EvalConfig(persona_run, output=tmp_path / "ev", max_new_tokens=2, batch_size=4), chat)
@@ -389,7 +389,7 @@ def eval_events(persona_run, tmp_path_factory):
     import logging
 
     from chatlora.eval import EvalConfig, evaluate
-    from chatlora.infer import ChatModel
+    from chatlora.inference.infer import ChatModel
 
     chat = ChatModel.load(persona_run, device="cpu")  # before tqdm is replaced: loading iterates over a bar
     events: list = []

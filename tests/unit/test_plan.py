@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import write_jsonl
 
-import chatlora.plan as plan_mod
+import chatlora.training.plan as plan_mod
 from chatlora.cli import main
 from chatlora.config import ConfigError, TrainConfig, load_config
 from chatlora.data import DataError, load_records
@@ -26,8 +26,8 @@ from chatlora.model import (
     quantization_config,
 )
 from chatlora.packing import plan_steps
-from chatlora.plan import ModelShape, auto_val_count, estimate_memory, make_plan, read_shape
-from chatlora.train import split_records, train, whole_run
+from chatlora.training.plan import ModelShape, auto_val_count, estimate_memory, make_plan, read_shape
+from chatlora.training.train import split_records, train, whole_run
 
 CUDA = torch.device("cuda")
 BF16 = Precision(torch.bfloat16, "bf16")
@@ -104,12 +104,12 @@ def test_a_split_leaving_less_to_train_than_it_holds_out_is_refused_unless_asked
 
 def test_dry_run_prints_the_split_and_plan_and_loads_no_weights(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """Guards against the pre-flight check loading weights (minutes for a 6B model) or writing the output dir."""
-    import chatlora.train
+    import chatlora.training.train
 
     def no_weights(*a, **k):
         raise AssertionError("dry run loaded weights")
 
-    monkeypatch.setattr(chatlora.train, "load_model", no_weights)
+    monkeypatch.setattr(chatlora.training.train, "load_model", no_weights)
     monkeypatch.setattr("chatlora.model.cpu_bf16_speedup", lambda: None)  # the plan line below is fp32's
     data = write_jsonl(tmp_path / "d.jsonl", _rows(30))
     out = tmp_path / "out"
@@ -174,7 +174,7 @@ def test_several_processes_use_ddp_with_the_label_only_head_without_compile(tiny
 def test_label_only_memory_under_several_processes_counts_rows_times_labelled_columns():
     """Guards against the estimate counting only labels when the head runs through ``logits_to_keep``, which
     projects every row at each column where any row has a label."""
-    from chatlora.plan import _labelled_columns
+    from chatlora.training.plan import _labelled_columns
 
     a = {"input_ids": [1] * 6, "labels": [-100, -100, -100, 5, 6, 7]}  # labels at columns 2, 3, 4 of labels[1:]
     b = {"input_ids": [1] * 4, "labels": [-100, 5, -100, -100]}  # column 0
@@ -227,16 +227,16 @@ def test_the_fit_check_picks_memory_mode_then_stops_with_what_would_fit(tmp_path
 
 def test_train_stops_before_loading_weights_when_nothing_fits(tiny_model_dir, tmp_path, monkeypatch):
     """Guards against discovering an out-of-memory after the weights load: the plan stops the run first (exit 2)."""
-    import chatlora.train
+    import chatlora.training.train
 
-    monkeypatch.setattr(chatlora.train, "pick_device", lambda d: CUDA)
+    monkeypatch.setattr(chatlora.training.train, "pick_device", lambda d: CUDA)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(plan_mod, "_available_gib", lambda device, cap: 0.001)
 
     def no_weights(*a, **k):
         raise AssertionError("loaded weights for a run that cannot fit")
 
-    monkeypatch.setattr(chatlora.train, "prepare_model", no_weights)
+    monkeypatch.setattr(chatlora.training.train, "prepare_model", no_weights)
     cfg = TrainConfig(model=str(tiny_model_dir), data=str(write_jsonl(tmp_path / "d.jsonl", _rows(30))))
     with pytest.raises(ModelError, match="would not fit on cuda"):
         train(cfg)
@@ -428,12 +428,12 @@ def test_a_length_past_the_context_or_a_cap_below_the_weights_is_exit_2_before_l
 ):
     """Bug: --max-length 100000 was accepted for a model with an 8,192-token context, and --max-memory-gib 0.001
     ended in "training goes on" (swapping) instead of an error naming the flag."""
-    import chatlora.train
+    import chatlora.training.train
 
     def no_weights(*a, **k):
         raise AssertionError("loaded weights for an impossible run")
 
-    monkeypatch.setattr(chatlora.train, "prepare_model", no_weights)
+    monkeypatch.setattr(chatlora.training.train, "prepare_model", no_weights)
     data = write_jsonl(tmp_path / "d.jsonl", _rows(30))
     args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "o")]
     assert main([*args, *flags]) == 2

@@ -16,7 +16,7 @@ openai = pytest.importorskip("openai")
 
 from serving import BackgroundServer, make_adapter  # noqa: E402
 
-from chatlora.infer import ChatModel, SamplingConfig  # noqa: E402
+from chatlora.inference.infer import ChatModel, SamplingConfig  # noqa: E402
 from chatlora.model import ModelError  # noqa: E402
 from chatlora.serve import create_app, load_models, parse_adapters  # noqa: E402
 
@@ -507,7 +507,7 @@ def test_stream_sends_piled_up_deltas_as_one_chunk():
     import asyncio
     from types import SimpleNamespace
 
-    from chatlora.infer import Reply
+    from chatlora.inference.infer import Reply
     from chatlora.serve.app import _sse
 
     async def collect() -> list[dict]:

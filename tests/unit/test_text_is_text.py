@@ -18,7 +18,7 @@ import pytest
 from chat_templates import LLAMA3_TEMPLATE
 from conftest import make_tokenizer, vocab_tokenizer, write_jsonl
 
-from chatlora.infer import ChatModel, SamplingConfig
+from chatlora.inference.infer import ChatModel, SamplingConfig
 from chatlora.template import (
     IGNORE_INDEX,
     control_ids,
@@ -291,7 +291,7 @@ def test_training_data_and_card_markers_add_no_control_tokens(tiny_model_dir, tm
     """Bug: train encoded dataset records (or the card's system prompt) with special-token parsing on, so a record
     whose reply holds ``<|im_end|>`` trained a stop mid-reply and a user turn could open a system turn."""
     from chatlora.config import TrainConfig
-    from chatlora.train import prepare_run
+    from chatlora.training.train import prepare_run
 
     rows = [
         {"messages": [user(HOSTILE), assistant(HOSTILE_REPLY)]},

@@ -27,7 +27,7 @@ from chatlora.model import (
     pick_precision,
 )
 from chatlora.packing import collate
-from chatlora.train import prepare_run, split_records, train, training_args
+from chatlora.training.train import prepare_run, split_records, train, training_args
 
 
 def tiny_cfg(model_dir, data, out, **kw) -> TrainConfig:
@@ -196,8 +196,8 @@ def test_invalid_data_stops_before_the_model_loads(tiny_model_dir, tmp_path, mon
     def boom(*a, **k):
         raise AssertionError("model loaded before data was validated")
 
-    monkeypatch.setattr("chatlora.train.load_model", boom)
-    monkeypatch.setattr("chatlora.train.load_tokenizer", boom)
+    monkeypatch.setattr("chatlora.training.train.load_model", boom)
+    monkeypatch.setattr("chatlora.training.train.load_tokenizer", boom)
     with pytest.raises(DataError) as e:
         train(tiny_cfg(tiny_model_dir, bad, tmp_path / "o"))
     assert e.value.problems[0].startswith(f"{bad}:2:")
@@ -208,7 +208,7 @@ def test_records_without_a_reply_token_in_max_length_are_dropped(tiny_model_dir,
     0 or NaN and the step is wasted), and against a run that silently trains on nothing."""
     from chatlora.data import load_records
     from chatlora.model import load_tokenizer
-    from chatlora.train import encode_records
+    from chatlora.training.train import encode_records
 
     rows = [{"instruction": "q" * n, "input": "", "output": "嗯。"} for n in (2, 200, 3)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -220,7 +220,7 @@ def test_records_without_a_reply_token_in_max_length_are_dropped(tiny_model_dir,
     def no_model(*a, **k):
         raise AssertionError("model loaded although no record can be trained")
 
-    monkeypatch.setattr("chatlora.train.load_model", no_model)
+    monkeypatch.setattr("chatlora.training.train.load_model", no_model)
     with pytest.raises(DataError, match="no training conversation has a reply token within max_length=8"):
         train(tiny_cfg(tiny_model_dir, data, tmp_path / "o", max_length=8, val_size=0))
 
@@ -228,7 +228,7 @@ def test_records_without_a_reply_token_in_max_length_are_dropped(tiny_model_dir,
 def test_train_on_prompt_labels_every_token_of_training_records_only(tiny_model_dir, tmp_path):
     """Guards against `train_on_prompt` being ignored (replies-only labels), against it changing which records are
     kept, and against it reaching the held-out examples (their loss must count the replies only, as `eval` does)."""
-    from chatlora.train import prepare_run
+    from chatlora.training.train import prepare_run
 
     rows = [{"instruction": f"问题{i}", "input": "", "output": f"臣妾{i}。"} for i in range(8)]
     rows.append({"instruction": "q" * 200, "input": "", "output": "嗯。"})  # no reply token fits max_length=64
@@ -460,7 +460,7 @@ def test_huanhuan_configs_and_data_keep_the_built_in_prompt(tiny_model_dir, tmp_
 
 # `chatlora train` that SIGKILLs itself at a chosen point: after step KILL_AT is logged (KILL_IN=step), or in the
 # middle of checkpoint-KILL_AT's save, after the weights and optimizer, before the RNG and trainer state (=save).
-# It patches only transformers' Trainer, so it does not depend on how chatlora.train is laid out.
+# It patches only transformers' Trainer, so it does not depend on how chatlora.training.train is laid out.
 KILL_SELF = """
 import os, signal, sys
 import transformers.trainer as T
@@ -622,13 +622,13 @@ def test_unlaunchable_run_exits_2_before_loading_in_dry_run_and_run_alike(
     """Guards against `--deepspeed` without deepspeed installed, or `--fsdp` in a single process (no torchrun),
     passing `--dry-run` with exit 0 (a plan for "several processes") while the real run crashes with exit 1: both
     must exit 2 with one line naming the package to install or the launch command, before any model loads."""
-    import chatlora.train
+    import chatlora.training.train
 
     def no_model(*args, **kwargs):
         raise AssertionError("the launch must be refused before any model loads")
 
-    monkeypatch.setattr(chatlora.train, "load_model", no_model)
-    monkeypatch.setattr(chatlora.train, "_deepspeed_installed", lambda: False)
+    monkeypatch.setattr(chatlora.training.train, "load_model", no_model)
+    monkeypatch.setattr(chatlora.training.train, "_deepspeed_installed", lambda: False)
     if world_size is None:
         monkeypatch.delenv("WORLD_SIZE", raising=False)
     else:

@@ -18,16 +18,14 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .character import resolve_character
-from .config import BUILTIN_DATA, ON_HELD_OUT_LOSS, TrainConfig
-from .data import Record, SystemPrompts, load_records, parse_columns
-from .errors import ConfigError, DataError, ModelError
-from .kernels import apply_liger, label_only_loss, label_only_loss_wrapped
-from .model import apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
-from .packing import PackedDataset, collate
-from .plan import RunPlan, auto_val_count, check_limits, make_plan, read_shape
-from .runcard import (
+from .. import __version__
+from ..character import resolve_character
+from ..config import BUILTIN_DATA, ON_HELD_OUT_LOSS, TrainConfig
+from ..data import Record, SystemPrompts, load_records, parse_columns
+from ..errors import ConfigError, DataError, ModelError
+from ..model import apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
+from ..packing import PackedDataset, collate
+from ..runcard import (
     LOSS_PLOT,
     METRICS,
     RUN_CARD,
@@ -39,8 +37,10 @@ from .runcard import (
     read_run_card,
     write_run_card,
 )
+from ..template import IGNORE_INDEX, encode_record, end_of_turn
+from .kernels import apply_liger, label_only_loss, label_only_loss_wrapped
+from .plan import RunPlan, auto_val_count, check_limits, make_plan, read_shape
 from .rundir import begin_save, check_output_dir, clear_previous_run, find_resume, mark_complete, rotate
-from .template import IGNORE_INDEX, encode_record, end_of_turn
 
 __all__ = [
     "RUN_CARD",
@@ -81,7 +81,7 @@ class Split:
 def split_records(records: list[Record], val_size: float | None, seed: int, allow_small_train: bool = False) -> Split:
     """Seeded held-out split. Train copies of a held-out conversation are dropped so nothing evaluated is trained.
 
-    ``val_size``: a count (>= 1), a fraction (< 1), or None for the default (:func:`chatlora.plan.auto_val_count`:
+    ``val_size``: a count (>= 1), a fraction (< 1), or None for the default (:func:`chatlora.training.plan.auto_val_count`:
     10 %, at most 64, none under 20 records). A split that leaves fewer training records than it holds out is
     refused unless ``allow_small_train``.
     """
@@ -421,8 +421,8 @@ def _trainer_class(label_only: bool, keep_checkpoints: int):
 
     class ChatloraTrainer(Trainer):
         """Counts packed batches' real tokens on the CPU (the stock count syncs the GPU every micro-step) and,
-        with ``label_only``, takes the loss from :func:`chatlora.kernels.label_only_loss` (one process) or
-        :func:`chatlora.kernels.label_only_loss_wrapped` (several)."""
+        with ``label_only``, takes the loss from :func:`chatlora.training.kernels.label_only_loss` (one process) or
+        :func:`chatlora.training.kernels.label_only_loss_wrapped` (several)."""
 
         unsynced_tokens = 0  # this rank's packed tokens since the last log (several processes)
 

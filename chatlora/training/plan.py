@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
-from .errors import ConfigError, ModelError
-from .model import Precision, check_quantize, cpu_bf16_note
-from .packing import pack_rows, plan_batches, plan_steps
-from .template import IGNORE_INDEX
+from ..config import TrainConfig
+from ..errors import ConfigError, ModelError
+from ..model import Precision, check_quantize, cpu_bf16_note
+from ..packing import pack_rows, plan_batches, plan_steps
+from ..template import IGNORE_INDEX
 
 __all__ = [
     "BatchPlan",

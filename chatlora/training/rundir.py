@@ -15,8 +15,8 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from .errors import ModelError
-from .run import COMPLETE, SAVING, checkpoints, is_complete
+from ..errors import ModelError
+from ..run import COMPLETE, SAVING, checkpoints, is_complete
 
 __all__ = [
     "COMPLETE",

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from .data import read_json_file
-from .errors import ConfigError, DataError, FileError
-from .files import check_output_file, temp_file
-from .model import resolve_model
-from .run import open_model, open_run
-from .settings import SamplingConfig
-from .template import encode_prompt, end_of_turn, with_system
+from ..data import read_json_file
+from ..errors import ConfigError, DataError, FileError
+from ..files import check_output_file, temp_file
+from ..model import resolve_model
+from ..run import open_model, open_run
+from ..settings import SamplingConfig
+from ..template import encode_prompt, end_of_turn, with_system
 
 __all__ = [
     "BASE",

@@ -14,7 +14,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .template import IGNORE_INDEX
+from ..template import IGNORE_INDEX
 
 __all__ = ["apply_liger", "label_only_loss", "label_only_loss_wrapped", "supports_label_only_loss"]
 

@@ -29,9 +29,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_SYSTEM_PROMPT, PERSONA_SIZES, PersonaConfig
-from .model import context_length
-from .run import complete_checkpoints, open_run
+from ..config import DEFAULT_SYSTEM_PROMPT, PERSONA_SIZES, PersonaConfig
+from ..model import context_length
+from ..run import complete_checkpoints, open_run
 
 __all__ = [
     "DEFAULT_FORBIDDEN",
@@ -751,11 +751,11 @@ def evaluate_persona(
     phase shows a progress bar (tqdm, on stderr).
 
     Args:
-        chat: A :class:`~chatlora.infer.ChatModel` whose model has the adapter (base = adapter disabled).
+        chat: A :class:`~chatlora.inference.infer.ChatModel` whose model has the adapter (base = adapter disabled).
         records_messages: The evaluated held-out conversations: probe contexts, drift prompts, checkpoint loss.
         cfg: The run's ``persona:`` settings.
-        loss_fn: :func:`chatlora.eval.assistant_loss` (passed in: eval sits above this module).
-        sampling: The eval's greedy :class:`~chatlora.infer.SamplingConfig`; its reply limit is replaced by the
+        loss_fn: :func:`chatlora.eval.command.assistant_loss` (passed in: eval sits above this module).
+        sampling: The eval's greedy :class:`~chatlora.inference.infer.SamplingConfig`; its reply limit is replaced by the
             persona's ``max_new_tokens`` (fitted to the device when unset).
         system_prompt: The run's system prompt (the compiled character card, if any).
         max_length: The run's max_length, for the losses.

@@ -1,4 +1,4 @@
-"""The eval report: an :class:`~chatlora.results.EvalResult` as files (``metrics.json``, ``replies.jsonl``,
+"""The eval report: an :class:`~chatlora.eval.results.EvalResult` as files (``metrics.json``, ``replies.jsonl``,
 ``report.md``, ``report.html``).
 
 The report is a list of sections, each rendered to Markdown and to HTML by the function in :data:`SECTIONS` that

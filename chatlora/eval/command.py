@@ -3,7 +3,7 @@
 By default the records are the run's held-out split, rebuilt from the run card (dataset path, format, columns,
 ``val_indices``), so nothing evaluated was trained on. The base model is the same loaded PEFT model with its
 adapter disabled, so both systems share weights, tokenizer, template and system prompt. :func:`evaluate` runs three
-phases: :func:`select_records`, :func:`measure`, :func:`write_results` (the report itself is :mod:`chatlora.report`).
+phases: :func:`select_records`, :func:`measure`, :func:`write_results` (the report itself is :mod:`chatlora.eval.report`).
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import PersonaConfig, load_config, persona_from
-from .data import Record, load_records, parse_columns
-from .errors import DataError, ModelError
-from .infer import ChatModel, SamplingConfig
-from .packing import collate
+from ..config import PersonaConfig, load_config, persona_from
+from ..data import Record, load_records, parse_columns
+from ..errors import DataError, ModelError
+from ..inference.infer import ChatModel, SamplingConfig
+from ..packing import collate
+from ..run import held_out_records
+from ..runcard import METRICS, added_system_prompt, file_sha256, plot_loss_curve, read_run_card
+from ..settings import EvalConfig
+from ..template import IGNORE_INDEX, encode_conversation, with_system
 from .persona import SYSTEMS
 from .report import write_report
 from .results import LOSS_PNG, EvalResult, LossResult, ReplyMetrics, Significance, Target
-from .run import held_out_records
-from .runcard import METRICS, added_system_prompt, file_sha256, plot_loss_curve, read_run_card
-from .settings import EvalConfig
-from .template import IGNORE_INDEX, encode_conversation, with_system
 
 __all__ = [
     "TARGET_LOSS_RATIO",
@@ -294,7 +294,7 @@ def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:
 
     Args:
         cfg: What to evaluate and where to write (see :class:`EvalConfig`).
-        chat: An already loaded :class:`~chatlora.infer.ChatModel` with the adapter (e.g. right after training);
+        chat: An already loaded :class:`~chatlora.inference.infer.ChatModel` with the adapter (e.g. right after training);
             loaded from ``cfg.adapter`` when None.
 
     Returns:
@@ -398,7 +398,7 @@ def measure_persona(
     result: EvalResult,
     settings: PersonaConfig | None = None,
 ) -> None:
-    """Phase 2b: the persona section (identity probes, drift, retention; :mod:`chatlora.persona`) and its targets,
+    """Phase 2b: the persona section (identity probes, drift, retention; :mod:`chatlora.eval.persona`) and its targets,
     into ``result``. ``settings``: :func:`persona_settings`, read here when not given."""
     from .persona import evaluate_persona, plan_persona
 

@@ -1,0 +1,51 @@
+"""``chatlora eval``: base vs tuned model on held-out conversations. ``command`` selects the records, measures and
+writes; ``persona`` measures the persona section; ``results`` holds what was measured and ``report`` renders it.
+"""
+
+from .command import (
+    TARGET_LOSS_RATIO,
+    TARGET_STOP_RATE,
+    EvalConfig,
+    EvalResult,
+    LossResult,
+    ReplyMetrics,
+    Significance,
+    Target,
+    assistant_loss,
+    bleu,
+    chrf,
+    distinct_n,
+    evaluate,
+    held_out_records,
+    mean_length,
+    measure,
+    paired_bootstrap,
+    reply_metrics,
+    select_records,
+    stop_rate,
+    write_results,
+)
+
+__all__ = [
+    "TARGET_LOSS_RATIO",
+    "TARGET_STOP_RATE",
+    "EvalConfig",
+    "EvalResult",
+    "LossResult",
+    "ReplyMetrics",
+    "Significance",
+    "Target",
+    "assistant_loss",
+    "bleu",
+    "chrf",
+    "distinct_n",
+    "evaluate",
+    "held_out_records",
+    "mean_length",
+    "measure",
+    "paired_bootstrap",
+    "reply_metrics",
+    "select_records",
+    "stop_rate",
+    "write_results",
+]
