@@ -2,50 +2,5 @@
 writes; ``persona`` measures the persona section; ``results`` holds what was measured and ``report`` renders it.
 """
 
-from .command import (
-    TARGET_LOSS_RATIO,
-    TARGET_STOP_RATE,
-    EvalConfig,
-    EvalResult,
-    LossResult,
-    ReplyMetrics,
-    Significance,
-    Target,
-    assistant_loss,
-    bleu,
-    chrf,
-    distinct_n,
-    evaluate,
-    held_out_records,
-    mean_length,
-    measure,
-    paired_bootstrap,
-    reply_metrics,
-    select_records,
-    stop_rate,
-    write_results,
-)
-
-__all__ = [
-    "TARGET_LOSS_RATIO",
-    "TARGET_STOP_RATE",
-    "EvalConfig",
-    "EvalResult",
-    "LossResult",
-    "ReplyMetrics",
-    "Significance",
-    "Target",
-    "assistant_loss",
-    "bleu",
-    "chrf",
-    "distinct_n",
-    "evaluate",
-    "held_out_records",
-    "mean_length",
-    "measure",
-    "paired_bootstrap",
-    "reply_metrics",
-    "select_records",
-    "stop_rate",
-    "write_results",
-]
+from .command import *  # noqa: F403 - the command's API is the package's
+from .command import __all__  # noqa: F401

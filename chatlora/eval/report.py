@@ -13,14 +13,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .results import LOSS_PNG, METRICS_JSON, REPLIES_JSONL, REPORT_HTML, REPORT_MD, EvalResult
+from .results import METRICS_JSON, REPLIES_JSONL, REPORT_HTML, REPORT_MD, EvalResult
 
 __all__ = [
-    "LOSS_PNG",
-    "METRICS_JSON",
-    "REPLIES_JSONL",
-    "REPORT_HTML",
-    "REPORT_MD",
     "SECTIONS",
     "Section",
     "html_report",
