@@ -25,13 +25,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_random(out: Path, device: str) -> None:
-    """Save a Yi-6B-shaped Llama with random bf16 weights and the shipped tokenizer into ``out``."""
+def make_random(out: Path, device: str, adapters: int = 0) -> None:
+    """Save a Yi-6B-shaped Llama with random bf16 weights and the shipped tokenizer into ``out``, and ``adapters``
+    random LoRA adapters for it (rank 8 on chatlora's default targets, non-zero) into ``out``-adapter-1, ..."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
     from train_speed import load_workload, shape_dir
 
+    from chatlora.config import DEFAULT_TARGETS
     from chatlora.model import load_model
 
     _, tokenizer = load_workload()
@@ -40,12 +42,24 @@ def make_random(out: Path, device: str) -> None:
         net = load_model(str(shape), torch.bfloat16, torch.device(device), random_init=True)
     net.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if adapters:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=list(DEFAULT_TARGETS), init_lora_weights=False)
+        for i in range(1, adapters + 1):
+            torch.manual_seed(i)
+            lora = get_peft_model(net, config)
+            where = Path(f"{out}-adapter-{i}")
+            lora.save_pretrained(where)
+            tokenizer.save_pretrained(where)
+            net = lora.unload()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded")
     p.add_argument("--make-random", metavar="DIR", help="only build the random Yi-6B-shaped model into DIR")
+    p.add_argument("--adapters", type=int, default=0, help="with --make-random: also N random adapters, DIR-adapter-i")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="the base's dtype, as `chatlora generate --dtype` (default: auto)")
     p.add_argument("--prompts", type=int, default=256)
@@ -55,7 +69,7 @@ def main() -> int:
     args = p.parse_args()
     if args.make_random:
         started = time.perf_counter()
-        make_random(Path(args.make_random), "cuda" if args.device == "auto" else args.device)
+        make_random(Path(args.make_random), "cuda" if args.device == "auto" else args.device, args.adapters)
         print(f"saved a random Yi-6B-shaped model to {args.make_random} in {time.perf_counter() - started:.0f}s")
         return 0
 

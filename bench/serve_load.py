@@ -90,12 +90,12 @@ async def one_client(client: httpx.AsyncClient, url: str, body: dict, deadline: 
 
 
 async def run_load(
-    url: str, model: str, clients: int, duration: float, grace: float, max_tokens: int, api_key: str | None
+    url: str, models: list[str], clients: int, duration: float, grace: float, max_tokens: int, api_key: str | None
 ) -> Stats:
+    """``clients`` clients, client i asking ``models[i % len(models)]``."""
     stats = Stats()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {
-        "model": model,
         "messages": [{"role": "user", "content": "Tell me a short fact about the sea."}],
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -106,7 +106,10 @@ async def run_load(
     timeout = httpx.Timeout(connect=10, read=600, write=10, pool=10)
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
         deadline = time.monotonic() + duration
-        tasks = [asyncio.create_task(one_client(client, url, body, deadline, stats)) for _ in range(clients)]
+        tasks = [
+            asyncio.create_task(one_client(client, url, {**body, "model": models[i % len(models)]}, deadline, stats))
+            for i in range(clients)
+        ]
         _, pending = await asyncio.wait(tasks, timeout=duration + grace)
         stats.cut = len(pending)
         for task in pending:
@@ -148,11 +151,13 @@ def measure(args, url: str | None, serve_flags: str) -> tuple[list[tuple[str, st
     try:
         wait_healthy(url, proc)
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        model = args.model or httpx.get(url + "/v1/models", headers=headers).json()["data"][-1]["id"]
-        print(f"{args.clients} streaming clients for {args.duration:.0f}s against {url} model={model}", flush=True)
+        models = args.model.split(",") if args.model else []
+        if not models:
+            models = [httpx.get(url + "/v1/models", headers=headers).json()["data"][-1]["id"]]
+        print(f"{args.clients} streaming clients for {args.duration:.0f}s against {url} models={models}", flush=True)
         started = time.monotonic()
         stats = asyncio.run(
-            run_load(url, model, args.clients, args.duration, args.grace, args.max_tokens, args.api_key)
+            run_load(url, models, args.clients, args.duration, args.grace, args.max_tokens, args.api_key)
         )
         wall = time.monotonic() - started
         alive = proc is None or proc.poll() is None
@@ -193,7 +198,12 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=45, help="seconds during which clients start new requests")
     p.add_argument("--grace", type=float, default=15, help="then seconds to finish; later ones are hung up on")
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--model", default=None, help="model id to ask (default: the last one /v1/models lists)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model id to ask, or A,B,...: client i asks the i-th modulo their number (default: the last one "
+        "/v1/models lists)",
+    )
     p.add_argument("--api-key", default=os.environ.get("CHATLORA_API_KEY"))
     args = p.parse_args()
     if args.max_batch and args.url:

@@ -1,9 +1,10 @@
 """Serve: an OpenAI-compatible chat API and a web chat page over one base model with several LoRA adapters.
 
-One base model is loaded once; each adapter is loaded into it under its own name. Requests are batched dynamically
-(:class:`~chatlora.inference.infer.Batcher`): while a batch runs, new requests wait, and the next batch takes all that wait,
-up to ``max_batch``; requests for different adapters and the base share a batch (PEFT's ``adapter_names=``), each
-with its own sampling settings, seed, reply limit and stop strings, streamed and cancelled on its own. At most
+One base model is loaded once; each adapter is loaded into it under its own name. Requests are batched
+continuously (:class:`~chatlora.inference.engine.Engine`, in its own thread): a request joins the running rows at the
+next token boundary, up to ``max_batch`` of them, and leaves as soon as its reply ends; requests for different
+adapters and the base share the batch, each with its own sampling settings, seed, reply limit and stop strings,
+streamed and cancelled on its own. At most
 ``max_batch + max_queue`` requests are admitted; later ones get 503 with ``Retry-After``. Prompts go through
 :meth:`ChatModel.prompt_ids`, i.e. the training template, so served prompts are token-exact with training.
 

@@ -1,5 +1,5 @@
 """The app: its routes (``/v1/models``, ``/v1/chat/completions``, ``/health``, the page at ``/``), admission in front
-of the batcher, streaming, and :func:`run`, which loads the models and serves them with uvicorn."""
+of the engine, streaming, and :func:`run`, which loads the models and serves them with uvicorn."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..inference.infer import Batcher, Reply, Row
+from ..inference.engine import Engine
+from ..inference.infer import Reply, Row
 from ..settings import ServeConfig
 from .guards import LOCAL_HOSTS, _add_guards, _bind, _server_config
 from .models import ModelSet, load_models
@@ -41,9 +42,9 @@ STREAM_INTERVAL_S = 0.05  # a stream's deltas go out at most this often (20 per 
 
 
 class Admission:
-    """Bounded admission in front of the batcher: ``max_batch`` running plus ``max_queue`` waiting; past that, 503.
+    """Bounded admission in front of the engine: ``max_batch`` running plus ``max_queue`` waiting; past that, 503.
 
-    Counts for ``/health``, tests and logs. ``gate`` is the batcher's: held while a batch runs.
+    Counts for ``/health``, tests and logs. ``gate`` is the engine's: held while it works on the model.
     """
 
     def __init__(self, max_queue: int, max_batch: int, gate: threading.Lock) -> None:
@@ -141,12 +142,12 @@ def _add_chat_route(
     app: FastAPI,
     models: ModelSet,
     admission: Admission,
-    batcher: Batcher,
+    engine: Engine,
     default_max_tokens: int,
     max_messages: int,
     log_prompts: bool,
 ) -> None:
-    """``/v1/chat/completions``: validate, admit (or 503), hand the row to the batcher, answer or stream."""
+    """``/v1/chat/completions``: validate, admit (or 503), hand the row to the engine, answer or stream."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -171,7 +172,7 @@ def _add_chat_route(
             )
         try:
             job = _Job(req, admission)
-            batcher.submit(job.row())
+            engine.submit(job.row())
         except BaseException:
             admission.leave()
             raise
@@ -208,7 +209,7 @@ def create_app(models: ModelSet, config: ServeConfig | None = None, **settings: 
             says only ``{"status": "ok"}``. Without one, ``Host`` must be an IP address, localhost or in
             ``allowed_hosts``, and a browser's ``Origin`` must be the server's own or match ``allowed_origins``.
             ``max_queue``: requests that may wait beyond a full batch; more get 503 with ``Retry-After``.
-            ``max_batch``: requests generated together (dynamic batching, :class:`~chatlora.inference.infer.Batcher`); 1: one
+            ``max_batch``: requests generated together (continuous batching, :class:`~chatlora.inference.engine.Engine`); 1: one
             at a time; None: 64 on a GPU, 8 elsewhere.
             ``log_prompts``: also log the request's messages (off by default: prompts may be private).
             ``default_max_tokens``: reply length limit for requests that give no ``max_tokens``.
@@ -221,13 +222,14 @@ def create_app(models: ModelSet, config: ServeConfig | None = None, **settings: 
     # generate's default batch, which depends on the device
     max_batch = cfg.max_batch if cfg.max_batch is not None else first.batch_size
     app = FastAPI(title="chatlora", docs_url=None, redoc_url=None, openapi_url=None)
-    batcher = Batcher(first.model, first.tokenizer.pad_token_id, max_batch)
-    admission = Admission(cfg.max_queue, max_batch, batcher.gate)
-    app.state.models, app.state.admission, app.state.batcher = models, admission, batcher
+    engine = first.engine
+    engine.max_batch = max_batch
+    admission = Admission(cfg.max_queue, max_batch, engine.gate)
+    app.state.models, app.state.admission, app.state.engine = models, admission, engine
     key = cfg.api_key.encode() if cfg.api_key else None
     _add_error_handlers(app)
     _add_info_routes(app, models, admission, public=key is None)
-    _add_chat_route(app, models, admission, batcher, cfg.default_max_tokens, cfg.max_messages, cfg.log_prompts)
+    _add_chat_route(app, models, admission, engine, cfg.default_max_tokens, cfg.max_messages, cfg.log_prompts)
     _add_guards(app, key, cfg.allowed_hosts, cfg.allowed_origins, cfg.max_body_bytes)
     return app
 
@@ -236,7 +238,7 @@ def create_app(models: ModelSet, config: ServeConfig | None = None, **settings: 
 
 
 class _Job:
-    """One admitted request on its way through the batcher: its events arrive on an asyncio queue.
+    """One admitted request on its way through the engine: its events arrive on an asyncio queue.
 
     Events: ``("delta", text)``, then ``("done", Reply)`` or ``("error", exception)``. The admission slot is given back
     exactly once, when the row finishes, fails or is cancelled (``cancel`` set: the client left).
@@ -314,7 +316,7 @@ async def _complete(job: _Job, request: Request) -> dict:
                 kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    job.cancel.set()  # the batcher ends the row at its next token and frees the slot
+                    job.cancel.set()  # the engine ends the row at its next token and frees the slot
                 continue
             if kind == "error":
                 raise _generation_failed(value)

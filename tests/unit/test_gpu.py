@@ -147,3 +147,47 @@ def test_liger_kernels_are_applied_and_match_the_eager_losses(tmp_path, eager_bf
     assert result.run_card["plan"]["liger"]
     assert any(m._get_name().startswith("Liger") for m in result.model.modules())
     assert _losses(result.output_dir) == pytest.approx(_losses(eager_bf16[0].output_dir), abs=0.02)
+
+
+def test_engine_graphs_decode_like_eager_steps_with_mixed_adapters(tmp_path):
+    """Bug: a captured decode step replayed stale inputs (a buffer re-allocated after the capture, a write column or
+    an adapter mask baked in), or every capture failed and the engine fell back to eager steps unnoticed. In fp32 the
+    graph and eager paths agree token for token, with rows joining and leaving, two adapters and the base."""
+    from peft import PeftModel
+    from serving import make_adapter
+    from transformers import AutoModelForCausalLM
+
+    from chatlora.inference.infer import BASE, ChatModel, SamplingConfig
+    from chatlora.model import load_tokenizer
+
+    base_dir = make_model_dir(tmp_path / "model")
+    dirs = {name: make_adapter(base_dir, tmp_path / name, seed) for name, seed in (("alpha", 1), ("beta", 2))}
+    net = AutoModelForCausalLM.from_pretrained(str(base_dir)).cuda()
+    net = PeftModel.from_pretrained(net, str(dirs["alpha"]), adapter_name="alpha")
+    net.load_adapter(str(dirs["beta"]), adapter_name="beta")
+    tok = load_tokenizer(str(base_dir))
+    tok.padding_side = "left"
+    views = [
+        ChatModel(net, tok, None, name, adapter=a)
+        for name, a in (("base", BASE), ("alpha", "alpha"), ("beta", "beta"))
+    ]
+    engine = views[0].engine
+    assert engine.graphs, "CUDA graphs should be on by default on CUDA"
+    prompts = ["hi", "hello there, how are you today? " * 3, "a b c d e", "f"] * 3
+
+    def replies(graphs: bool) -> list[list[int]]:
+        engine.graphs = graphs
+        rows = [
+            views[i % 3].row(
+                views[i % 3].prompt_ids([{"role": "user", "content": p}]),
+                SamplingConfig(max_new_tokens=4 + 3 * (i % 4), temperature=0),
+            )
+            for i, p in enumerate(prompts)
+        ]
+        views[0].run(rows, batch_size=4)
+        return [r._tokens for r in rows]
+
+    eager = replies(False)
+    graphed = replies(True)
+    assert engine._graph_set, "the decode steps should have been captured (a failed capture falls back to eager)"
+    assert graphed == eager

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("model", frozenset({"model", "packing"})),  # packing: the one collator, of training and of eval's loss
     ("run", frozenset({"run"})),  # open a trained run: card, tokenizer, base + adapter, held-out split, checkpoints
     ("train side", frozenset({"training"})),  # train, plan, kernels, rundir
-    ("inference side", frozenset({"inference"})),  # infer, chat
+    ("inference side", frozenset({"inference"})),  # engine, infer, chat
     ("commands", frozenset({"merge", "eval", "serve", "export", "show"})),
     ("cli", frozenset({"cli", "quickstart", "__main__"})),  # quickstart: train, eval and chat in a row
 ]
