@@ -485,3 +485,19 @@ def test_drift_turn_encodes_its_new_tokens_not_the_whole_conversation(chats):
     assert max(kept[1:]) <= longest_user + template + 1, (kept, whole)
     assert max(whole) > longest_user + template + 1  # the counter sees the growth
     assert all("\ufffd" not in r["reply"] for r in rows)
+
+
+def test_a_captured_step_must_match_the_eager_one_to_be_used():
+    """Guards against a CUDA graph that computes something else (a stale buffer, a cache write at the wrong column)
+    answering requests: the engine compares its first replay with the eager step and decodes eagerly when they
+    differ. Same top tokens and values within rounding pass; another top token or a far-off value does not."""
+    import torch
+
+    from chatlora.inference.engine import _same_step
+
+    eager = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.5, 0.2]])
+    assert _same_step(eager, eager + 1e-4)
+    assert not _same_step(eager, eager.flip(-1))  # another top token
+    off = eager.clone()
+    off[1, 2] = 2.9  # same top token, one value far off
+    assert not _same_step(eager, off)
