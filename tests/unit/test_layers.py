@@ -269,7 +269,7 @@ def test_chat_and_merge_run_without_the_trainer(tiny_model_dir, tmp_path):
     load_tokenizer(str(tiny_model_dir)).save_pretrained(adapter)
     code = (
         "import json, sys\n"
-        "from chatlora.infer import ChatModel, SamplingConfig\n"
+        "from chatlora.inference.infer import ChatModel, SamplingConfig\n"
         "from chatlora.merge import merge\n"
         f"chat = ChatModel.load({str(adapter)!r}, device='cpu')\n"
         "reply = chat.generate([{'role': 'user', 'content': 'hi'}], SamplingConfig(max_new_tokens=2, temperature=0))\n"
