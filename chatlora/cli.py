@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import TrainConfig, data_system_prompt, field_type, load_config
+from .config import TrainConfig, field_type, load_config
 from .errors import ChatloraError, CliError
 
 EXIT_USAGE = 2
@@ -158,20 +158,10 @@ def _load_chat(args: argparse.Namespace):
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .data import describe, load_records, parse_columns
+    from .show import check_data
 
-    records = load_records(args.path, args.format, parse_columns(args.columns))
-    stats = describe(records)
-    warnings: list[str] = []
-    if not args.no_tokenize:
-        from .model import load_tokenizer, resolve_model
-        from .template import control_token_warnings, token_length_stats
-
-        tokenizer = load_tokenizer(resolve_model(args.model))
-        messages = [r.messages for r in records]
-        added = data_system_prompt(args.path, args.system_prompt)
-        stats["tokens"] = token_length_stats(messages, tokenizer, added, args.max_length)
-        warnings = control_token_warnings(records, tokenizer, args.path)
+    model = None if args.no_tokenize else args.model
+    stats, warnings = check_data(args.path, args.format, args.columns, model, args.system_prompt, args.max_length)
     if args.json:
         print(json.dumps({**stats, "warnings": warnings}, ensure_ascii=False, indent=2))
         return 0
@@ -415,6 +405,30 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def cmd_studio(args: argparse.Namespace) -> int:
+    try:
+        from .studio import run
+    except ModuleNotFoundError as e:
+        raise CliError(
+            f"the studio needs the serve extra ({e.name} is missing): pip install 'chatlora[serve]'"
+        ) from None
+
+    if not args.max_upload_mb > 0:
+        raise CliError("--max-upload-mb must be > 0")
+    origins = args.allowed_origins if args.allowed_origins is not None else os.environ.get("CHATLORA_ORIGINS", "")
+    run(
+        runs=args.runs,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("CHATLORA_API_KEY"),
+        model_roots=args.models,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        allowed_hosts=_names(args.allowed_hosts),
+        allowed_origins=_names(origins),
+    )
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -578,6 +592,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting(limits, ServeConfig, "allowed_hosts", default="", metavar="A,B", shown="none")
     _add_setting(limits, ServeConfig, "allowed_origins", default=None, metavar="A,B")
     sv.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("studio", help="a local web app: upload, preview, plan, train live, eval, chat, export")
+    st.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    st.add_argument("--port", type=int, default=7860, help="(default: 7860)")
+    st.add_argument("--runs", default="runs/studio", help="folder of the studio's runs (default: runs/studio)")
+    st.add_argument(
+        "--models",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder whose models (dirs, .gguf) the page may name, repeatable (default: only under --runs)",
+    )
+    st.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /api (env CHATLORA_API_KEY)"
+    )
+    st.add_argument("--max-upload-mb", type=float, default=64, help="larger uploads get 413 (default: 64)")
+    st.add_argument(
+        "--allowed-hosts", default="", metavar="A,B", help="Host names accepted besides IPs and localhost ('*': any)"
+    )
+    st.add_argument(
+        "--allowed-origins",
+        default=None,
+        metavar="A,B",
+        help="browser origins allowed besides the page's own (env CHATLORA_ORIGINS)",
+    )
+    st.set_defaults(func=cmd_studio)
     return parser
 
 

@@ -9,14 +9,38 @@ what ``train`` would feed the model with the same options.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from .config import TrainConfig
-from .data import load_records, parse_columns
+from .config import TrainConfig, data_system_prompt
+from .data import describe, load_records, parse_columns
 from .errors import ConfigError
 from .model import load_tokenizer, resolve_model
-from .template import IGNORE_INDEX, control_ids, encode_record
+from .template import IGNORE_INDEX, control_ids, control_token_warnings, encode_record, token_length_stats
 
-__all__ = ["ShownToken", "ShownRecord", "show_records", "format_record", "legend"]
+__all__ = ["ShownToken", "ShownRecord", "check_data", "show_records", "format_record", "legend"]
+
+
+def check_data(
+    path: str | Path,
+    format: str = "auto",
+    columns: str | None = None,
+    model: str | None = "embedded",
+    system_prompt: str | None = None,
+    max_length: int = 384,
+) -> tuple[dict[str, Any], list[str]]:
+    """``chatlora data check``: the dataset's statistics and warnings; raises DataError naming each bad line.
+
+    ``model``: whose tokenizer counts tokens and finds forged control tokens (None: no tokenizing, no warnings).
+    """
+    records = load_records(path, format, parse_columns(columns))
+    stats = describe(records)
+    if model is None:
+        return stats, []
+    tokenizer = load_tokenizer(resolve_model(model))
+    added = data_system_prompt(path, system_prompt)
+    stats["tokens"] = token_length_stats([r.messages for r in records], tokenizer, added, max_length)
+    return stats, control_token_warnings(records, tokenizer, str(path))
 
 
 @dataclass(frozen=True)

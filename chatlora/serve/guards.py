@@ -77,13 +77,14 @@ class _AccessLog:
 
 
 class _Auth:
-    """ASGI middleware: every ``/v1/*`` call needs ``Authorization: Bearer KEY`` (constant-time compare)."""
+    """ASGI middleware: every call under ``prefix`` (``/v1/``) needs ``Authorization: Bearer KEY`` (constant-time
+    compare)."""
 
-    def __init__(self, app, key: bytes) -> None:
-        self.app, self.key = app, key
+    def __init__(self, app, key: bytes, prefix: str = "/v1/") -> None:
+        self.app, self.key, self.prefix = app, key, prefix
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
@@ -100,7 +101,8 @@ class _Auth:
 
 
 class _Guard:
-    """ASGI middleware in front of the app: the body size cap (413), JSON-only POSTs (415) and, when ``hosts`` /
+    """ASGI middleware in front of the app: the body size cap (413), POSTs of ``media_types`` only (JSON: 415 for
+    others) and, when ``hosts`` /
     ``origins`` are given, the ``Host`` and ``Origin`` checks (403) that stop DNS rebinding and cross-site requests.
 
     ``hosts``: names accepted besides IP addresses (a rebinding page needs a domain name, never an IP literal);
@@ -108,8 +110,16 @@ class _Guard:
     origin; ``None`` accepts any. A request without ``Origin`` (any non-browser client) passes.
     """
 
-    def __init__(self, app, max_body_bytes: int, hosts: set[str] | None, origins: list[str] | None) -> None:
+    def __init__(
+        self,
+        app,
+        max_body_bytes: int,
+        hosts: set[str] | None,
+        origins: list[str] | None,
+        media_types: Sequence[str] = ("application/json",),
+    ) -> None:
         self.app, self.max_body_bytes, self.hosts, self.origins = app, max_body_bytes, hosts, origins
+        self.media_types = tuple(media_types)
 
     def _host_ok(self, host: str | None) -> bool:
         if self.hosts is None or host is None:
@@ -151,10 +161,12 @@ class _Guard:
                 kind="permission_error",
             )
         media = headers.get("content-type", "").partition(";")[0].strip().lower()
-        if scope["method"] == "POST" and media != "application/json":
+        if scope["method"] == "POST" and media not in self.media_types:
+            wanted = " or ".join(f"'Content-Type: {m}'" for m in self.media_types)
             return ApiError(
                 415,
-                f"send the body as JSON with 'Content-Type: application/json' (got {media or 'none'!r})",
+                f"send the body {'as JSON ' if self.media_types == ('application/json',) else ''}with {wanted} "
+                f"(got {media or 'none'!r})",
                 None,
                 "unsupported_media_type",
             )
@@ -201,10 +213,13 @@ def _add_guards(
     allowed_hosts: Sequence[str],
     allowed_origins: Sequence[str],
     max_body_bytes: int,
+    api_prefix: str = "/v1/",
+    media_types: Sequence[str] = ("application/json",),
 ) -> None:
-    """The middleware stack, innermost first: API key, CORS, Host/Origin/size guard, access log."""
+    """The middleware stack, innermost first: API key (on paths under ``api_prefix``), CORS, Host/Origin/size guard
+    (POST bodies of ``media_types``), access log."""
     if key is not None:
-        app.add_middleware(_Auth, key=key)
+        app.add_middleware(_Auth, key=key, prefix=api_prefix)
     origins = [o for o in allowed_origins if o]
     if origins:  # outside _Auth: a browser's preflight carries no key
         if "*" in origins:
@@ -219,6 +234,7 @@ def _add_guards(
         max_body_bytes=max_body_bytes,
         hosts=hosts,
         origins=None if key is not None or "*" in origins else origins,
+        media_types=media_types,
     )
     app.add_middleware(_AccessLog)  # outermost: refusals and 401s are logged too
 

@@ -213,6 +213,7 @@ def _trainer_callback(metrics_path: Path):
                 {
                     "event": "begin",
                     "step": state.global_step,
+                    "max_steps": state.max_steps,  # what a live view (the studio) shows progress against
                     "time": round(self.last[0], 3),
                     "tokens_seen": state.num_input_tokens_seen,
                 }

@@ -32,7 +32,8 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
     ("train side", frozenset({"training"})),  # train, plan, kernels, rundir
     ("inference side", frozenset({"inference"})),  # engine, infer, chat
     ("commands", frozenset({"merge", "eval", "serve", "export", "show"})),
-    ("cli", frozenset({"cli", "quickstart", "__main__"})),  # quickstart: train, eval and chat in a row
+    ("cli", frozenset({"cli", "quickstart", "studio", "__main__"})),  # quickstart: train, eval and chat in a row;
+    # studio: every command behind a web page
 ]
 SIDES = ("train side", "inference side")
 LAYER = {name: layer for layer, names in LAYERS for name in names}
