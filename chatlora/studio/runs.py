@@ -242,6 +242,19 @@ def _alive(job: Job) -> bool:
     return job.pid is not None and job.pid_start is not None and _proc_start(job.pid) == job.pid_start
 
 
+def _wait_group(pid: int) -> None:
+    """Until no process of the group ``pid`` is left (SIGKILL after the grace time): the device is free then."""
+    deadline = time.monotonic() + TERMINATE_GRACE_S
+    while True:
+        try:
+            os.killpg(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.monotonic() > deadline:
+            _signal_group(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)  # the step's shell leads its own session: its group is its pid
@@ -556,6 +569,7 @@ class RunsManager:
 
     def _wait(self, run: Run, job: Job, proc: subprocess.Popen) -> None:
         proc.wait()
+        _wait_group(proc.pid)  # the step's shell is gone; its chatlora process may still be on its way out
         self._finished(run, job)
 
     def _watch(self, run: Run, job: Job) -> None:
