@@ -138,6 +138,27 @@ def plan(manager: RunsManager, data: Upload, card: Upload | None, options: Any) 
         }
 
 
+# The recipes of configs/ offered as presets (found beside the package in a source checkout): their options without
+# the files and the Huanhuan persona they name (a studio run brings its own data and card).
+PRESETS = {"quickstart CPU recipe": "quickstart-cpu.yaml", "Yi-6B-Chat recipe": "yi-6b-chat-huanhuan.yaml"}
+PRESET_DROPS = ("data", "output_dir", "system_prompt", "character", "persona")
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """``{name: options}`` of the shipped recipes, and QLoRA (the Yi recipe with its base in 4 bits)."""
+    import yaml
+
+    folder = Path(__file__).resolve().parents[2] / "configs"
+    out: dict[str, dict[str, Any]] = {}
+    for name, file in PRESETS.items():
+        if (folder / file).is_file():
+            loaded = yaml.safe_load((folder / file).read_text(encoding="utf-8")) or {}
+            out[name] = {k: v for k, v in loaded.items() if k not in PRESET_DROPS}
+    if "Yi-6B-Chat recipe" in out:
+        out["QLoRA (Yi recipe, 4-bit base, GPU)"] = {**out["Yi-6B-Chat recipe"], "quantize": "4bit"}
+    return out
+
+
 def train_options() -> list[dict[str, Any]]:
     """train's options as the page offers them: name, type, default and help (the flags' own)."""
     out = []
@@ -318,7 +339,12 @@ def _add_run_routes(app: FastAPI, manager: RunsManager) -> None:
     async def info():
         from ..export import QUANTS
 
-        return {"runs": str(manager.root), "train_options": train_options(), "quants": list(QUANTS)}
+        return {
+            "runs": str(manager.root),
+            "train_options": train_options(),
+            "presets": presets(),
+            "quants": list(QUANTS),
+        }
 
     @app.post("/api/preview")
     async def post_preview(request: Request):
