@@ -79,7 +79,7 @@ def page(studio):
         )
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.set_default_timeout(600_000)
+            page.set_default_timeout(1_200_000)  # eval and export on a shared 2-core CPU
             yield page
         finally:
             browser.close()
@@ -156,6 +156,7 @@ def test_studio_page_walks_the_whole_loop(studio, page, tmp_path):
 
     # 4. judge: the eval report, persona section included
     page.fill("#eval-samples", "3")
+    page.fill("#eval-tokens", "24")
     page.click("#eval-btn")
     page.wait_for_selector("#targets tr")
     assert page.frame_locator("iframe").locator("text=Persona").first.is_visible()

@@ -240,6 +240,7 @@ function link(url, text) {
 async function evaluate() {
   const opts = {persona: $("eval-persona").checked};
   if ($("eval-samples").value) opts.max_samples = Number($("eval-samples").value);
+  if ($("eval-tokens").value) opts.max_new_tokens = Number($("eval-tokens").value);
   delete $("eval-result").dataset.shown;
   $("eval-result").replaceChildren();
   await api(`/api/runs/${current}/eval`, {json: opts});
