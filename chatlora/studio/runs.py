@@ -518,6 +518,21 @@ class RunsManager:
         timer.daemon = True
         timer.start()
 
+    def cancel_all(self) -> None:
+        """Cancel every queued or running step (steps otherwise outlive the studio: a test's studio ends its own)."""
+        with self._lock:
+            pending = [(r, k) for r in self.runs.values() for k, j in r.jobs.items() if j.state not in FINAL]
+        for run, kind in pending:
+            try:
+                self.cancel(run, kind)
+            except RunStateError:
+                pass  # it ended meanwhile
+        deadline = time.monotonic() + TERMINATE_GRACE_S + 5
+        while time.monotonic() < deadline and any(
+            j.state not in FINAL for r in self.runs.values() for j in r.jobs.values()
+        ):
+            time.sleep(0.1)
+
     def _need_adapter(self, run: Run) -> None:
         if run.state != "done":
             raise RunStateError(f"run {run.id} is {run.state}: its adapter is written when training is done")

@@ -66,6 +66,7 @@ def studio(tmp_path_factory):
     manager = RunsManager(tmp_path_factory.mktemp("studio-runs"))
     with BackgroundServer(create_app(manager)) as srv:
         yield srv
+    manager.cancel_all()  # its steps would outlive it
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,7 @@ def studio(runs, tiny_model_dir):
     with BackgroundServer(create_app(manager, max_upload_bytes=64 * 2**10)) as srv:
         srv.manager = manager
         yield srv
+    manager.cancel_all()  # its steps would outlive it
 
 
 def options(model_dir: Path, **extra) -> dict:
@@ -285,9 +286,12 @@ def test_restarted_studio_lists_interrupted_run_as_resumable(runs, tiny_model_di
     assert status["state"] == "interrupted" and status["resumable"] is True and status["step"] >= 1
     manager.resume(manager.get(run_id))
     deadline = time.monotonic() + WAIT_S
-    while manager.get(run_id).state in ("queued", "running"):
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    try:
+        while manager.get(run_id).state in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        manager.cancel_all()
     status = manager.status(manager.get(run_id))
     assert status["state"] == "done", (runs / run_id / "train.log").read_text()[-3000:]
     assert status["step"] == 16
