@@ -420,7 +420,7 @@ def cmd_studio(args: argparse.Namespace) -> int:
         runs=args.runs,
         host=args.host,
         port=args.port,
-        api_key=args.api_key or os.environ.get("CHATLORA_API_KEY"),
+        api_key=args.api_key,
         model_roots=args.models,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         allowed_hosts=_names(args.allowed_hosts),

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import threading
 import zipfile
@@ -484,8 +485,11 @@ def run(
     allowed_hosts: Sequence[str] = (),
     allowed_origins: Sequence[str] = (),
 ) -> None:
-    """Serve the studio with uvicorn until interrupted; runs in progress go on (a restarted studio adopts them)."""
+    """Serve the studio with uvicorn until interrupted; runs in progress go on (a restarted studio adopts them).
+    Without an ``api_key``, the environment's ``CHATLORA_API_KEY`` is the key."""
     import uvicorn
+
+    api_key = api_key or os.environ.get("CHATLORA_API_KEY") or None
 
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"--port must be between 1 and 65535, got {port}")

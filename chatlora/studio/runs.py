@@ -34,9 +34,9 @@ import yaml
 
 from ..config import TrainConfig, load_config
 from ..errors import ChatloraError, ConfigError, DataError
-from ..eval import EvalConfig
 from ..export import QUANTS
 from ..rundir import checkpoints, is_complete
+from ..settings import EvalConfig
 
 __all__ = ["FINAL", "STATES", "Job", "Run", "RunStateError", "RunsManager", "Upload", "device_key"]
 
