@@ -35,7 +35,7 @@ import yaml
 from ..config import TrainConfig, load_config
 from ..errors import ChatloraError, ConfigError, DataError
 from ..export import QUANTS
-from ..rundir import checkpoints, is_complete
+from ..run import complete_checkpoints
 from ..settings import EvalConfig
 
 __all__ = ["FINAL", "STATES", "Job", "Run", "RunStateError", "RunsManager", "Upload", "device_key"]
@@ -153,9 +153,7 @@ class Run:
     @property
     def resumable(self) -> bool:
         """Stopped before its end with a complete checkpoint to go on from."""
-        return self.state in ("interrupted", "failed", "cancelled") and any(
-            is_complete(p) for _, p in checkpoints(self.adapter)
-        )
+        return self.state in ("interrupted", "failed", "cancelled") and bool(complete_checkpoints(self.adapter))
 
     def save(self) -> None:
         data = {
