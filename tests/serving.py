@@ -1,7 +1,9 @@
-"""Test helpers for the server: a live uvicorn in a background thread, and random LoRA adapters like a run's."""
+"""Test helpers for the server: a live uvicorn in a background thread, random LoRA adapters like a run's, and a
+headless browser page."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -67,3 +69,24 @@ class BackgroundServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@contextlib.contextmanager
+def browser_page(timeout_ms: int = 60_000, **page_options):
+    """A page in Debian's headless Chromium driven by Playwright, closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page(**page_options)
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            browser.close()

@@ -391,25 +391,8 @@ def _add_run_routes(app: FastAPI, manager: RunsManager) -> None:
         await _call(manager.resume, run)
         return await run_in_threadpool(manager.status, run)
 
-    @app.post("/api/runs/{run_id}/eval", status_code=202)
-    async def start_eval(run_id: str, request: Request):
-        run = _run_or_404(manager, run_id)
-        await _call(manager.evaluate, run, await _json(request))
-        return eval_result(run)
-
-    @app.get("/api/runs/{run_id}/eval")
-    async def get_eval(run_id: str):
-        return await run_in_threadpool(eval_result, _run_or_404(manager, run_id))
-
-    @app.post("/api/runs/{run_id}/export", status_code=202)
-    async def start_export(run_id: str, request: Request):
-        run = _run_or_404(manager, run_id)
-        await _call(manager.export, run, await _json(request))
-        return export_result(run)
-
-    @app.get("/api/runs/{run_id}/export")
-    async def get_export(run_id: str):
-        return await run_in_threadpool(export_result, _run_or_404(manager, run_id))
+    _add_step_routes(app, manager, "eval", manager.evaluate, eval_result)
+    _add_step_routes(app, manager, "export", manager.export, export_result)
 
     @app.get("/api/runs/{run_id}/log")
     async def get_log(run_id: str, step: str = "train"):
@@ -435,6 +418,20 @@ def _add_run_routes(app: FastAPI, manager: RunsManager) -> None:
         if not path.is_relative_to(folder) or not path.is_file():
             raise ApiError(404, f"no file {rel[:80]!r} in run {run.id}", None, "not_found")
         return FileResponse(path)
+
+
+def _add_step_routes(app: FastAPI, manager: RunsManager, step: str, start: Callable, result: Callable) -> None:
+    """``POST /api/runs/{id}/STEP`` (JSON options) queues the step: 202; ``GET`` answers its state and results."""
+
+    @app.post(f"/api/runs/{{run_id}}/{step}", status_code=202, name=f"start_{step}")
+    async def start_step(run_id: str, request: Request):
+        run = _run_or_404(manager, run_id)
+        await _call(start, run, await _json(request))
+        return result(run)
+
+    @app.get(f"/api/runs/{{run_id}}/{step}", name=f"get_{step}")
+    async def get_step(run_id: str):
+        return await run_in_threadpool(result, _run_or_404(manager, run_id))
 
 
 def _read_log(path: Path, limit: int = 256 * 2**10) -> str:

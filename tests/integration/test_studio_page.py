@@ -15,11 +15,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("playwright")
 pytest.importorskip("multipart")
 
-from serving import BackgroundServer  # noqa: E402
+from serving import CHROMIUM, BackgroundServer, browser_page  # noqa: E402
 
 from chatlora.studio import RunsManager, create_app  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "docs" / "studio"
 pytestmark = [
@@ -71,19 +70,9 @@ def studio(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(studio):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.set_default_timeout(1_200_000)  # eval and export on a shared 2-core CPU
-            yield page
-        finally:
-            browser.close()
+    # eval and export on a shared 2-core CPU take minutes
+    with browser_page(timeout_ms=1_200_000, viewport={"width": 1100, "height": 900}) as page:
+        yield page
 
 
 def shot(page, selector: str, name: str) -> None:

@@ -10,11 +10,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("playwright")
 httpx = pytest.importorskip("httpx")
 
-from serving import BackgroundServer  # noqa: E402
+from serving import CHROMIUM, BackgroundServer, browser_page  # noqa: E402
 
 from chatlora.serve import create_app, load_models  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
 pytestmark = [
     pytest.mark.integration,  # drives a real browser: not part of the fast tier
     pytest.mark.skipif(
@@ -34,19 +33,8 @@ def server(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(60_000)
-            yield page
-        finally:
-            browser.close()
+    with browser_page() as page:
+        yield page
 
 
 def test_page_chats_with_streamed_reply_and_clears(server, page):
