@@ -77,7 +77,11 @@ def page(studio):
 
 def shot(page, selector: str, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.locator(selector).screenshot(path=str(SHOTS / f"{name}.png"))
+    from PIL import Image
+
+    path = SHOTS / f"{name}.png"
+    page.locator(selector).screenshot(path=str(path))
+    Image.open(path).convert("RGB").quantize(64).save(path, optimize=True)  # a small file for the repository
 
 
 def test_studio_page_walks_the_whole_loop(studio, page, tmp_path):
