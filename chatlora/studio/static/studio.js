@@ -255,7 +255,8 @@ async function showEval() {
     return;
   }
   const m = res.metrics;
-  const rows = (m.targets || []).map((t) => el("tr", {}, el("td", {class: t.verdict.toLowerCase()}, t.verdict),
+  const verdict = (t) => (t.passed === null || t.passed === undefined ? "INFO" : t.passed ? "PASS" : "FAIL");
+  const rows = (m.targets || []).map((t) => el("tr", {}, el("td", {class: verdict(t).toLowerCase()}, verdict(t)),
     el("td", {}, t.name), el("td", {}, t.detail)));
   const report = auth().Authorization ? link(res.report, "report.html") :
     el("iframe", {src: res.report, title: "eval report"});
