@@ -347,18 +347,18 @@ class RunsManager:
 
     def _store(self, folder: Path, data: Upload, card: Upload | None) -> tuple[Path, Path | None]:
         """Copy the uploads into ``folder/uploads`` under their own (cleaned) names."""
-        data_name = self._name(data, "data", DATA_SUFFIXES)
-        card_name = card and self._name(card, "card", CARD_SUFFIXES)
-        if card_name == data_name:
-            card_name = f"card-{card_name}"
-        (folder / "uploads").mkdir(parents=True)
-        paths = []
-        for upload, name in ((data, data_name), (card, card_name)):
-            if upload is not None and name is not None:
-                with (folder / "uploads" / name).open("wb") as f:
+        data_path = folder / "uploads" / self._name(data, "data", DATA_SUFFIXES)
+        card_path = None
+        if card is not None:
+            card_path = data_path.with_name(self._name(card, "card", CARD_SUFFIXES))
+            if card_path == data_path:
+                card_path = data_path.with_name(f"card-{card_path.name}")
+        data_path.parent.mkdir(parents=True)
+        for upload, path in ((data, data_path), (card, card_path)):
+            if upload is not None and path is not None:
+                with path.open("wb") as f:
                     shutil.copyfileobj(upload.file, f)
-            paths.append(folder / "uploads" / name if name else None)
-        return paths[0] or folder, paths[1]
+        return data_path, card_path
 
     def _check_path_option(self, key: str, value: Any) -> None:
         if not isinstance(value, str) or value in ("", "embedded"):
