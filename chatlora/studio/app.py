@@ -122,7 +122,7 @@ def preview(manager: RunsManager, data: Upload, card: Upload | None, options: An
 
 def plan(manager: RunsManager, data: Upload, card: Upload | None, options: Any) -> dict[str, Any]:
     """``train --dry-run``: split, speed-ups, micro-batches, memory against what is free; no weights load."""
-    from ..train import prepare_run
+    from ..training.train import prepare_run
 
     with manager.staged(data, card, options) as cfg:
         prepared = prepare_run(cfg)
