@@ -39,6 +39,7 @@ __all__ = [
     "load_records",
     "parse_columns",
     "read_json_file",
+    "turn_list",
 ]
 
 Message = dict[str, str]
@@ -91,14 +92,14 @@ def _type_name(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-def _check_columns(columns: dict[str, str] | None) -> dict[str, str]:
+def _check_columns(columns: dict[str, str] | None, known: tuple[str, ...] = CANONICAL_COLUMNS) -> dict[str, str]:
     """Validate a canonical -> file-name column mapping; raise ConfigError if it is malformed."""
     if not columns:
         return {}
-    allowed = ", ".join(CANONICAL_COLUMNS)
+    allowed = ", ".join(known)
     seen: dict[str, str] = {}
     for canonical, name in columns.items():
-        if canonical not in CANONICAL_COLUMNS:
+        if canonical not in known:
             raise ConfigError(f"unknown column {canonical!r} in column mapping: expected one of {allowed}")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"column {canonical!r} maps to {name!r}: expected a non-empty field name")
@@ -110,11 +111,12 @@ def _check_columns(columns: dict[str, str] | None) -> dict[str, str]:
     return dict(columns)
 
 
-def parse_columns(spec: str | None) -> dict[str, str]:
+def parse_columns(spec: str | None, known: tuple[str, ...] = CANONICAL_COLUMNS) -> dict[str, str]:
     """Parse a column mapping like ``"instruction=prompt,output=response"``.
 
     Args:
         spec: Comma-separated ``CANONICAL=NAME`` pairs; ``None`` or blank means no mapping.
+        known: The canonical names a mapping may use (preference data adds its own, :mod:`chatlora.preference`).
 
     Returns:
         Mapping from canonical field name to the name used in the file.
@@ -138,7 +140,7 @@ def parse_columns(spec: str | None) -> dict[str, str]:
         if canonical in out:
             raise ConfigError(f"column {canonical!r} is mapped twice in {spec!r}: expected each column at most once")
         out[canonical] = name
-    return _check_columns(out)
+    return _check_columns(out, known)
 
 
 def detect_format(obj: dict, columns: dict[str, str] | None) -> str | None:
@@ -451,11 +453,27 @@ def _normalize_list(
     items: Any, label: str, role_key: str, content_key: str, role_map: dict[str, str]
 ) -> tuple[list[Message], list[str]]:
     """Validate a list of turn objects and map them to messages (shared by messages and sharegpt)."""
+    messages, errors = turn_list(items, label, role_key, content_key, role_map)
+    if errors:
+        return [], errors
+    return messages, _check_turns(messages)
+
+
+def turn_list(
+    items: Any,
+    label: str,
+    role_key: str,
+    content_key: str,
+    role_map: dict[str, str],
+    final: str = "an assistant reply",
+) -> tuple[list[Message], list[str]]:
+    """A list of turn objects validated one by one (roles, content, the system message only first) and mapped to
+    messages, without a rule on which turn ends it; ``final`` says what should (for the messages of an empty list)."""
     item_desc = f'{{"{role_key}", "{content_key}"}} objects'
     if not isinstance(items, list):
         return [], [f"{label} is {_type_name(items)}: expected a list of {item_desc}"]
     if not items:
-        return [], [f"{label} is empty: expected a list of {item_desc} ending on an assistant reply"]
+        return [], [f"{label} is empty: expected a list of {item_desc} ending on {final}"]
     errors: list[str] = []
     messages: list[Message] = []
     allowed = ", ".join(f'"{r}"' for r in role_map)
@@ -490,7 +508,7 @@ def _normalize_list(
             messages.append({"role": role, "content": content})
     if errors:
         return [], errors
-    return messages, _check_turns(messages)
+    return messages, []
 
 
 def _normalize_messages(obj: dict, columns: dict[str, str]) -> tuple[list[Message], list[str]]:
