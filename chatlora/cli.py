@@ -50,6 +50,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         help_ = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse %-formats help
         if f.name == "resume":
             p.add_argument(flag, nargs="?", const="latest", default=None, metavar="DIR", help=help_)
+        elif f.name == "data":  # repeated: several sources mixed (--data-weights)
+            p.add_argument(flag, action="append", default=None, help=help_ + "; repeat it to mix several sources")
         elif kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif kind is list:
@@ -62,6 +64,11 @@ def _config_from(args: argparse.Namespace) -> TrainConfig:
     overrides = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if not f.metadata.get("yaml_only")
     }
+    data = overrides.pop("data") or []
+    if len(data) > 1:
+        overrides["datasets"] = [{"path": path} for path in data]
+    elif data:
+        overrides["data"] = data[0]
     return load_config(args.config, overrides)
 
 
@@ -158,6 +165,8 @@ def _load_chat(args: argparse.Namespace):
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    if args.preference:
+        return _check_pairs(args)
     from .show import check_data
 
     model = None if args.no_tokenize else args.model
@@ -173,6 +182,27 @@ def cmd_data_check(args: argparse.Namespace) -> int:
             print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
         else:
             print(f"  {key}: {value}")
+    return 0
+
+
+def _check_pairs(args: argparse.Namespace) -> int:
+    from .preference import describe_pairs, load_pairs, parse_pair_columns
+
+    pairs = load_pairs(args.path, args.format, parse_pair_columns(args.columns))
+    tokenizer = None
+    if not args.no_tokenize:
+        from .model import load_tokenizer, resolve_model
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
+    stats = describe_pairs(pairs, tokenizer, data_system_prompt(args.path, args.system_prompt), args.max_length)
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False, indent=2))
+        return 0
+    print(f"{args.path}: OK ({len(pairs)} preference pairs)")
+    for key, value in stats.items():
+        print(
+            f"  {key}: " + (", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value))
+        )
     return 0
 
 
@@ -223,9 +253,12 @@ def _print_paths(out: Path, card: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.train import prepare_run, train
-
     cfg = _config_from(args)
+    if cfg.method == "sft":
+        from .training.train import prepare_run, train
+    else:
+        from .training.align import prepare_preference as prepare_run
+        from .training.align import train_preference as train
     if args.dry_run:
         run = prepare_run(cfg)
         print("\n".join(run.lines()))
@@ -234,6 +267,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg)
     if result.run_card:
         _print_paths(result.output_dir, result.run_card)
+    return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from .config import PersonaConfig
+    from .data import load_records, parse_columns
+    from .eval.persona import resolve
+    from .pairs import build_pairs, held_out_indices
+
+    sampling = _sampling(args)
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise CliError("--batch-size must be > 0")
+    records = load_records(args.data, args.format, parse_columns(args.columns))
+    if args.max_records is not None:
+        records = records[: args.max_records]
+    chat = _load_chat(args)
+    exclude: set[int] = set()
+    names = [args.model, chat.name]  # the vendor names of the persona negatives come from the model's names
+    if args.adapter:
+        from .runcard import read_run_card
+
+        card = read_run_card(args.adapter)
+        names += [card.get("base_model", {}).get("spec"), card.get("base_model", {}).get("resolved")]
+        if not args.include_held_out:
+            exclude = held_out_indices(card, args.data)
+    system = args.system if args.system is not None else data_system_prompt(args.data, None) or chat.system_prompt
+    persona = resolve(PersonaConfig(), system, names)
+    result = build_pairs(
+        chat,
+        records,
+        args.output,
+        args.data,
+        sampling,
+        persona,
+        system=system,
+        persona_negatives=args.persona_negatives,
+        resume=args.resume,
+        exclude=exclude,
+        batch_size=args.batch_size,
+    )
+    print("\n".join(result.lines()))
+    print(f"train on them:  chatlora train --method dpo --data {result.output} --from-adapter ADAPTER")
     return 0
 
 
@@ -440,8 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="inspect datasets").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="validate a dataset and print statistics")
     check.add_argument("path")
-    check.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"])
+    check.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt", "trl"])
     check.add_argument("--columns", default=None, help="rename fields, e.g. instruction=prompt,output=response")
+    check.add_argument(
+        "--preference",
+        action="store_true",
+        help="a preference file (prompt, chosen, rejected: formats trl, sharegpt, alpaca) instead of SFT data",
+    )
     model, max_length = TrainConfig.model, TrainConfig.max_length  # what train would use
     check.add_argument("--model", default=model, help=f"tokenizer for token lengths (default: {model})")
     check.add_argument(
@@ -517,6 +597,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
+
+    pr = sub.add_parser(
+        "pairs", help="build preference pairs: the dataset's reply chosen, a model's own reply rejected (self-play)"
+    )
+    _add_model_flags(pr)
+    pr.add_argument("--data", required=True, help="SFT dataset (JSON/JSONL, alpaca / messages / sharegpt)")
+    pr.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "sharegpt"])
+    pr.add_argument("--columns", default=None, help="rename fields, e.g. instruction=prompt,output=response")
+    pr.add_argument("--output", required=True, help="JSONL of pairs (TRL's conversational shape), written as it goes")
+    pr.add_argument("--resume", action="store_true", help="add the pairs still missing from an existing --output")
+    pr.add_argument(
+        "--persona-negatives",
+        action="store_true",
+        help="also one pair per record whose rejected side is an out-of-character self-description (AI, vendor)",
+    )
+    pr.add_argument(
+        "--include-held-out",
+        action="store_true",
+        help="also use the records the --adapter's run held out (default: left out, so an eval on them is honest)",
+    )
+    pr.add_argument("--max-records", type=int, default=None, help="only the first N records")
+    pr.add_argument("--batch-size", type=int, default=None, help="replies generated together (default: 64 GPU, 8 CPU)")
+    _add_sampling_flags(pr, max_new_tokens=128)
+    pr.set_defaults(func=cmd_pairs)
 
     mg = sub.add_parser("merge", help="merge an adapter into its base model (standalone safetensors)")
     mg.add_argument("--adapter", required=True)

@@ -22,7 +22,9 @@ from .errors import ConfigError
 
 __all__ = [
     "BUILTIN_DATA",
+    "DEFAULT_BETA",
     "DEFAULT_SYSTEM_PROMPT",
+    "METHODS",
     "DEFAULT_TARGETS",
     "SCHEDULERS",
     "SCHEDULERS_NEEDING_SETTINGS",
@@ -54,6 +56,9 @@ SCHEDULERS = (
     "greedy",
 )
 ON_HELD_OUT_LOSS = ("reduce_lr_on_plateau", "greedy")
+# training methods: supervised, then the preference methods chatlora.align runs on TRL's trainers, with their betas
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
 # these need lr_scheduler_kwargs (min_lr, num_decay_steps), which chatlora does not pass
 SCHEDULERS_NEEDING_SETTINGS = {"cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"}
 POLYNOMIAL_LR_END = 1e-7  # transformers' polynomial schedule decays to this and refuses a peak lr at or below it
@@ -188,6 +193,20 @@ class TrainConfig:
     # data
     model: str = _f("embedded", "HF hub id, local model dir, .gguf file, or 'embedded' (SmolLM2-135M-Instruct)")
     data: str = _f(BUILTIN_DATA, "dataset file: JSON array or JSONL, alpaca / messages / sharegpt")
+    datasets: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "several sources mixed in one SFT run (YAML `datasets:` list of path, format, columns, weight; "
+            "on the command line a repeated --data); the first is the run's data (its held-out split is the run's), "
+            "'retention' names the shipped general prompts",
+            "yaml_only": True,
+        },
+    )
+    data_weights: str | None = _f(
+        None,
+        "with several --data, how many times each source's records are seen per epoch, e.g. 3,1 (0.5: a seeded "
+        "half); default 1 each",
+    )
     format: str = _f("auto", "dataset format: auto, alpaca, messages or sharegpt")
     columns: str | None = _f(None, "rename fields, e.g. 'instruction=prompt,output=response'")
     system_prompt: str | None = _f(
@@ -227,6 +246,27 @@ class TrainConfig:
         0,
         "drop training records whose replies are all shorter than this many characters (held-out records are kept): "
         "a model trained on many one-line acknowledgements answers in one line under greedy decoding; 0: keep all",
+    )
+    # preference tuning (README "Preference tuning")
+    method: str = _f(
+        "sft",
+        "sft (supervised, on dialogue data), or preference tuning on pairs (--data a preference file, e.g. from "
+        "`chatlora pairs`): dpo, orpo, simpo or kto (TRL's trainers; pip install 'chatlora[pref]')",
+    )
+    beta: float | None = _f(
+        None,
+        "preference strength (unset: the method's default): DPO's and KTO's weight of the margin against the "
+        "reference (0.1), ORPO's odds-ratio weight (0.1), SimPO's reward scale (2.0)",
+    )
+    from_adapter: str | None = _f(
+        None,
+        "start from this chatlora run's adapter (e.g. the SFT run) and train it further (its rank and targets); "
+        "DPO and KTO measure against it as their reference",
+    )
+    report_to: str = _f(
+        "none",
+        "experiment trackers, the Trainer's integrations, comma-separated: none, tensorboard (event files in "
+        "OUTPUT_DIR/runs/), wandb, mlflow, ... (installed separately)",
     )
     # output
     output_dir: str = _f("runs/huanhuan-smollm2", "where the adapter, checkpoints, metrics and plot go")
@@ -333,6 +373,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.persona, dict):
             self.persona = persona_from("persona", self.persona)
+        self._mix_sources()
         if self.character is not None:
             self._compile_character()
         if isinstance(self.lora_targets, str):
@@ -420,6 +461,18 @@ class TrainConfig:
                 "must be auto/alpaca/messages/sharegpt",
             ),
             (bool(self.lora_targets), "lora_targets", "must name at least one module"),
+            (self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
+            (self.beta is None or (_finite(self.beta) and self.beta > 0), "beta", "must be a finite number > 0"),
+            (
+                self.method != "kto" or self.batch_size > 1,
+                "batch_size",
+                "must be > 1 with --method kto (KTO estimates its reference point across a batch)",
+            ),
+            (
+                self.method == "sft" or not (self.train_on_prompt or self.train_on_user or self.packing),
+                "method",
+                "trains on pairs of replies: --train-on-prompt, --train-on-user and --packing are SFT's",
+            ),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -429,6 +482,32 @@ class TrainConfig:
             if clash:
                 flags = ", ".join(f"--{n.replace('_', '-')}" for n in clash)
                 raise ConfigError(f"`--plain` turns the speed-ups off, but {flags} asks for one; drop one of them")
+
+    def _mix_sources(self) -> None:
+        """Check the ``datasets`` list and ``data_weights``; the first source becomes ``data``/``format``/``columns``."""
+        if self.data_weights is not None and not self.datasets:
+            raise ConfigError("`--data-weights` weighs several sources: give --data more than once (or `datasets:`)")
+        if not self.datasets:
+            return
+        entries = [_dataset_entry(f"datasets[{i}]", d) for i, d in enumerate(self.datasets)]
+        if self.data_weights is not None:
+            try:
+                weights = [float(w) for w in str(self.data_weights).split(",")]
+            except ValueError:
+                raise ConfigError(f"`--data-weights` ({self.data_weights!r}): expected numbers like 3,1") from None
+            if len(weights) != len(entries):
+                raise ConfigError(
+                    f"`--data-weights` ({self.data_weights}) gives {len(weights)} weights for {len(entries)} --data"
+                )
+            entries = [{**e, "weight": w} for e, w in zip(entries, weights, strict=True)]
+        for i, e in enumerate(entries):
+            if not (_finite(e["weight"]) and e["weight"] >= 0):
+                raise ConfigError(f"`datasets[{i}].weight` ({e['weight']!r}) must be a finite number >= 0")
+        if self.method != "sft":
+            raise ConfigError("`datasets` (several --data) mixes SFT data: a preference run reads one file of pairs")
+        self.datasets = entries
+        self.data, self.format = entries[0]["path"], entries[0]["format"]
+        self.columns = entries[0]["columns"] if entries[0]["columns"] is not None else self.columns
 
     def _compile_character(self) -> None:
         from .character import resolve_character
@@ -454,6 +533,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_DATASET_KEYS = {"path": str, "format": str, "columns": (str, dict), "weight": (int, float)}
+
+
+def _dataset_entry(where: str, entry: Any) -> dict[str, Any]:
+    """One ``datasets:`` item, as a mapping with every key (a bare string is a path)."""
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict) or "path" not in entry:
+        raise ConfigError(f"`{where}`: expected a mapping with a path (and format, columns, weight), got {entry!r}")
+    unknown = sorted(str(k) for k in entry if k not in _DATASET_KEYS)
+    if unknown:
+        raise ConfigError(f"`{where}`: unknown key(s) {', '.join(unknown)}; known: {', '.join(_DATASET_KEYS)}")
+    for key, kind in _DATASET_KEYS.items():
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ConfigError(f"`{where}.{key}`: unexpected {type(value).__name__} {value!r}")
+    columns = entry.get("columns")
+    if isinstance(columns, dict):
+        columns = ",".join(f"{k}={v}" for k, v in columns.items())
+    fmt = entry.get("format") or "auto"
+    if fmt not in ("auto", "alpaca", "messages", "sharegpt"):
+        raise ConfigError(f"`{where}.format` ({fmt!r}) must be auto/alpaca/messages/sharegpt")
+    return {"path": entry["path"], "format": fmt, "columns": columns, "weight": float(entry.get("weight", 1.0))}
 
 
 def data_system_prompt(data: str | Path, system_prompt: str | None) -> str | None:
@@ -510,6 +614,10 @@ def _coerce(where: str, name: str, value: Any, kind: type, optional: bool) -> An
 
         character_from_block(where.split(": `")[0], value)  # errors name the YAML file and the card field
         return value
+    if name == "datasets":
+        if not isinstance(value, list) or not value:
+            raise bad("a list of sources (mappings of path, format, columns, weight)")
+        return [_dataset_entry(f"{where}[{i}]", d) for i, d in enumerate(value)]
     if name == "columns" and isinstance(value, dict):
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise bad("a mapping of field names to field names")

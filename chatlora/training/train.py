@@ -13,6 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..character import resolve_character
 from ..config import BUILTIN_DATA, ON_HELD_OUT_LOSS, TrainConfig
 from ..data import Record, SystemPrompts, load_records, parse_columns
 from ..errors import ConfigError, DataError, ModelError
+from ..mixing import Mix, mix_in
 from ..model import apply_lora, load_model, load_tokenizer, pick_device, pick_precision, resolve_model
 from ..packing import PackedDataset, collate
 from ..runcard import (
@@ -297,7 +299,9 @@ def whole_run(metrics_path: Path, end_time: float) -> dict[str, Any]:
     }
 
 
-def training_args(cfg: TrainConfig, precision, device, has_eval: bool, plan: RunPlan):
+def training_args(cfg: TrainConfig, precision, device, has_eval: bool, plan: RunPlan, args_class=None, **extra):
+    """The Trainer's arguments for ``cfg`` as planned; ``args_class`` (a TrainingArguments subclass such as TRL's
+    DPOConfig) and ``extra`` (its own fields) for other trainers."""
     from transformers import TrainingArguments
 
     kw: dict[str, Any] = dict(
@@ -327,7 +331,7 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool, plan: Run
         save_total_limit=None,  # rotated by ChatloraTrainer, among complete checkpoints only
         eval_strategy="steps" if has_eval and cfg.eval_steps > 0 else "no",
         eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
-        report_to="none",
+        report_to=report_targets(cfg.report_to),  # TensorBoard writes to OUTPUT_DIR/runs/
         remove_unused_columns=False,
         # packed batches are counted on the CPU by ChatloraTrainer (the stock count syncs the GPU)
         include_num_input_tokens_seen="no" if plan.packing else "non_padding",
@@ -360,7 +364,7 @@ def training_args(cfg: TrainConfig, precision, device, has_eval: bool, plan: Run
             kw["activation_checkpointing_kwargs"] = kw.pop("gradient_checkpointing_kwargs")
     if "warmup_ratio" in fields and "warmup_steps" in fields and fields["warmup_steps"].type in (int, "int"):
         kw["warmup_ratio"] = kw.pop("warmup_steps")
-    args = TrainingArguments(**kw)
+    args = (args_class or TrainingArguments)(**kw, **extra)
     if args.n_gpu > 1:
         # One process sees several GPUs: the Trainer would wrap the model in nn.DataParallel, which multiplies the
         # batch by the GPU count, replicates the model every step and loads GPU 0 most. Train on one; data
@@ -416,11 +420,44 @@ def _collator(pad_id: int, label_index: bool, strategy: str = "pack"):
     return collate_any
 
 
+class SafeRunMixin:
+    """What every chatlora trainer adds to a Trainer (HF's or TRL's, listed after it): checkpoints marked complete
+    only once every file is on disk and rotated among complete ones (``keep_checkpoints``), and a run whose loss
+    becomes NaN or infinite stopped with :class:`TrainingDiverged` instead of writing a broken adapter."""
+
+    keep_checkpoints = 2
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        # the Trainer writes checkpoint-N file by file: flag it as being saved, mark it complete once every file
+        # is on disk, and only then rotate (rotation of incomplete folders is ours, not the Trainer's)
+        run_dir = Path(self._get_output_dir(trial=trial))
+        ckpt = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            begin_save(ckpt)
+        super()._save_checkpoint(model, trial)
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()  # FSDP ranks write their own shards
+        if self.args.should_save:
+            mark_complete(ckpt, self.state.global_step)
+            rotate(run_dir, self.keep_checkpoints)
+
+    def log(self, logs, *args, **kwargs):
+        for key in ("loss", "eval_loss"):
+            if key in logs and not math.isfinite(logs[key]):
+                raise TrainingDiverged(
+                    f"the {'held-out' if key == 'eval_loss' else 'training'} loss became {logs[key]} by step "
+                    f"{self.state.global_step}: training stopped (lower --lr, or check the data); "
+                    "earlier checkpoints are kept"
+                )
+        super().log(logs, *args, **kwargs)
+
+
 def _trainer_class(label_only: bool, keep_checkpoints: int):
     from transformers import Trainer
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    class ChatloraTrainer(Trainer):
+    class ChatloraTrainer(SafeRunMixin, Trainer):
         """Counts packed batches' real tokens on the CPU (the stock count syncs the GPU every micro-step) and,
         with ``label_only``, takes the loss from :func:`chatlora.training.kernels.label_only_loss` (one process) or
         :func:`chatlora.training.kernels.label_only_loss_wrapped` (several)."""
@@ -450,20 +487,6 @@ def _trainer_class(label_only: bool, keep_checkpoints: int):
                 loss = loss * self.accelerator.num_processes  # mirrors Trainer.compute_loss's DDP rescale
             return loss
 
-        def _save_checkpoint(self, model, trial):
-            # the Trainer writes checkpoint-N file by file: flag it as being saved, mark it complete once every file
-            # is on disk, and only then rotate (rotation of incomplete folders is ours, not the Trainer's)
-            run_dir = Path(self._get_output_dir(trial=trial))
-            ckpt = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            if self.args.should_save:
-                begin_save(ckpt)
-            super()._save_checkpoint(model, trial)
-            if self.args.world_size > 1:
-                self.accelerator.wait_for_everyone()  # FSDP ranks write their own shards
-            if self.args.should_save:
-                mark_complete(ckpt, self.state.global_step)
-                rotate(run_dir, keep_checkpoints)
-
         def log(self, logs, *args, **kwargs):
             # every rank logs at the same steps, so summing the ranks' token counts here costs one small
             # all-reduce per log line instead of a sync per micro-step
@@ -471,15 +494,9 @@ def _trainer_class(label_only: bool, keep_checkpoints: int):
                 mine = torch.tensor([self.unsynced_tokens], dtype=torch.long, device=self.accelerator.device)
                 self.state.num_input_tokens_seen += int(self.accelerator.reduce(mine, reduction="sum").item())
                 self.unsynced_tokens = 0
-            for key in ("loss", "eval_loss"):
-                if key in logs and not math.isfinite(logs[key]):
-                    raise TrainingDiverged(
-                        f"the {'held-out' if key == 'eval_loss' else 'training'} loss became {logs[key]} by step "
-                        f"{self.state.global_step}: training stopped (lower --lr, or check the data); "
-                        "earlier checkpoints are kept"
-                    )
             super().log(logs, *args, **kwargs)
 
+    ChatloraTrainer.keep_checkpoints = keep_checkpoints
     return ChatloraTrainer
 
 
@@ -507,16 +524,22 @@ def prepare_model(cfg: TrainConfig, model_path: str, device: torch.device, preci
             plan.liger = False
     if cfg.gradient_checkpointing or plan.memory_mode:
         model.enable_input_require_grads()
-    model = apply_lora(
-        model,
-        cfg.lora_r,
-        cfg.lora_alpha,
-        cfg.lora_dropout,
-        cfg.lora_targets,
-        dora=cfg.dora,
-        rslora=cfg.rslora,
-        layers=cfg.lora_layers,
-    )
+    if cfg.from_adapter:
+        from peft import PeftModel
+
+        # the adapter goes on training: its own rank, targets and weights, saved like a fresh one
+        model = PeftModel.from_pretrained(model, cfg.from_adapter, is_trainable=True)
+    else:
+        model = apply_lora(
+            model,
+            cfg.lora_r,
+            cfg.lora_alpha,
+            cfg.lora_dropout,
+            cfg.lora_targets,
+            dora=cfg.dora,
+            rslora=cfg.rslora,
+            layers=cfg.lora_layers,
+        )
     if plan.compile:
         compile_layers(model)
     return model
@@ -574,9 +597,11 @@ class PreparedRun:
     dropped: dict[str, int]
     plan: RunPlan
     system: SystemPrompts
+    mix: Mix | None = None
 
     def lines(self) -> list[str]:
         s = self.split
+        mix = [self.mix.line()] if self.mix else []
         return [
             f"data: {self.cfg.data}: {len(self.records)} records -> {len(s.train)} train, {len(s.val)} held out "
             f"({s.rule})"
@@ -587,6 +612,7 @@ class PreparedRun:
                 if s.dropped_short
                 else ""
             ),
+            *mix,
             self.system.line(),
             *self.plan.lines(),
         ]
@@ -602,8 +628,30 @@ def _deepspeed_installed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
+def report_targets(report_to: str) -> list[str]:
+    """``--report-to`` as the Trainer's list (``none``: no tracker)."""
+    return [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"] or ["none"]
+
+
+def _check_trackers(report_to: str) -> None:
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in report_targets(report_to):
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(
+                f"`--report-to` {name}: unknown tracker, expected none or {', '.join(INTEGRATION_TO_CALLBACK)}"
+            )
+        if name not in get_available_reporting_integrations():
+            raise ConfigError(f"`--report-to` {name}: its package is not installed (pip install {name})")
+
+
 def check_launch(cfg: TrainConfig, world_size: int) -> None:
-    """Refuse ``--deepspeed`` without deepspeed installed and ``--fsdp`` in a single process, before anything loads.
+    """Refuse ``--deepspeed`` without deepspeed installed and ``--fsdp`` in a single process, before anything loads;
+    likewise an experiment tracker (``--report-to``) that is unknown or not installed, and a ``--from-adapter``
+    folder that holds no adapter.
 
     The dry run and the run both call this, so they agree: neither plans or starts a run that cannot train.
     """
@@ -611,6 +659,13 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError(
             f"`--deepspeed` ({cfg.deepspeed}) needs the deepspeed package, which is not installed: "
             "pip install deepspeed (or drop --deepspeed)"
+        )
+    if cfg.report_to != "none":
+        _check_trackers(cfg.report_to)
+    if cfg.from_adapter and not (Path(cfg.from_adapter) / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"`--from-adapter` ({cfg.from_adapter}) must be a chatlora output dir holding an adapter "
+            "(adapter_config.json)"
         )
     if cfg.fsdp and world_size <= 1:
         raise ConfigError(
@@ -673,6 +728,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
                 "(system prompt + first user turn are longer): raise --max-length or shorten the system prompt"
             ]
         )
+    mix = None
+    if cfg.datasets:  # several sources: each encoded as the first, then weighted
+        train_ex, mix = mix_in(cfg, len(records), train_ex, partial(_encode_source, cfg, tokenizer, system_prompt))
     plan = make_plan(cfg, device, precision, shape, train_ex, world_size)
     return PreparedRun(
         cfg=cfg,
@@ -688,7 +746,20 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         dropped={"train": len(train_empty), "val": len(val_empty)},
         plan=plan,
         system=system,
+        mix=mix,
     )
+
+
+def _encode_source(cfg: TrainConfig, tokenizer, system_prompt: str | None, records: list[Record], path: str):
+    """A mixed-in source's records encoded as the run's training records (its records kept whole: no split)."""
+    examples, truncated, empty = encode_records(
+        records, tokenizer, system_prompt, cfg.max_length, path, cfg.train_on_prompt, cfg.train_on_user
+    )
+    if truncated or empty:
+        log.warning(
+            "%s: %d conversations cut at max_length=%d, %d dropped", path, truncated, cfg.max_length, len(empty)
+        )
+    return examples
 
 
 def system_prompts(cfg: TrainConfig, records: list[Record]) -> SystemPrompts:
@@ -746,24 +817,35 @@ class _BuiltTrainer:
     params: tuple[int, int]  # trainable, total
 
 
-def _build_trainer(cfg: TrainConfig, run: PreparedRun, checkpoint: str | None, callbacks) -> _BuiltTrainer:
-    """Model with LoRA as planned, a fresh (or, resuming, trimmed) metrics.jsonl, and the Trainer around both."""
+def model_and_output(cfg: TrainConfig, run: PreparedRun, checkpoint: str | None) -> tuple[Any, tuple[int, int], Path]:
+    """The seeded model with LoRA as planned, its (trainable, total) parameters, and the output dir made ready (the
+    previous run cleared first with --overwrite); returns the path of its metrics.jsonl."""
     from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
 
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     model = prepare_model(cfg, run.model_path, run.device, run.precision, run.plan)
     params = model.get_nb_trainable_parameters()
-
     if _rank0() and cfg.overwrite and not checkpoint:
         clear_previous_run(out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / METRICS
-    args = training_args(cfg, run.precision, run.device, bool(run.val_ex), run.plan)
+    return model, params, out / METRICS
+
+
+def run_logger(args, metrics_path: Path, checkpoint: str | None):
+    """The RunLogger callback, over a fresh (or, resuming, trimmed) metrics.jsonl."""
     if args.process_index == 0:
         _trim_metrics(metrics_path, checkpoint)
-    logger = _trainer_callback(metrics_path)
+    return _trainer_callback(metrics_path)
+
+
+def _build_trainer(cfg: TrainConfig, run: PreparedRun, checkpoint: str | None, callbacks) -> _BuiltTrainer:
+    """Model with LoRA as planned, a fresh (or, resuming, trimmed) metrics.jsonl, and the Trainer around both."""
+    from transformers.trainer_callback import PrinterCallback
+
+    model, params, metrics_path = model_and_output(cfg, run, checkpoint)
+    args = training_args(cfg, run.precision, run.device, bool(run.val_ex), run.plan)
+    logger = run_logger(args, metrics_path, checkpoint)
     trainer = make_trainer(cfg, model, run.tokenizer, args, run.train_ex, run.val_ex, run.plan, [logger, *callbacks])
     trainer.remove_callback(PrinterCallback)  # our RunLogger reports instead
     return _BuiltTrainer(trainer, args, logger, metrics_path, params)
@@ -780,9 +862,15 @@ def _final_eval_loss(trainer, run: PreparedRun) -> float | None:
 
 
 def _write_outputs(
-    cfg: TrainConfig, run: PreparedRun, built: _BuiltTrainer, ended: float, eval_loss: float | None
+    cfg: TrainConfig,
+    run: PreparedRun,
+    built: _BuiltTrainer,
+    ended: float,
+    eval_loss: float | None,
+    card_sections: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """The adapter and tokenizer (every rank takes part), then, on rank 0, the loss plot and the run card."""
+    """The adapter and tokenizer (every rank takes part), then, on rank 0, the loss plot and the run card (with
+    ``card_sections`` added: a preference run's method and pairs)."""
     out = Path(cfg.output_dir)
     trainer = built.trainer
     trainer.save_model(str(out))  # PEFT adapter + tokenizer (with its chat template)
@@ -790,7 +878,7 @@ def _write_outputs(
     card: dict[str, Any] = {}
     if trainer.is_world_process_zero():
         plot_path = plot_loss_curve(built.metrics_path, out / LOSS_PLOT)
-        card = _run_card(cfg, run, built, ended, eval_loss)
+        card = {**_run_card(cfg, run, built, ended, eval_loss), **(card_sections or {})}
         write_run_card(out, card)
     return TrainResult(out, card, built.metrics_path, plot_path, trainer.model, run.tokenizer, run.split)
 
@@ -826,6 +914,7 @@ def _run_card(cfg, run: PreparedRun, built: _BuiltTrainer, ended: float, eval_lo
             "dropped_short_replies": run.split.dropped_short,
             "truncated": run.truncated,
             "dropped_no_reply_tokens": run.dropped,
+            "mix": run.mix.to_dict() if getattr(run, "mix", None) else None,
         },
         "template": {
             "system_prompt": run.system.single,  # what chat, serve and export add to a prompt without one

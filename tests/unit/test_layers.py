@@ -26,12 +26,16 @@ PACKAGE = Path(chatlora.__file__).parent
 # functions too, followed transitively: a module may not reach a higher layer through a lower one either.
 LAYERS: list[tuple[str, frozenset[str]]] = [
     ("base", frozenset({"chatlora", "errors", "files"})),
-    ("data and template", frozenset({"character", "config", "settings", "runcard", "data", "template"})),
+    # preference: pairs read and encoded; mixing: several SFT sources, weighted
+    (
+        "data and template",
+        frozenset({"character", "config", "settings", "runcard", "data", "template", "preference", "mixing"}),
+    ),
     ("model", frozenset({"model", "packing"})),  # packing: the one collator, of training and of eval's loss
     ("run", frozenset({"run"})),  # open a trained run: card, tokenizer, base + adapter, held-out split, checkpoints
-    ("train side", frozenset({"training"})),  # train, plan, kernels, rundir
+    ("train side", frozenset({"training"})),  # train, plan, kernels, rundir, align (preference tuning on TRL)
     ("inference side", frozenset({"inference"})),  # engine, infer, chat
-    ("commands", frozenset({"merge", "eval", "serve", "export", "show"})),
+    ("commands", frozenset({"merge", "eval", "serve", "export", "show", "pairs"})),  # pairs: self-play pairs
     ("cli", frozenset({"cli", "quickstart", "studio", "__main__"})),  # quickstart: train, eval and chat in a row;
     # studio: every command behind a web page
 ]
@@ -44,7 +48,7 @@ COMMANDS = dict(LAYERS)["commands"]
 # The trainer side, and the modules that must run without it (an inference server or an eval job).
 TRAINER = dict(LAYERS)["train side"]
 NO_TRAINER = sorted(dict(LAYERS)["inference side"] | COMMANDS | {"run", "runcard"})
-TRAINER_LIBRARIES = ["transformers.trainer", "transformers.training_args", "liger_kernel"]
+TRAINER_LIBRARIES = ["transformers.trainer", "transformers.training_args", "liger_kernel", "trl"]
 
 
 def _modules() -> list[str]:
