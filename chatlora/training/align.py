@@ -17,7 +17,6 @@ import importlib
 import importlib.util
 import logging
 import random
-import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,11 +36,10 @@ from .train import (
     SafeRunMixin,
     TrainResult,
     _BuiltTrainer,
-    _claim_output_dir,
-    _final_eval_loss,
     _world,
     _write_outputs,
     check_launch,
+    fit,
     model_and_output,
     run_logger,
     split_records,
@@ -316,13 +314,7 @@ def train_preference(cfg: TrainConfig, callbacks=()) -> TrainResult:
     """One preference run end to end: plan (:func:`prepare_preference`), claim the output dir, build TRL's trainer,
     train, write the adapter and the run card (with a ``preference`` section)."""
     run = prepare_preference(cfg)
-    for line in run.lines():
-        log.info("%s", line)
-    checkpoint = _claim_output_dir(cfg, run)
-    built = _build_trainer(cfg, run, checkpoint, callbacks)
-    built.trainer.train(resume_from_checkpoint=checkpoint)
-    ended = time.time()
-    eval_loss = _final_eval_loss(built.trainer, run)
+    built, ended, eval_loss = fit(cfg, run, _build_trainer, callbacks)
     model = built.trainer.model
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")  # the reference copy is not part of the result

@@ -781,13 +781,20 @@ def train(cfg: TrainConfig, callbacks=()) -> TrainResult:
     timer).
     """
     run = prepare_run(cfg)
+    built, ended, eval_loss = fit(cfg, run, _build_trainer, callbacks)
+    return _write_outputs(cfg, run, built, ended, eval_loss)
+
+
+def fit(cfg: TrainConfig, run: PreparedRun, build, callbacks=()) -> tuple[_BuiltTrainer, float, float | None]:
+    """Log the plan, claim the output dir, build the trainer (``build(cfg, run, checkpoint, callbacks)``) and train;
+    returns it, when training ended and the final held-out loss."""
     for line in run.lines():
         log.info("%s", line)
     checkpoint = _claim_output_dir(cfg, run)
-    built = _build_trainer(cfg, run, checkpoint, callbacks)
+    built = build(cfg, run, checkpoint, callbacks)
     built.trainer.train(resume_from_checkpoint=checkpoint)
     ended = time.time()
-    return _write_outputs(cfg, run, built, ended, _final_eval_loss(built.trainer, run))
+    return built, ended, _final_eval_loss(built.trainer, run)
 
 
 def _rank0() -> bool:
