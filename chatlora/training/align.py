@@ -22,15 +22,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import DEFAULT_BETA, TrainConfig
 from ..errors import ConfigError, DataError
-from ..model import load_tokenizer, pick_device, pick_precision, resolve_model
+from ..model import load_tokenizer
 from ..preference import EncodedPairs, encode_pairs, load_pairs, parse_pair_columns
 from ..runcard import read_run_card
 from ..template import IGNORE_INDEX
-from .plan import check_limits, make_plan, read_shape
+from .plan import make_plan
 from .train import (
     PreparedRun,
     SafeRunMixin,
@@ -41,6 +39,7 @@ from .train import (
     check_launch,
     fit,
     model_and_output,
+    placement,
     run_logger,
     split_records,
     system_prompts,
@@ -141,15 +140,8 @@ def prepare_preference(cfg: TrainConfig) -> PreparedPreference:
     check_launch(cfg, _world()[0])
     pairs = load_pairs(cfg.data, cfg.format if cfg.format != "messages" else "trl", parse_pair_columns(cfg.columns))
     split = split_records(pairs, cfg.val_size, cfg.split_seed, cfg.allow_small_train)
-    world_size, local_rank = _world()
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and device.index is None and world_size > 1:
-        device = torch.device("cuda", local_rank)
-    precision = pick_precision(device, cfg.dtype)
-    model_path = resolve_model(cfg.model)
+    world_size, device, precision, model_path, shape = placement(cfg)
     _check_start_adapter(cfg, model_path)
-    shape = read_shape(model_path, cfg)
-    check_limits(cfg, shape, precision, world_size if cfg.fsdp else 1)
     tokenizer = load_tokenizer(model_path)
     system = system_prompts(cfg, pairs)
     train_enc = encode_pairs(split.train, tokenizer, system.added, cfg.max_length, cfg.data)

@@ -675,6 +675,20 @@ def check_launch(cfg: TrainConfig, world_size: int) -> None:
         )
 
 
+def placement(cfg: TrainConfig) -> tuple[int, torch.device, Any, str, Any]:
+    """World size, device, precision, the resolved model and its shape (read on the meta device: no weights),
+    checked against the model's limits: where and on what a run trains."""
+    world_size, local_rank = _world()
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and device.index is None and world_size > 1:
+        device = torch.device("cuda", local_rank)
+    precision = pick_precision(device, cfg.dtype)
+    model_path = resolve_model(cfg.model)
+    shape = read_shape(model_path, cfg)
+    check_limits(cfg, shape, precision, world_size if cfg.fsdp else 1)
+    return world_size, device, precision, model_path, shape
+
+
 def prepare_run(cfg: TrainConfig) -> PreparedRun:
     """Read and split the data, encode it, and plan the run (speed-ups, micro-batches, memory) without weights."""
     check_launch(cfg, _world()[0])  # a run that cannot start says so before reading anything
@@ -687,14 +701,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
             f"`--lr-scheduler` ({cfg.lr_scheduler}) steps on the held-out loss, but no record is held out "
             f"({split.rule}): set --val-size or pick another scheduler"
         )
-    world_size, local_rank = _world()
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and device.index is None and world_size > 1:
-        device = torch.device("cuda", local_rank)
-    precision = pick_precision(device, cfg.dtype)
-    model_path = resolve_model(cfg.model)
-    shape = read_shape(model_path, cfg)  # the meta device: no weights
-    check_limits(cfg, shape, precision, world_size if cfg.fsdp else 1)
+    world_size, device, precision, model_path, shape = placement(cfg)
     tokenizer = load_tokenizer(model_path)
     system = system_prompts(cfg, records)
     system_prompt = system.added
