@@ -66,16 +66,13 @@ def test_a_stopped_run_keeps_its_pairs_and_resume_adds_only_the_missing(chat, sf
     real = ChatModel.generate_many
 
     def stop_after_three(self, conversations, sampling, on_reply, **kw):
-        def count(i, reply):
-            on_reply(i, reply)
-            if len(out.read_text().splitlines()) == 3:
-                raise KeyboardInterrupt
-
-        return real(self, conversations, sampling, on_reply=count, **kw)
+        kw["systems"] = kw["systems"][:3]
+        real(self, conversations[:3], sampling, on_reply=on_reply, **kw)
+        raise KeyboardInterrupt  # the process dies after three replies were delivered
 
     monkeypatch.setattr(ChatModel, "generate_many", stop_after_three)
     with pytest.raises(KeyboardInterrupt):
-        build_pairs(chat, records, out, str(sft_data), GREEDY, PERSONA, batch_size=1)
+        build_pairs(chat, records, out, str(sft_data), GREEDY, PERSONA)
     monkeypatch.setattr(ChatModel, "generate_many", real)
     assert len(load_pairs(out)) == 3
     with out.open("a") as f:
