@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import TrainConfig, field_type, load_config
+from .config import TrainConfig, data_system_prompt, field_type, load_config
 from .errors import ChatloraError, CliError
 
 EXIT_USAGE = 2
