@@ -5,14 +5,19 @@ card records it (with the card's name and hash), and chat, generate, eval and se
 the model's default system prompt, so every command talks to the model the way it was trained.
 
 Spec: https://github.com/malfoyslastname/character-card-spec-v2 (``spec: "chara_card_v2"``, the fields in
-``data``). PNG cards (the JSON inside an image) are not read: export the card as JSON.
+``data``). A PNG card (what card sites and SillyTavern hand out) carries the same JSON, base64-encoded, in a text
+chunk named ``chara``; :func:`load_card` reads either, telling them apart by content, not by file name.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,10 +194,11 @@ def load_card(path: str | Path) -> Character:
     from .files import parse_json, read_input
 
     try:
-        raw = read_input(path, "a character card (JSON)")
+        raw = read_input(path, "a character card (JSON or PNG)")
         if not raw.strip():
             raise CharacterError(f"{path}: empty file: expected a Character Card V2 JSON object")
-        card = parse_json(path, raw, "a Character Card V2 JSON file")
+        text = _png_card_json(path, raw) if raw.startswith(PNG_SIGNATURE) else raw
+        card = parse_json(path, text, "a Character Card V2 JSON file")
     except FileError as e:
         raise CharacterError(str(e)) from None
     if not isinstance(card, dict):
@@ -206,6 +212,57 @@ def load_card(path: str | Path) -> Character:
         raise CharacterError(f"{path}: data: expected an object holding the card's fields, got {_kind(data)}")
     fields = _check_data(str(path), data, "data.")
     return _build(str(path), fields, str(path), hashlib.sha256(raw).hexdigest(), "data.")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CARD_KEY = b"chara"  # Character Card V2's text chunk (V3 exporters usually keep a V2 copy there too)
+
+
+def _png_text_chunks(path: str | Path, raw: bytes) -> dict[bytes, bytes]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG file, keyword -> bytes of their text."""
+    chunks: dict[bytes, bytes] = {}
+    pos = len(PNG_SIGNATURE)
+    while pos < len(raw):
+        if pos + 8 > len(raw):
+            raise CharacterError(f"{path}: truncated PNG (a chunk header is cut at byte {pos})")
+        (length,) = struct.unpack(">I", raw[pos : pos + 4])
+        kind, body = raw[pos + 4 : pos + 8], raw[pos + 8 : pos + 8 + length]
+        if len(body) < length:
+            raise CharacterError(f"{path}: truncated PNG (a {kind.decode('latin-1')!r} chunk is cut at byte {pos})")
+        pos += 12 + length  # length, type, data, CRC
+        if kind == b"IEND":
+            break
+        if kind not in (b"tEXt", b"zTXt", b"iTXt") or b"\0" not in body:
+            continue
+        key, _, rest = body.partition(b"\0")
+        try:
+            if kind == b"zTXt":
+                rest = zlib.decompress(rest[1:])
+            elif kind == b"iTXt":  # compressed flag, method, language tag, translated keyword, text
+                compressed = rest[:1] == b"\1"
+                rest = rest[2:].split(b"\0", 2)[-1]
+                rest = zlib.decompress(rest) if compressed else rest
+        except zlib.error:
+            raise CharacterError(f"{path}: the PNG's {key.decode('latin-1')!r} text chunk is damaged") from None
+        chunks.setdefault(key, rest)
+    return chunks
+
+
+def _png_card_json(path: str | Path, raw: bytes) -> bytes:
+    """The card JSON inside a PNG card: the base64 text of its ``chara`` chunk."""
+    text = _png_text_chunks(path, raw).get(_PNG_CARD_KEY)
+    if text is None:
+        raise CharacterError(
+            f"{path}: a PNG image without a character card in it (no 'chara' text chunk): expected a Character "
+            "Card V2 PNG as card sites export it, or the card's JSON"
+        )
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise CharacterError(
+            f"{path}: the PNG's 'chara' text chunk is not base64: expected the card's JSON in "
+            "base64, as card sites write it"
+        ) from None
 
 
 def character_from_block(where: str, block: dict[str, Any]) -> Character:

@@ -202,3 +202,56 @@ def test_the_shipped_example_card_loads():
     character = load_card(root / "configs" / "huanhuan-card.json")
     assert character.name == "甄嬛" and character.prompt.startswith("现在你要扮演皇帝身边的女人--甄嬛。")
     assert "{{" not in character.prompt and "<START>" not in character.prompt
+
+
+def write_png_card(path: Path, chunks: dict[str, str], compressed: bool = False) -> Path:
+    """A PNG image with text chunks, as card sites and SillyTavern export cards (Pillow writes the chunks)."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, text in chunks.items():
+        if compressed:
+            info.add_itxt(key, text, zip=True)
+        else:
+            info.add_text(key, text)
+    Image.new("RGB", (8, 8), "white").save(path, pnginfo=info)
+    return path
+
+
+def _b64(card: dict) -> str:
+    import base64
+
+    return base64.b64encode(json.dumps(card, ensure_ascii=False).encode()).decode()
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["tEXt", "iTXt-zip"])
+def test_png_card_compiles_like_its_json(tmp_path, compressed):
+    """Guards against PNG cards (the form card sites hand out) being refused or read from another chunk: the base64
+    JSON of the 'chara' text chunk gives the same character as the JSON file; a V3 'ccv3' chunk beside it is not
+    taken for the V2 card."""
+    v3 = {**CARD, "spec": "chara_card_v3", "data": {**CARD["data"], "name": "V3"}}
+    png = write_png_card(tmp_path / "card.png", {"ccv3": _b64(v3), "chara": _b64(CARD)}, compressed)
+    character = load_card(png)
+    assert character.name == "甄嬛" and character.prompt == COMPILED
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        ("no-card", lambda p: write_png_card(p, {"Comment": "just a picture"}), "a PNG image without a character card"),
+        ("not-base64", lambda p: write_png_card(p, {"chara": "{not base64}"}), "'chara' text chunk is not base64"),
+        ("base64-not-json", lambda p: write_png_card(p, {"chara": "bm90IGpzb24="}), "invalid JSON"),
+        ("truncated", lambda p: p.write_bytes(write_png_card(p, {"chara": _b64(CARD)}).read_bytes()[:60]) and p,
+         "truncated PNG"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)  # fmt: skip
+def test_broken_png_card_is_one_line_exit_2(tmp_path, capsys, name, make, message):
+    """Guards against a PNG card without a card, with a damaged chunk or cut short giving a traceback (or being
+    read as JSON bytes): one line naming the file, exit 2."""
+    path = tmp_path / f"{name}.png"
+    make(path)
+    assert main(["train", "--character", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert str(path) in err and message in err, err
