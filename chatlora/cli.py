@@ -139,7 +139,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--character",
         default=None,
         metavar="CARD",
-        help="Character Card V2 JSON compiled into the system prompt, as train does (default: the adapter's own)",
+        help="Character Card V2 (JSON or PNG) compiled into the system prompt, as train does (default: the adapter's own)",
     )
     _add_device_flags(p)
 
@@ -548,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--config", help="a train YAML whose rendering options apply (flags win)")
     show.add_argument("--model", default=None, help="whose tokenizer and chat template (default: embedded)")
     show.add_argument("--system-prompt", default=None, help="system prompt for records without one")
-    show.add_argument("--character", default=None, metavar="CARD", help="Character Card V2 JSON as the system prompt")
+    show.add_argument(
+        "--character", default=None, metavar="CARD", help="Character Card V2 (JSON or PNG) as the system prompt"
+    )
     show.add_argument("--format", default=None, choices=["auto", "alpaca", "messages", "sharegpt"])
     show.add_argument("--columns", default=None, help="rename fields, e.g. instruction=prompt,output=response")
     show.add_argument("--max-length", type=int, default=None, help="cut conversations as train does")

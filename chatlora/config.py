@@ -222,7 +222,7 @@ class TrainConfig:
     )
     character: str | dict | None = _f(
         None,
-        "Character Card V2 JSON file compiled into the system prompt (replaces system_prompt); in YAML also a "
+        "Character Card V2 (JSON or PNG) compiled into the system prompt (replaces system_prompt); in YAML also a "
         "`character:` mapping of the card's fields (name, description, personality, scenario, first_mes, "
         "mes_example, system_prompt)",
     )
