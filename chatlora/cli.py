@@ -1,4 +1,8 @@
-"""Command line: parses flags and calls the library. No logic lives here."""
+"""Command line: parses flags and calls the library. No logic lives here.
+
+One idea over 600 lines: the parsers of every command (their flags, help and the call each makes); defaults and help
+of the shared settings come from the config dataclasses, the behaviour from the library.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """The generation engine: continuous batching at token boundaries, a slot KV cache, CUDA graphs, LoRA per row.
 
+One idea over 600 lines: the engine's loop and the state it owns (slots, cache columns, graphs, routing), which only
+make sense together.
+
 Every reply chatlora generates (``chat``, ``generate``, ``eval``, ``serve``) is a :class:`Row` handed to an
 :class:`Engine`. The engine's thread runs one loop: rows that wait join at the next token boundary (their prompts
 encoded together in one prefill, up to the free slots), then one decode step advances every running row by a token;

@@ -7,6 +7,9 @@ submits rows as requests arrive; :meth:`ChatModel.generate_many` (``generate`` a
 sorted by length so that rows that join together need little padding. :func:`generate_rows` (one left-padded
 ``model.generate`` call, PEFT's ``adapter_names=``) generates what the engine cannot: rows that carry a
 :class:`RowCache` (the persona drift), DoRA adapters, models with sliding-window layers.
+
+One idea over 600 lines: a loaded model answering chats (prompt rendering, sampling, stops, streaming and the
+fallback generator); the scheduler is the engine's, the loading the run module's.
 """
 
 from __future__ import annotations

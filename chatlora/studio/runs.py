@@ -9,6 +9,8 @@ outlives a studio that stops. A studio started on the same folder finds every ru
 (watched by its process id and start time), one that ended meanwhile gets its state from its exit code file, and one
 that died with no exit code (the machine restarted) is ``interrupted``; a train step with a complete checkpoint can
 be resumed with ``chatlora train --resume``.
+
+One idea over 600 lines: the life of a studio run (its folder, its steps as processes, their queue and states).
 """
 
 from __future__ import annotations
