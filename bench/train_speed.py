@@ -99,6 +99,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "x-cudagraphs": ("chatlora", {}),  # default, layers compiled with mode="reduce-overhead" (CUDA graphs)
     "x-profile": ("chatlora", {}),  # default, with a CUDA kernel profile of two steps after the timed ones
     "cpu-default": ("chatlora", {}),  # on CPU: `chatlora train` on the embedded model, no flags
+    # `chatlora train --method dpo` with the row's config, on pairs built from the workload (see stand_in_pairs)
+    "dpo": ("chatlora", {"method": "dpo"}),
+    "cpu-dpo": ("chatlora", {"method": "dpo"}),
 }
 DEFAULTS = {
     "cuda": ["seed", "default", "fp16", "qlora", "qlora-14b", "memory", "best"],
@@ -317,15 +320,37 @@ def run_seed(examples, tokenizer, model_dir, device, timer: Timer, out, dtype="f
     return {"losses": losses}
 
 
+def stand_in_pairs(path: Path) -> Path:
+    """Preference pairs of the Huanhuan records for the speed rows: each record's reply chosen, the next record's
+    reply rejected. The lengths are the data's, as in self-play pairs (``chatlora pairs``); the content does not
+    matter to the speed, and no model has to generate them first."""
+    rows = json.loads((ROOT / "data" / "huanhuan.json").read_text(encoding="utf-8"))
+    with path.open("w", encoding="utf-8") as f:
+        for row, other in zip(rows, rows[1:] + rows[:1], strict=True):
+            if row["output"].strip() == other["output"].strip():
+                continue
+            prompt = [{"role": "user", "content": (row["instruction"] + row["input"]).strip()}]
+            pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": row["output"]}]}
+            pair["rejected"] = [{"role": "assistant", "content": other["output"]}]
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    return path
+
+
 def run_chatlora(device: str, model_dir: Path, timer: Timer, out: str, overrides: dict) -> dict:
     """``chatlora train --config configs/yi-6b-chat-huanhuan.yaml`` (GPU) or ``chatlora train`` (CPU, embedded
-    model) with the row's flags, as the CLI runs it."""
+    model) with the row's flags, as the CLI runs it; ``method`` other than sft trains on :func:`stand_in_pairs`."""
     from chatlora.config import load_config
     from chatlora.training.train import train
 
+    method = overrides.get("method", "sft")
+    if method != "sft":
+        from chatlora.training.align import train_preference as train
+
     base = dict(
         model=str(model_dir),
-        data=str(ROOT / "data" / "huanhuan.json"),
+        data=str(ROOT / "data" / "huanhuan.json")
+        if method == "sft"
+        else str(stand_in_pairs(Path(tempfile.mkdtemp()) / "pairs.jsonl")),
         output_dir=out,
         max_steps=timer.last + (2 if timer.profile_at else 0),
         random_init=device == "cuda",

@@ -188,6 +188,11 @@ DROPOUT_BYTES = 1.6  # per input element of each adapted module with lora_dropou
 LABEL_LOGIT_BYTES = 12  # label-only head: fp32 logits, log-softmax and their gradient, per label per vocab entry
 FULL_LOGIT_BYTES = 13  # full head: 16-bit logits, their fp32 upcast and the loss's copies, per position per entry
 CONSTANT_GIB = 0.3  # cuBLAS workspaces, the loss's and optimizer's small buffers
+# On a CPU the peak that matters is the process's resident memory (what an out-of-memory kill looks at): eager
+# CPU kernels keep more fp32 intermediates than the GPU paths the table above was fitted to, and the allocator keeps
+# freed blocks. Measured on the AVX2 EPYC (bench/NOTES.md, "CPU memory"): resident peak minus weights was 1.66-1.92x
+# the activations + logits estimated here, for SFT (quickstart, 768 tokens) and DPO (1,536-6,144 tokens).
+CPU_RSS_FACTOR = 1.8
 
 
 def _layer_bytes(shape: ModelShape, kind: str, act: int) -> float:
@@ -216,9 +221,11 @@ def estimate_memory(
     label_only: bool,
     dropout: float,
     shards: int = 1,
+    cpu: bool = False,
 ) -> MemoryEstimate:
     """Peak memory of one training step on a micro-batch of ``tokens`` positions (padding included) of which
-    ``labels`` carry a label. ``shards``: FSDP's world size (frozen weights are split across GPUs).
+    ``labels`` carry a label. ``shards``: FSDP's world size (frozen weights are split across GPUs). ``cpu``: the
+    process's resident peak on a CPU (:data:`CPU_RSS_FACTOR`).
 
     Without checkpointing the peak comes at the loss, with every layer's activations saved and the logits live;
     with it, each layer keeps only its input, and the peak is the larger of the logits (at the loss) and one
@@ -243,6 +250,8 @@ def estimate_memory(
     else:
         saved = tokens * shape.layers * per_layer
         peak_extra = logits
+    if cpu:
+        saved, peak_extra, logits = (x * CPU_RSS_FACTOR for x in (saved, peak_extra, logits))
     total = weights + lora + saved + peak_extra + constant
     return MemoryEstimate(
         weights=weights / GIB,
@@ -521,6 +530,7 @@ def make_plan(
             label_only=label_only,
             dropout=cfg.lora_dropout,
             shards=shards,
+            cpu=not cuda,
         )
 
     chosen = None
@@ -529,11 +539,13 @@ def make_plan(
             if not memory_mode and k not in (1, cfg.grad_accum) and len(modes) > 1:
                 continue  # smaller micro-batches than the recipe's measured slower than checkpointing
             est = estimate(batches, memory_mode, cfg.quantize)
-            if _fits(est, available) or not cuda:  # the CPU trains anyway (swap); only the GPU stops up front
+            if _fits(est, available):
                 chosen = (memory_mode, batches, est)
                 break
         if chosen:
             break
+    if chosen is None and not cuda:  # the CPU trains anyway (swap, if the machine has it); only the GPU stops
+        chosen = (modes[0], candidates[0][1], estimate(candidates[0][1], modes[0], cfg.quantize))
     alternatives: list[str] = []
     if chosen is None:  # report the most frugal setting tried, and what would fit instead
         memory_mode, batches = modes[-1], candidates[-1][1]
@@ -555,7 +567,10 @@ def make_plan(
             f"each step is cut into {batches.micro_batches_per_step} micro-batches to fit (same gradient, slower)"
         )
     if not cuda and not fits:
-        notes.append("the estimate exceeds the free RAM: training goes on, expect swapping")
+        notes.append(
+            "the estimate exceeds the free RAM: training goes on, swapping if the machine can, else the system may "
+            "stop it; a smaller --batch-size or --max-length fits better"
+        )
     return RunPlan(
         device=str(device),
         precision=precision.name,

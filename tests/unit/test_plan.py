@@ -282,6 +282,56 @@ def test_the_memory_estimate_is_within_15_percent_of_measured_peaks(tmp_path):
         assert est.weights < peak
 
 
+SMOLLM2_135M = dict(
+    hidden_size=576,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    intermediate_size=1536,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
+# Resident peaks (GiB, /usr/bin/time's maximum RSS) on the 2-core AVX2 EPYC, fp32, the embedded SmolLM2-135M:
+# (tokens, labels, label-only head, LoRA dropout, peak). bench/NOTES.md, "CPU memory".
+MEASURED_CPU = [
+    (768, 651, True, 0.0, 3.37),  # the quickstart's SFT step (packed, label-only head)
+    (1536, 0, False, 0.1, 7.19),  # DPO, 2 pairs of 384 tokens (4 sequences, full head)
+    (3072, 0, False, 0.1, 13.40),  # DPO, 4 pairs
+    (6144, 0, False, 0.1, 22.80),  # DPO, 8 pairs (the default batch)
+]
+
+
+def test_the_cpu_estimate_is_within_15_percent_of_measured_resident_peaks(tmp_path):
+    """Bug: the GPU-fitted estimate planned 13.7 GiB for a CPU DPO step that peaked at 22.8 GiB, so a 24 GB machine's
+    run was killed by the system after a plan that said "fits". On a CPU the estimate is the resident peak."""
+    shape = _shape(tmp_path, SMOLLM2_135M)
+    fp32 = Precision(torch.float32, None)
+    for tokens, labels, label_only, dropout, peak in MEASURED_CPU:
+        kw = dict(checkpointing=False, compiled=False, liger=False, label_only=label_only, dropout=dropout)
+        est = estimate_memory(shape, fp32, None, tokens, labels, **kw, cpu=True)
+        assert abs(est.total / peak - 1) <= 0.15, (tokens, est.total, peak)
+
+
+def test_a_cpu_run_that_would_not_fit_turns_memory_mode_on(tmp_path, monkeypatch):
+    """Bug: on a CPU the plan took the first setting even when it exceeded the free RAM ("expect swapping"), though
+    checkpointing fitted; a machine without swap then killed the run."""
+    import chatlora.training.plan as plan
+
+    shape = _shape(tmp_path, SMOLLM2_135M)
+    examples = [{"input_ids": list(range(384)), "labels": list(range(384))} for _ in range(64)]
+    cfg = TrainConfig(packing=False, batch_size=16, logits_at_labels=False)
+    cpu, fp32 = torch.device("cpu"), Precision(torch.float32, None)
+    monkeypatch.setattr(plan, "_available_gib", lambda device, cap: 64.0)
+    roomy = make_plan(cfg, cpu, fp32, shape, examples)
+    assert roomy.fits and not roomy.memory_mode
+    monkeypatch.setattr(plan, "_available_gib", lambda device, cap: roomy.estimate.total * 0.8)
+    tight = make_plan(cfg, cpu, fp32, shape, examples)
+    assert tight.fits and tight.memory_mode
+    monkeypatch.setattr(plan, "_available_gib", lambda device, cap: 0.6)
+    none = make_plan(cfg, cpu, fp32, shape, examples)  # nothing fits: the CPU trains anyway, and says so
+    assert not none.fits and any("exceeds the free RAM" in n for n in none.notes)
+
+
 def test_shape_counts_weights_and_lora_exactly(tmp_path):
     """Guards against the estimate counting parameters by formula: the meta-device model gives exact numbers."""
     shape = _shape(tmp_path, YI_6B)
