@@ -427,21 +427,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _print_eval(result) -> None:
     loss, tuned, base = result.loss, result.replies["tuned"], result.replies["base"]
+    b, t = result.names["base"], result.names["tuned"]
     print(
-        f"held-out loss: base {loss['base'].loss:.4f} -> tuned {loss['tuned'].loss:.4f} "
+        f"held-out loss: {b} {loss['base'].loss:.4f} -> {t} {loss['tuned'].loss:.4f} "
         f"(ratio {result.loss_ratio:.3f}) on {result.source['records']} records"
     )
     test = result.significance.get("chrF")
     print(
-        f"chrF: base {base.chrf:.2f} -> tuned {tuned.chrf:.2f}"
+        f"chrF: {b} {base.chrf:.2f} -> {t} {tuned.chrf:.2f}"
         + (f" (paired bootstrap p = {test.p_value:.3f})" if test else "")
-        + f" | stop rate: base {base.stop_rate:.1%}, tuned {tuned.stop_rate:.1%}"
+        + f" | stop rate: {b} {base.stop_rate:.1%}, {t} {tuned.stop_rate:.1%}"
     )
     if result.persona is not None:
         base, tuned = result.persona.probe_total("base"), result.persona.probe_total("tuned")
         print(
-            f"persona probes: identity leaks base {base.leak_rate:.1%} -> tuned {tuned.leak_rate:.1%}, markers base "
-            f"{base.marker_rate:.1%} -> tuned {tuned.marker_rate:.1%} ({tuned.n} replies each)"
+            f"persona probes: identity leaks {b} {base.leak_rate:.1%} -> {t} {tuned.leak_rate:.1%}, markers {b} "
+            f"{base.marker_rate:.1%} -> {t} {tuned.marker_rate:.1%} ({tuned.n} replies each)"
         )
     for t in result.targets:
         print(f"  {t.verdict}  {t.name}: {t.detail}")
@@ -653,10 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--max-new-tokens", type=int, default=48, help="greedy reply length compared (default: 48)")
     ex.set_defaults(func=cmd_export)
 
-    ev = sub.add_parser("eval", help="compare base and tuned model on held-out conversations; write a report")
+    ev = sub.add_parser(
+        "eval",
+        help="compare an adapter with its base model (or another run) on held-out conversations; write a report",
+    )
     from .settings import EvalConfig
 
     ev.add_argument("--adapter", required=True, help="a chatlora output dir (adapter + run card)")
+    _add_setting(ev, EvalConfig, "against", metavar="base|DIR")
     _add_setting(ev, EvalConfig, "data")
     _add_setting(ev, EvalConfig, "format", choices=["auto", "alpaca", "messages", "sharegpt"])
     _add_setting(ev, EvalConfig, "columns")

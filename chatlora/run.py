@@ -34,6 +34,7 @@ __all__ = [
     "checkpoints",
     "complete_checkpoints",
     "held_out_records",
+    "held_out_run",
     "is_complete",
     "load_base",
     "open_model",
@@ -305,6 +306,31 @@ def held_out_records(card: dict[str, Any], max_samples: int | None = None) -> tu
         "held_out_records": len(ds["val_indices"]),
     }
     return picked, source
+
+
+def held_out_run(run_dir: str | Path, card: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+    """The run whose held-out conversations evaluate the run in ``run_dir`` (``card``: its run card), and that run's
+    card: the run itself when it held out conversations (an SFT run with a held-out split), else the run it started
+    from (``--from-adapter``, as its card records it), followed back until one did; None when none did.
+
+    A preference run holds out pairs, not conversations: measured on its SFT run's held-out split, the two runs
+    are compared on the same records (which ``chatlora pairs`` left out of the pairs).
+    """
+    path, seen = Path(run_dir), set()
+    while True:
+        config = card.get("config") or {}
+        if (config.get("method") or "sft") == "sft" and (card.get("dataset") or {}).get("val_indices"):
+            return path, card
+        start = config.get("from_adapter")
+        if not start or Path(start).resolve() in seen:
+            return None
+        seen.add(Path(start).resolve())
+        if not (Path(start) / ADAPTER_CONFIG).is_file():
+            raise ModelError(
+                f"{path}: started from {start} (--from-adapter), whose held-out records it is measured on, and that "
+                "run is gone: pass --data PATH"
+            )
+        path, card = Path(start), read_run_card(start)
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:

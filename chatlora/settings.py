@@ -92,6 +92,11 @@ class EvalConfig:
     """What ``chatlora eval`` measures and where it writes; each field is the flag of the same name."""
 
     adapter: str | Path = field(metadata={"help": "a chatlora output dir (adapter + run card + metrics.jsonl)"})
+    against: str | Path = _setting(
+        "base",
+        "what the adapter is compared with: base (the base model, adapter off) or another chatlora run of the same "
+        "base model, e.g. the SFT run a preference run started from",
+    )
     data: str | Path | None = _setting(
         None, "evaluate this dataset file (its first records) instead of the held-out split"
     )

@@ -1,9 +1,12 @@
-"""Eval: base vs tuned model on held-out conversations -> loss, greedy replies, reply metrics, report.
+"""Eval: two systems on held-out conversations -> loss, greedy replies, reply metrics, report.
 
-By default the records are the run's held-out split, rebuilt from the run card (dataset path, format, columns,
-``val_indices``), so nothing evaluated was trained on. The base model is the same loaded PEFT model with its
-adapter disabled, so both systems share weights, tokenizer, template and system prompt. :func:`evaluate` runs three
-phases: :func:`select_records`, :func:`measure`, :func:`write_results` (the report itself is :mod:`chatlora.eval.report`).
+The evaluated adapter ("tuned") is compared with a baseline ("base"): the same loaded PEFT model with its adapter
+disabled, or (``--against DIR``) another run's adapter of the same base, loaded beside it into the one model. Both
+systems share weights, tokenizer, template and system prompt. By default the records are the run's held-out split,
+rebuilt from the run card (dataset path, format, columns, ``val_indices``), so nothing evaluated was trained on; a
+preference run holds out pairs, so its records are those of the SFT run it started from (``--from-adapter``).
+:func:`evaluate` runs three phases: :func:`select_records`, :func:`measure`, :func:`write_results` (the report itself
+is :mod:`chatlora.eval.report`).
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ import torch.nn.functional as F
 
 from ..config import PersonaConfig, load_config, persona_from
 from ..data import Record, load_records, parse_columns
-from ..errors import DataError, ModelError
-from ..inference.infer import ChatModel, SamplingConfig
+from ..errors import ConfigError, DataError, ModelError
+from ..inference.infer import BASE, ChatModel, SamplingConfig
 from ..packing import collate
-from ..run import held_out_records
-from ..runcard import METRICS, added_system_prompt, file_sha256, plot_loss_curve, read_run_card
+from ..run import Run, held_out_records, held_out_run, open_run
+from ..runcard import METRICS, added_system_prompt, file_sha256, plot_loss_curve, read_adapter, read_run_card
 from ..settings import EvalConfig
 from ..template import IGNORE_INDEX, encode_conversation, with_system
-from .persona import SYSTEMS
+from .persona import SYSTEMS, labels
 from .report import write_report
 from .results import LOSS_PNG, EvalResult, LossResult, ReplyMetrics, Significance, Target
 
@@ -59,6 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TARGET_LOSS_RATIO = 0.7  # tuned held-out loss must be at most this share of the base model's
+AGAINST = "eval-against"  # the adapter name of `--against DIR` beside the evaluated adapter in the loaded model
 # share of tuned replies that must end with the end-of-turn token (the base model: 0 % on the quickstart). 0.99 of 32
 # replies allowed no miss, and one wandering reply in 32 came and went with the seed and the CPU (bench/NOTES.md
 # "Issue 30"); 0.9 allows three, where at most one was seen
@@ -168,10 +172,22 @@ def paired_bootstrap(
 # ---------------------------------------------------------------- loss
 
 
-def _adapter_off(model, use_adapter: bool):
-    if not use_adapter and hasattr(model, "disable_adapter"):
-        return model.disable_adapter()
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def _adapter(model, adapter: str | None):
+    """``adapter`` on while the block runs: :data:`BASE` disables the adapters, a name makes that one active, None
+    leaves the model as it is."""
+    if adapter == BASE and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    elif adapter not in (None, BASE) and adapter != getattr(model, "active_adapter", adapter):
+        before = model.active_adapter
+        model.set_adapter(adapter)
+        try:
+            yield
+        finally:
+            model.set_adapter(before)
+    else:
+        yield
 
 
 @torch.inference_mode()
@@ -183,14 +199,17 @@ def assistant_loss(
     max_length: int | None,
     batch_size: int = 4,
     use_adapter: bool = True,
+    adapter: str | None = None,
 ) -> LossResult:
     """Held-out loss on the assistant tokens only, encoded exactly as in training.
 
     Each conversation goes through ``with_system`` + ``encode_conversation`` (the run's system prompt and
     ``max_length``); the loss is the sum of next-token cross-entropies over positions whose label is not -100,
     divided by their count (token-weighted, not a mean of per-batch means). ``use_adapter=False`` disables the
-    LoRA adapter (``model.disable_adapter()``), giving the base model.
+    LoRA adapter (``model.disable_adapter()``), giving the base model; ``adapter`` names the adapter to measure
+    instead (:data:`~chatlora.inference.infer.BASE`: none).
     """
+    adapter = adapter if adapter is not None else (None if use_adapter else BASE)
     encoded = [encode_conversation(with_system(m, system_prompt), tokenizer, max_length) for m in conversations]
     examples = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     device = next(model.parameters()).device
@@ -198,7 +217,7 @@ def assistant_loss(
     model.eval()
     total, count = 0.0, 0
     try:
-        with _adapter_off(model, use_adapter):
+        with _adapter(model, adapter):
             for start in range(0, len(examples), batch_size):
                 batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
                 logits = model(
@@ -232,14 +251,27 @@ def _file_records(path: str | Path, format: str, columns: str | None, max_sample
     return records, {"kind": "file", "path": str(path.resolve()), "sha256": file_sha256(path), "records": len(records)}
 
 
-def select_records(cfg: EvalConfig, card: dict[str, Any]) -> tuple[list[Record], dict[str, Any]]:
-    """Phase 1: the records to evaluate (``cfg.data``, else the run's held-out split) and where they came from."""
+def select_records(
+    cfg: EvalConfig, card: dict[str, Any], against: Run | None = None
+) -> tuple[list[Record], dict[str, Any]]:
+    """Phase 1: the records to evaluate and where they came from: ``cfg.data``, else the held-out conversations of
+    the run (:func:`~chatlora.run.held_out_run`: its own split, else that of the run it started from), else those of
+    the ``against`` run."""
     if cfg.data is not None:
         records, source = _file_records(cfg.data, cfg.format, cfg.columns, cfg.max_samples)
     elif not card:
         raise ModelError(f"{cfg.adapter}: no chatlora.json run card, so no held-out split is known; pass --data PATH")
     else:
-        records, source = held_out_records(card, cfg.max_samples)
+        found = held_out_run(cfg.adapter, card) or (against and held_out_run(against.path, against.card))
+        method = (card.get("config") or {}).get("method") or "sft"
+        if not found and method != "sft":
+            raise ModelError(
+                f"{cfg.adapter}: a {method} run holds out preference pairs, not conversations, and did not start "
+                "from an SFT run (--from-adapter): pass --data PATH (e.g. the SFT dataset) or --against the SFT run"
+            )
+        run_dir, split_card = found or (Path(cfg.adapter), card)
+        records, source = held_out_records(split_card, cfg.max_samples)
+        source["run"] = str(run_dir)
     if not records:
         raise DataError(["no records to evaluate"])
     return records, source
@@ -249,44 +281,86 @@ def select_records(cfg: EvalConfig, card: dict[str, Any]) -> tuple[list[Record],
 
 
 def _targets(
-    loss: dict[str, LossResult], replies: dict[str, ReplyMetrics], significance: dict[str, Significance]
+    loss: dict[str, LossResult],
+    replies: dict[str, ReplyMetrics],
+    significance: dict[str, Significance],
+    names: dict[str, str] | None = None,
+    against_adapter: bool = False,
 ) -> list[Target]:
+    """The report's targets. Against an adapter (``against_adapter``) the loss ratio decides nothing (INFO): 0.7 x
+    is what tuning should gain over the base model, and a step after SFT is not meant to lower the reference
+    replies' loss further; the stop rate stays absolute and chrF compares the two systems."""
+    b, t = labels(names)["base"], labels(names)["tuned"]
     ratio = loss["tuned"].loss / loss["base"].loss if loss["base"].loss else math.inf
     tuned, base = replies["tuned"], replies["base"]
+    change = f"{loss['base'].loss:.4f} -> {loss['tuned'].loss:.4f} (ratio {ratio:.3f})"
+    if against_adapter:
+        held_out = Target(
+            f"held-out loss {t} vs {b}",
+            None,
+            f"{change}; no target: the {TARGET_LOSS_RATIO} x ratio is against the base model",
+        )
+    else:
+        held_out = Target(f"held-out loss {t} <= {TARGET_LOSS_RATIO} x {b}", ratio <= TARGET_LOSS_RATIO, change)
     return [
+        held_out,
         Target(
-            f"held-out loss tuned <= {TARGET_LOSS_RATIO} x base",
-            ratio <= TARGET_LOSS_RATIO,
-            f"{loss['base'].loss:.4f} -> {loss['tuned'].loss:.4f} (ratio {ratio:.3f})",
-        ),
-        Target(
-            f"tuned stop rate >= {TARGET_STOP_RATE:.0%}",
+            f"{t} stop rate >= {TARGET_STOP_RATE:.0%}",
             (tuned.stop_rate or 0) >= TARGET_STOP_RATE,
-            f"{tuned.stop_rate:.1%} of {tuned.n} replies (base {base.stop_rate:.1%})",
+            f"{tuned.stop_rate:.1%} of {tuned.n} replies ({b} {base.stop_rate:.1%})",
         ),
-        _closer_target(significance["chrF"]),
+        _closer_target(significance["chrF"], names),
     ]
 
 
-def _closer_target(test: Significance) -> Target:
+def _closer_target(test: Significance, names: dict[str, str] | None = None) -> Target:
     """chrF tuned vs base: PASS or FAIL only when the paired bootstrap finds the difference significant
     (p < ``SIGNIFICANCE``), else INFO: at 32 replies a gain of a fraction of a point flips with the host's kernels."""
     significant = test.p_value < SIGNIFICANCE
     verdict = (test.difference > 0) if significant else None
     what = "significant" if significant else "not significant: no target decided"
     return Target(
-        "chrF tuned > base (significant at p < 0.05)",
+        f"chrF {labels(names)['tuned']} > {labels(names)['base']} (significant at p < 0.05)",
         verdict,
         f"{test.base:.2f} -> {test.tuned:.2f} (paired bootstrap: {test.describe()}, {what})",
     )
 
 
-def _generate(
-    chat: ChatModel, prompts: list[list[dict]], sampling: SamplingConfig, batch_size: int, use_adapter: bool
-):
+def _generate(chat: ChatModel, prompts: list[list[dict]], sampling: SamplingConfig, batch_size: int, name: str):
     # The batched path of `generate`: similar lengths share a batch, replies come back in input order.
-    desc = "eval: tuned" if use_adapter else "eval: base"
-    return chat.generate_many(prompts, sampling, use_adapter=use_adapter, batch_size=batch_size, desc=desc)
+    return chat.generate_many(prompts, sampling, batch_size=batch_size, desc=f"eval: {name}")
+
+
+def open_against(cfg: EvalConfig, card: dict[str, Any]) -> Run | None:
+    """The ``--against`` run (None for the base model), checked before any weights load: another run than the
+    evaluated one, trained on the same base model (its LoRA weights mean nothing on another)."""
+    if str(cfg.against) == "base":
+        return None
+    if Path(cfg.against).resolve() == Path(cfg.adapter).resolve():
+        raise ConfigError(f"--against {cfg.against} is the evaluated --adapter itself: name another run, or base")
+    run = open_run(cfg.against, tokenizer=False)
+    mine, theirs = card.get("base_model") or {}, run.card.get("base_model") or {}
+    spec = read_adapter(Path(cfg.adapter))[1]
+    same_file = mine.get("resolved") is not None and mine.get("resolved") == theirs.get("resolved")
+    if not same_file and run.base_spec != spec:
+        raise ModelError(
+            f"--against {cfg.against}: trained on {run.base_spec} ({theirs.get('resolved')}), but --adapter "
+            f"{cfg.adapter} on {spec} ({mine.get('resolved')}): eval compares two adapters of one base model"
+        )
+    return run
+
+
+def systems(chat: ChatModel, cfg: EvalConfig, against: Run | None) -> tuple[dict[str, ChatModel], dict[str, str]]:
+    """The two systems as views of ``chat``'s network (the ``against`` adapter loaded into it beside the evaluated
+    one; the base model with the adapter off when None), and their names in the report: the run folders as given,
+    or "base" and "tuned"."""
+    if against is None:
+        return {"base": chat.view(BASE), "tuned": chat}, labels()
+    if AGAINST in chat.model.peft_config:  # a model evaluated against another run before
+        chat.model.delete_adapter(AGAINST)
+    against.attach(chat.model, AGAINST)
+    chat.model.eval()
+    return {"base": chat.view(AGAINST), "tuned": chat}, {"base": str(cfg.against), "tuned": str(cfg.adapter)}
 
 
 def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:
@@ -302,30 +376,49 @@ def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:
         are in ``result.output_dir``.
     """
     card = read_run_card(cfg.adapter)
-    # the persona block is read and checked before the data and the model: its errors cost seconds, not a whole eval
+    # the persona block, the --against run and the records are read and checked before the model: their errors cost
+    # seconds, not a whole eval
     persona = persona_settings(cfg, card) if cfg.persona else None
-    records, source = select_records(cfg, card)
+    against = open_against(cfg, card)
+    records, source = select_records(cfg, card, against)
     if chat is None:
         chat = ChatModel.load(cfg.adapter, device=cfg.device, dtype=cfg.dtype)
     if not chat.has_adapter:
         raise ModelError(f"{cfg.adapter}: the loaded model has no LoRA adapter to compare against its base")
+    views, names = systems(chat, cfg, against)
     log.info(
-        "eval plan: %d records, base and tuned: held-out loss, then greedy replies of up to %d tokens%s",
+        "eval plan: %d records, %s and %s: held-out loss, then greedy replies of up to %d tokens%s",
         len(records),
+        names["base"],
+        names["tuned"],
         cfg.max_new_tokens,
         "; then the persona section, whose plan follows the replies" if persona is not None else "",
     )
-    result = measure(cfg, card, chat, records, source)
-    if persona is not None:
-        measure_persona(cfg, card, chat, records, result, persona)
+    try:
+        result = measure(cfg, card, chat, records, source, views, names)
+        if persona is not None:
+            measure_persona(cfg, card, chat, records, result, persona, views)
+    finally:
+        if against is not None:
+            chat.model.delete_adapter(AGAINST)  # a model handed in (quickstart's) leaves as it came
     write_results(result, cfg)
     return result
 
 
 def measure(
-    cfg: EvalConfig, card: dict[str, Any], chat: ChatModel, records: list[Record], source: dict[str, Any]
+    cfg: EvalConfig,
+    card: dict[str, Any],
+    chat: ChatModel,
+    records: list[Record],
+    source: dict[str, Any],
+    views: dict[str, ChatModel] | None = None,
+    names: dict[str, str] | None = None,
 ) -> EvalResult:
-    """Phase 2: held-out loss and greedy replies of base and tuned model on ``records``, and their metrics."""
+    """Phase 2: held-out loss and greedy replies of base and tuned model on ``records``, and their metrics.
+    ``views`` and ``names``: :func:`systems`' (None: ``chat`` with its adapter off and on)."""
+    if views is None:
+        views, names = systems(chat, cfg, None)
+    names = labels(names)
     # held-out records are rendered as training rendered them: their own system prompt, else the one added
     system_prompt = added_system_prompt(card, default=chat.system_prompt)
     max_length = (card.get("config") or {}).get("max_length")
@@ -340,11 +433,11 @@ def measure(
             system_prompt,
             max_length,
             batch_size=cfg.batch_size,
-            use_adapter=name == "tuned",
+            adapter=views[name].adapter,
         )
         for name in SYSTEMS
     }
-    log.info("held-out loss: base %.4f, tuned %.4f", loss["base"].loss, loss["tuned"].loss)
+    log.info("held-out loss: %s", ", ".join(f"{names[k]} {v.loss:.4f}" for k, v in loss.items()))
     loss_s = time.time() - started
 
     sampling = SamplingConfig(
@@ -352,9 +445,7 @@ def measure(
     )
     prompts = [r.messages[:-1] for r in records]
     references = [r.messages[-1]["content"] for r in records]
-    generated = {
-        name: _generate(chat, prompts, sampling, cfg.batch_size, use_adapter=name == "tuned") for name in SYSTEMS
-    }
+    generated = {name: _generate(views[name], prompts, sampling, cfg.batch_size, names[name]) for name in SYSTEMS}
     replies_s = time.time() - started - loss_s
     replies = {
         name: reply_metrics([r.text for r in out], references, [r.finish_reason for r in out])
@@ -367,6 +458,7 @@ def measure(
 
     settings = {
         "adapter": str(Path(cfg.adapter).resolve()),
+        "against": "base" if views["base"].adapter == BASE else str(Path(cfg.against).resolve()),
         "system_prompt": system_prompt,
         "max_length": max_length,
         "max_new_tokens": cfg.max_new_tokens,
@@ -379,8 +471,8 @@ def measure(
         "replies_s": round(replies_s, 1),
     }
     rows = _rows(records, references, generated)
-    targets = _targets(loss, replies, significance)
-    return EvalResult(cfg.output_dir, source, settings, loss, replies, targets, rows, significance)
+    targets = _targets(loss, replies, significance, names, against_adapter=views["base"].adapter != BASE)
+    return EvalResult(cfg.output_dir, source, settings, loss, replies, targets, rows, significance, names=names)
 
 
 def persona_settings(cfg: EvalConfig, card: dict[str, Any]) -> PersonaConfig:
@@ -397,9 +489,10 @@ def measure_persona(
     records: list[Record],
     result: EvalResult,
     settings: PersonaConfig | None = None,
+    views: dict[str, ChatModel] | None = None,
 ) -> None:
     """Phase 2b: the persona section (identity probes, drift, retention; :mod:`chatlora.eval.persona`) and its targets,
-    into ``result``. ``settings``: :func:`persona_settings`, read here when not given."""
+    into ``result``. ``settings``: :func:`persona_settings`, read here when not given; ``views``: :func:`systems`'."""
     from .persona import evaluate_persona, plan_persona
 
     settings = settings or persona_settings(cfg, card)
@@ -429,6 +522,8 @@ def measure_persona(
         model_names=[base.get("spec"), base.get("resolved"), getattr(chat.model.config, "model_type", None)],
         character_name=((card.get("template") or {}).get("character") or {}).get("name"),
         plan=plan,
+        systems=views,
+        names=result.names,
     )
     result.targets += [Target(*t) for t in result.persona.targets()]
     result.settings["persona_runtime_s"] = round(time.time() - started, 1)

@@ -1,6 +1,7 @@
 """Persona eval: does the tuned model stay in character? Base vs tuned, as a section of ``chatlora eval``.
 
-Three measurements, each base (adapter off) vs tuned on the same loaded model:
+Three measurements, each base vs tuned on the same loaded model ("base": the adapter off, or the adapter ``eval
+--against`` names, loaded beside the evaluated one):
 
 - identity probes: shipped questions (who are you, are you an AI, who made you, ...; Chinese and English) asked
   alone and again after a few in-character turns; a reply *leaks* when it contains a forbidden self-description
@@ -47,6 +48,7 @@ __all__ = [
     "describe",
     "evaluate_persona",
     "fit_sizes",
+    "labels",
     "load_probes",
     "load_retention",
     "plan_persona",
@@ -54,6 +56,7 @@ __all__ = [
     "recommend_checkpoint",
     "resolve",
     "score_replies",
+    "system_views",
     "tables",
     "vendor_names",
 ]
@@ -66,7 +69,9 @@ PROBES_FILE = "identity_probes.jsonl"
 RETENTION_FILE = "retention.jsonl"
 # A checkpoint is recommended only if its retention loss is at most this much above the base model's.
 RETENTION_TOLERANCE = 0.10
-SYSTEMS = ("base", "tuned")  # what the eval compares: the adapter off, then on
+# What the eval compares: the baseline (the adapter off, or `--against`'s adapter), then the evaluated adapter. The
+# keys of every per-system result; the report shows each under its label (:func:`labels`).
+SYSTEMS = ("base", "tuned")
 
 DEFAULT_FORBIDDEN = (
     "AI",
@@ -254,11 +259,24 @@ def _bar(desc: str, total: int, unit: str):
     return tqdm(total=total, desc=desc, unit=unit)
 
 
-def _replies(chat, conversations: list[list[dict]], sampling, system: str | None, batch_size: int, use_adapter, bar):
+def _replies(chat, conversations: list[list[dict]], sampling, system: str | None, batch_size: int, bar):
     systems = [system] * len(conversations)
     return chat.generate_many(
-        conversations, sampling, systems, use_adapter, batch_size, desc=None, on_reply=lambda i, r: bar.update(1)
+        conversations, sampling, systems, True, batch_size, desc=None, on_reply=lambda i, r: bar.update(1)
     )
+
+
+def system_views(chat, systems: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The :class:`~chatlora.inference.infer.ChatModel` each system replies with: ``systems`` (views of one network
+    with the baseline's and the evaluated adapter), else ``chat``'s base (adapter off) and ``chat``."""
+    from ..inference.engine import BASE
+
+    return systems if systems is not None else {"base": chat.view(BASE), "tuned": chat}
+
+
+def labels(systems: dict[str, str] | None = None) -> dict[str, str]:
+    """Each system's name in the report: ``systems``' (e.g. the two run folders), else "base" and "tuned"."""
+    return dict(systems) if systems else {name: name for name in SYSTEMS}
 
 
 def _drift_context(chat, cfg: PersonaConfig) -> int:
@@ -299,7 +317,8 @@ def probe_conversations(probes: list[dict], records_messages: list[list[dict]], 
     return {"alone": alone, "in_context": in_context}
 
 
-def _probe_phase(chat, persona, probes, records_messages, cfg, sampling, system, batch_size):
+def _probe_phase(chat, persona, probes, records_messages, cfg, sampling, system, batch_size, systems=None):
+    views = system_views(chat, systems)
     conversations = probe_conversations(probes, records_messages, cfg.probe_turns)
     rates: dict[str, dict[str, Rates]] = {}
     rows = []
@@ -310,7 +329,7 @@ def _probe_phase(chat, persona, probes, records_messages, cfg, sampling, system,
             for condition, convs in conversations.items():
                 if not convs:
                     continue
-                replies = _replies(chat, convs, sampling, system, batch_size, system_name == "tuned", bar)
+                replies = _replies(views[system_name], convs, sampling, system, batch_size, bar)
                 rates[system_name][condition], found = score_replies([r.text for r in replies], persona)
                 rows += [
                     {
@@ -358,7 +377,7 @@ class Drift:
         }
 
 
-def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_size, reuse: bool = True):
+def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_size, reuse: bool = True, systems=None):
     """Each turn of every conversation, base and tuned, in one batch: the turns of a conversation must follow one
     another, so a conversation alone would be one batch of one row per turn (half the calls measured 64 s of a
     100 s persona section on the 2-core CPU).
@@ -366,7 +385,9 @@ def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_s
     ``reuse``: each row keeps its keys and values between turns (``chat.row_cache()``), so a turn
     encodes its new tokens (last reply's end, the user turn) instead of the whole conversation, which made 20 turns
     quadratic; when the oldest exchange is dropped to fit ``drift_context``, that turn encodes the window again.
+    ``systems``: :func:`system_views`'.
     """
+    views = system_views(chat, systems)
     prompts = drift_prompts(records_messages, cfg.drift_conversations, cfg.drift_turns)
     if not prompts:
         return None, []
@@ -384,7 +405,7 @@ def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_s
                     h.append({"role": "user", "content": prompts[c][t]})
                     histories[name][c] = _fit(chat, h, system, budget)
             batch = [
-                chat.row(chat.prompt_ids(histories[name][c], system), sampling, name == "tuned", cache=caches[name, c])
+                views[name].row(chat.prompt_ids(histories[name][c], system), sampling, cache=caches[name, c])
                 for name, c in keys
             ]
             for start in range(0, len(batch), batch_size):
@@ -406,8 +427,8 @@ def _drift_phase(chat, persona, records_messages, cfg, sampling, system, batch_s
     return Drift(cfg.drift_turns, len(prompts), per_turn, tokens), rows
 
 
-def plot_drift(drift: Drift, png_path: str | Path) -> Path:
-    """Leak rate and marker rate against turn, base and tuned, two panels side by side."""
+def plot_drift(drift: Drift, png_path: str | Path, names: dict[str, str] | None = None) -> Path:
+    """Leak rate and marker rate against turn, base and tuned (named by ``names``), two panels side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -417,7 +438,7 @@ def plot_drift(drift: Drift, png_path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110, sharex=True)
     for ax, what, title in zip(axes, ("leak", "marker"), ("identity leaks", "character markers"), strict=True):
         for system, color in (("base", "#7f7f7f"), ("tuned", "#d62728")):
-            ax.plot(turns, drift.series(system, what), "o-", ms=3, label=system, color=color)
+            ax.plot(turns, drift.series(system, what), "o-", ms=3, label=labels(names)[system], color=color)
         ax.set_title(f"{title} per turn ({drift.conversations} conversations)")
         ax.set_xlabel("turn")
         ax.set_ylabel(f"share of replies with {'a forbidden self-description' if what == 'leak' else 'a marker'}")
@@ -442,7 +463,8 @@ class CheckpointRow:
 
 def recommend_checkpoint(rows: list[CheckpointRow], base_retention: float) -> CheckpointRow | None:
     """The lowest character held-out loss among rows whose retention loss is at most ``1 + RETENTION_TOLERANCE``
-    times the base model's; if none is, the row with the lowest retention loss."""
+    times the baseline's (the base model, or the adapter eval compares against); if none is, the row with the lowest
+    retention loss."""
     if not rows:
         return None
     kept = [r for r in rows if r.retention_loss <= base_retention * (1 + RETENTION_TOLERANCE)]
@@ -453,12 +475,14 @@ def recommend_checkpoint(rows: list[CheckpointRow], base_retention: float) -> Ch
 
 RULE = (
     f"recommended: the lowest character held-out loss among the checkpoints whose retention loss is at most "
-    f"{1 + RETENTION_TOLERANCE:.2f} x the base model's; if none is, the lowest retention loss"
+    f"{1 + RETENTION_TOLERANCE:.2f} x the baseline's (the first system); if none is, the lowest retention loss"
 )
 
 
-def _losses(loss_fn, chat, conversations, system, max_length, batch_size, use_adapter: bool) -> float:
-    return loss_fn(chat.model, chat.tokenizer, conversations, system, max_length, batch_size, use_adapter).loss
+def _losses(loss_fn, chat, conversations, system, max_length, batch_size, adapter: str | None = None) -> float:
+    """``loss_fn``'s loss with ``adapter`` (None: ``chat``'s own)."""
+    adapter = adapter if adapter is not None else chat.adapter
+    return loss_fn(chat.model, chat.tokenizer, conversations, system, max_length, batch_size, adapter=adapter).loss
 
 
 def _checkpoints(chat, adapter_dir: Path | None, final_step: int | None) -> list[tuple[int, Path]]:
@@ -489,8 +513,8 @@ def _checkpoint_phase(
                     CheckpointRow(
                         path.name,
                         step,
-                        _losses(loss_fn, chat, held_out, system, max_length, batch_size, True),
-                        _losses(loss_fn, chat, retention, None, max_length, batch_size, True),
+                        _losses(loss_fn, chat, held_out, system, max_length, batch_size, name),
+                        _losses(loss_fn, chat, retention, None, max_length, batch_size, name),
                     )
                 )
             finally:
@@ -678,6 +702,7 @@ class PersonaResult:
     timings: dict[str, float]
     rows: list[dict[str, Any]] = field(repr=False)
     plot_path: Path | None = None
+    names: dict[str, str] = field(default_factory=labels)  # each system's name in the report
 
     def probe_total(self, system: str) -> Rates:
         """Both conditions of the probes pooled."""
@@ -687,11 +712,12 @@ class PersonaResult:
         return total
 
     def targets(self) -> list[tuple[str, bool, str]]:
-        """(name, passed, detail) lines for the report's targets: fewer leaks than the base model, more markers."""
+        """(name, passed, detail) lines for the report's targets: fewer leaks than the baseline, more markers."""
         base, tuned = self.probe_total("base"), self.probe_total("tuned")
+        b, t = self.names["base"], self.names["tuned"]
         out = [
             (
-                "persona: tuned identity-leak rate <= base",
+                f"persona: {t} identity-leak rate <= {b}",
                 tuned.leak_rate <= base.leak_rate,
                 f"{base.leak_rate:.1%} -> {tuned.leak_rate:.1%} of {tuned.n} probe replies",
             )
@@ -699,7 +725,7 @@ class PersonaResult:
         if self.persona.markers:
             out.append(
                 (
-                    "persona: tuned marker rate > base",
+                    f"persona: {t} marker rate > {b}",
                     tuned.marker_rate > base.marker_rate,
                     f"{base.marker_rate:.1%} -> {tuned.marker_rate:.1%} of {tuned.n} probe replies",
                 )
@@ -712,11 +738,12 @@ class PersonaResult:
             for row in self.rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         if self.drift:
-            self.plot_path = plot_drift(self.drift, output_dir / DRIFT_PNG)
+            self.plot_path = plot_drift(self.drift, output_dir / DRIFT_PNG, self.names)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "persona": self.persona.to_dict(),
+            "systems": self.names,
             "settings": self.settings,
             "timings_s": self.timings,
             "probes": {s: {c: r.to_dict() for c, r in v.items()} for s, v in self.probes.items()},
@@ -746,6 +773,8 @@ def evaluate_persona(
     model_names: list[str | None] | None = None,
     character_name: str | None = None,
     plan: PersonaPlan | None = None,
+    systems: dict[str, Any] | None = None,
+    names: dict[str, str] | None = None,
 ) -> PersonaResult:
     """Run the persona section on a loaded model with an adapter (nothing is written: see ``write_files``); each
     phase shows a progress bar (tqdm, on stderr).
@@ -766,7 +795,10 @@ def evaluate_persona(
         model_names: Names of the base model (hub id, folder, model_type) for the vendor names.
         character_name: The character card's name, if the run used one.
         plan: :func:`plan_persona`'s plan for these settings (made here when None): its fitted sizes are used.
+        systems: The two systems' views of ``chat``'s network (:func:`system_views`; None: adapter off and on).
+        names: The two systems' names in the report (:func:`labels`).
     """
+    views = system_views(chat, systems)
     plan = plan or plan_persona(chat, cfg, records_messages, adapter_dir, final_step)
     cfg = plan.cfg
     sampling = dataclasses.replace(sampling, max_new_tokens=cfg.max_new_tokens)
@@ -775,13 +807,17 @@ def evaluate_persona(
     timings: dict[str, float] = {}
 
     started = time.time()
-    probe_rates, rows = _probe_phase(chat, persona, probes, records_messages, cfg, sampling, system_prompt, batch_size)
+    probe_rates, rows = _probe_phase(
+        chat, persona, probes, records_messages, cfg, sampling, system_prompt, batch_size, views
+    )
     timings["probes"] = round(time.time() - started, 1)
 
     started = time.time()
     drift, drift_rows = None, []
     if cfg.drift_conversations:
-        drift, drift_rows = _drift_phase(chat, persona, records_messages, cfg, sampling, system_prompt, batch_size)
+        drift, drift_rows = _drift_phase(
+            chat, persona, records_messages, cfg, sampling, system_prompt, batch_size, systems=views
+        )
     timings["drift"] = round(time.time() - started, 1)
 
     started = time.time()
@@ -791,7 +827,7 @@ def evaluate_persona(
         retention = {}
         with _bar("persona: retention", len(SYSTEMS), "pass") as bar:
             for name in SYSTEMS:
-                retention[name] = _losses(loss_fn, chat, general, None, max_length, batch_size, name == "tuned")
+                retention[name] = _losses(loss_fn, views[name], general, None, max_length, batch_size)
                 bar.update(1)
         final = CheckpointRow("final", final_step, tuned_loss, retention["tuned"])
         table = _checkpoint_phase(
@@ -819,7 +855,17 @@ def evaluate_persona(
         "plan": plan.to_dict(),
     }
     return PersonaResult(
-        persona, probe_rates, len(probes), drift, retention, table, recommended, settings, timings, rows + drift_rows
+        persona,
+        probe_rates,
+        len(probes),
+        drift,
+        retention,
+        table,
+        recommended,
+        settings,
+        timings,
+        rows + drift_rows,
+        names=labels(names),
     )
 
 
@@ -833,14 +879,16 @@ def _pct(x: float) -> str:
 def tables(result: PersonaResult) -> dict[str, tuple[list[str], list[list[str]]]]:
     """(header, rows) of each persona table, as display strings: probes, drift summary, checkpoints."""
     out: dict[str, tuple[list[str], list[list[str]]]] = {}
+    names = result.names
     rows = []
     for system in SYSTEMS:
+        name = names[system]
         for condition, rates in result.probes[system].items():
             rows.append(
-                [system, condition.replace("_", " "), str(rates.n), _pct(rates.leak_rate), _pct(rates.marker_rate)]
+                [name, condition.replace("_", " "), str(rates.n), _pct(rates.leak_rate), _pct(rates.marker_rate)]
             )
         total = result.probe_total(system)
-        rows.append([system, "all", str(total.n), _pct(total.leak_rate), _pct(total.marker_rate)])
+        rows.append([name, "all", str(total.n), _pct(total.leak_rate), _pct(total.marker_rate)])
     out["probes"] = (["system", "probes asked", "replies", "identity-leak rate", "marker rate"], rows)
     if result.drift:
         d = result.drift
@@ -848,7 +896,7 @@ def tables(result: PersonaResult) -> dict[str, tuple[list[str], list[list[str]]]
         thirds = [(1, k), (d.turns - k + 1, d.turns)]
         rows = []
         for system in SYSTEMS:
-            cells = [system]
+            cells = [names[system]]
             for what in ("leak", "marker"):
                 series = d.series(system, what)
                 cells += [_pct(sum(series[a - 1 : b]) / (b - a + 1)) for a, b in thirds]
@@ -860,7 +908,8 @@ def tables(result: PersonaResult) -> dict[str, tuple[list[str], list[list[str]]]
             rows,
         )
     if result.retention is not None:
-        rows = [["base (no adapter)", "—", f"{result.retention['base']:.4f}", ""]]
+        baseline = "base (no adapter)" if names["base"] == "base" else f"{names['base']} (baseline)"
+        rows = [[baseline, "—", f"{result.retention['base']:.4f}", ""]]
         for r in result.checkpoints:
             label = r.name if r.step is None or r.name != "final" else f"final (step {r.step})"
             mark = "recommended" if r is result.recommended else ""

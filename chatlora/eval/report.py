@@ -12,6 +12,7 @@ import html
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .results import METRICS_JSON, REPLIES_JSONL, REPORT_HTML, REPORT_MD, EvalResult
 
@@ -58,7 +59,7 @@ def markdown_report(result: EvalResult, parts: list[Section]) -> str:
     lines = [
         "# chatlora eval",
         "",
-        f"Adapter `{s['adapter']}`, evaluated on {_source_line(result)}.",
+        f"Adapter `{s['adapter']}` ({_compared(result)}), evaluated on {_source_line(result)}.",
         f"Decoding: {s['decoding']}, max_new_tokens={s['max_new_tokens']}; device {s['device']}.",
     ]
     for part in parts:
@@ -74,7 +75,8 @@ def html_report(result: EvalResult, parts: list[Section]) -> str:
         '<!doctype html><html><head><meta charset="utf-8"><title>chatlora eval</title>'
         f"<style>{_CSS}</style></head><body>"
         "<h1>chatlora eval</h1>"
-        f"<p>Adapter <code>{e(s['adapter'])}</code>, evaluated on {e(_source_line(result))}.<br>"
+        f"<p>Adapter <code>{e(s['adapter'])}</code> ({e(_compared(result))}), evaluated on "
+        f"{e(_source_line(result))}.<br>"
         f"Decoding: {e(s['decoding'])}, max_new_tokens={s['max_new_tokens']}; device {e(s['device'])}.</p>"
         f"{body}</body></html>\n"
     )
@@ -98,14 +100,15 @@ def _targets(result: EvalResult, examples: int) -> Section:
 
 def _loss(result: EvalResult, examples: int) -> Section:
     head = ["system", "loss", "perplexity", "assistant tokens"]
-    rows = [[k, _fmt(v.loss, ".4f"), _fmt(v.perplexity), str(v.tokens)] for k, v in result.loss.items()]
-    rows.append(["tuned / base", _fmt(result.loss_ratio, ".3f"), "", ""])
+    names = result.names
+    rows = [[names[k], _fmt(v.loss, ".4f"), _fmt(v.perplexity), str(v.tokens)] for k, v in result.loss.items()]
+    rows.append([f"{names['tuned']} / {names['base']}", _fmt(result.loss_ratio, ".3f"), "", ""])
     return Section("Held-out loss (assistant tokens)", _md_table(head, rows), _html_table(head, rows))
 
 
 _NOTES = (
     "Loss: token-weighted mean cross-entropy over assistant tokens only (labels != -100), same template, system "
-    "prompt and max_length as training; base = the same model with the adapter disabled. "
+    "prompt and max_length as training; {base}. "
     "Replies: greedy, prompt = the conversation minus its last assistant turn. chrF and BLEU are corpus scores vs "
     "the reference (BLEU with sacrebleu tokenize='zh'). Lengths in characters. Stop rate: share of replies ending "
     "with the end-of-turn token before max_new_tokens. distinct-n: unique / total character n-grams over all "
@@ -127,7 +130,7 @@ def _reply_metrics(result: EvalResult, examples: int) -> Section:
     ]
     rows = [
         [
-            k,
+            result.names.get(k, k),
             _fmt(m.chrf),
             _fmt(m.bleu),
             _fmt(m.mean_length, ".1f"),
@@ -139,13 +142,18 @@ def _reply_metrics(result: EvalResult, examples: int) -> Section:
         ]
         for k, m in result.replies.items()
     ]
-    notes = [_NOTES]
+    baseline = (
+        "base = the same model with the adapter disabled"
+        if result.settings.get("against", "base") == "base"
+        else f"{result.names['base']} = the other run's adapter, loaded beside this one on the same base model"
+    )
+    notes = [_NOTES.format(base=baseline)]
     if result.significance:
         n = result.replies["tuned"].n
         tests = "; ".join(f"{s.metric} {s.describe()}" for s in result.significance.values())
         samples = next(iter(result.significance.values())).samples
         notes.append(
-            f"Tuned minus base, paired bootstrap over the {n} records ({samples} resamples): {tests}. A p-value "
+            f"{result.names['tuned']} minus {result.names['base']}, paired bootstrap over the {n} records ({samples} resamples): {tests}. A p-value "
             "above 0.05 means these records cannot tell the two systems apart on that metric."
         )
     return Section(
@@ -204,14 +212,14 @@ def _replies(result: EvalResult, examples: int) -> Section:
     md: list[str] = []
     for i, row in enumerate(shown, 1):
         table = [["prompt", row["prompt"]], ["reference", row["reference"]]]
-        table += [[system, mark(row, system)] for system in SYSTEMS]
+        table += [[result.names[system], mark(row, system)] for system in SYSTEMS]
         md += [""] if md else []
         md += [f"### {i}. record {row['index']}", "", *_md_table(["", "text"], table)]
     html_rows = [[str(r["index"]), r["prompt"], r["reference"], *(mark(r, s) for s in SYSTEMS)] for r in shown]
     return Section(
         f"Replies (first {len(shown)} of {len(result.rows)}; all in `{REPLIES_JSONL}`)",
         md,
-        _html_table(["record", "prompt", "reference", *SYSTEMS], html_rows, "replies"),
+        _html_table(["record", "prompt", "reference", *(result.names[s] for s in SYSTEMS)], html_rows, "replies"),
     )
 
 
@@ -233,10 +241,24 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _compared(result: EvalResult) -> str:
+    against = result.settings.get("against", "base")
+    if against == "base":
+        return "tuned, compared with base: the base model, the adapter off"
+    return f"{result.names['tuned']}, compared with {result.names['base']}: the adapter of `{against}`"
+
+
 def _source_line(result: EvalResult) -> str:
     s = result.source
     if s["kind"] == "held-out":
-        what = f"{s['records']} of the run's {s['held_out_records']} held-out records (never trained on)"
+        run = s.get("run")
+        if run is None or Path(run).resolve() == Path(result.settings["adapter"]).resolve():
+            what = f"{s['records']} of the run's {s['held_out_records']} held-out records (never trained on)"
+        else:  # a preference run: the held-out split of the SFT run it started from
+            what = (
+                f"{s['records']} of the {s['held_out_records']} held-out records of the run `{run}` (the evaluated "
+                "run holds out preference pairs, not conversations; it started from that run)"
+            )
         if not s["sha256_matches_run"]:
             what += " — WARNING: the dataset changed since training"
     else:

@@ -131,6 +131,8 @@ class EvalResult:
     significance: dict[str, Significance] = field(default_factory=dict)
     plot_path: Path | None = None
     persona: PersonaResult | None = None
+    # each system's name in the report: "base" and "tuned", or the two run folders of an eval --against a run
+    names: dict[str, str] = field(default_factory=lambda: {"base": "base", "tuned": "tuned"})
 
     @property
     def loss_ratio(self) -> float:
@@ -139,6 +141,7 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "systems": self.names,
             "source": self.source,
             "settings": self.settings,
             "loss": {k: asdict(v) for k, v in self.loss.items()} | {"ratio": self.loss_ratio},

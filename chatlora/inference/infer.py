@@ -400,6 +400,11 @@ class ChatModel:
             system_prompt = run.system_prompt
         return cls(net, tokenizer, system_prompt, name)
 
+    def view(self, adapter: str) -> ChatModel:
+        """This network answering with another of its adapters (:data:`BASE`: none): weights, tokenizer, system
+        prompt and engine shared, so rows of both views batch together."""
+        return ChatModel(self.model, self.tokenizer, self.system_prompt, self.name, adapter)
+
     def conversation(self, messages: list[dict], system: str | None = None) -> list[dict]:
         """Messages with the system prompt applied (an explicit one, the run's, or the data's own)."""
         return with_system(messages, system if system is not None else self.system_prompt)
