@@ -202,7 +202,8 @@ def _check_pairs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, ensure_ascii=False, indent=2))
         return 0
-    print(f"{args.path}: OK ({len(pairs)} preference pairs)")
+    what = "preference pairs" if "pairs" in stats else "unpaired completions, KTO's data"
+    print(f"{args.path}: OK ({len(pairs)} {what})")
     for key, value in stats.items():
         print(
             f"  {key}: " + (", ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value))

@@ -5,15 +5,17 @@ Record shapes (one file holds one shape; ``format="auto"`` detects it from the f
 * ``trl``: TRL's shapes. ``{"prompt", "chosen", "rejected"}`` with a plain prompt string (one user turn) and plain
   replies, or conversational: the prompt a list of ``{"role", "content"}`` messages ending on a user turn (also
   under ``"messages"``), each reply a string, an assistant message or a one-message list; or the implicit-prompt
-  shape, ``chosen`` and ``rejected`` whole conversations that differ only in their last (assistant) message.
+  shape, ``chosen`` and ``rejected`` whole conversations that differ only in their last (assistant) message. And
+  TRL's unpaired shape, which KTO trains on: ``{"prompt", "completion", "label"}``, one reply judged desirable
+  (``label`` true) or undesirable (false), the prompt and the completion plain or conversational as above.
 * ``sharegpt``: LLaMA-Factory's ShareGPT pairs, ``{"conversations": [{"from", "value"}, ...], "chosen":
   {"from": "gpt", "value"}, "rejected": {...}, "system"?}``.
 * ``alpaca``: LLaMA-Factory's alpaca pairs, ``{"instruction", "input"?, "chosen", "rejected", "system"?}``.
 
 Files are read exactly as SFT data (:func:`chatlora.data.read_json_file`: JSON array or JSONL, UTF-8, size limit),
 fields renamed with the same column mapping, and every problem is one ``PATH:LINE: what: expected`` line of a
-:class:`~chatlora.data.DataError`: a missing or empty side, identical sides, a prompt that does not end on a user
-turn.
+':class:`~chatlora.data.DataError`: a missing or empty side, identical sides, a prompt that does not end on a user
+turn, a label that is not a boolean, a file mixing pairs and unpaired completions.
 
 Encoding goes through :mod:`chatlora.template`, as SFT does: the prompt's tokens are the generation prompt
 (:func:`chatlora.template.encode_prompt`), each side's tokens the reply and its end-of-turn token, the same tokens
@@ -56,33 +58,43 @@ __all__ = [
 ]
 
 PAIR_FORMATS = ("auto", "trl", "sharegpt", "alpaca")
-PAIR_COLUMNS = tuple(dict.fromkeys((*CANONICAL_COLUMNS, "prompt", "chosen", "rejected")))
+PAIR_COLUMNS = tuple(dict.fromkeys((*CANONICAL_COLUMNS, "prompt", "chosen", "rejected", "completion", "label")))
 SIDES = ("chosen", "rejected")
 _REPLY = "the reply: a string or an assistant message"
 
 
 @dataclass
 class Pair:
-    """One validated preference pair.
+    """One validated preference pair, or one unpaired completion (KTO's data: one side None).
 
     Attributes:
         prompt: Messages ending on the user turn both replies answer; a system message, if any, first.
-        chosen: The preferred reply.
-        rejected: The rejected reply.
+        chosen: The preferred reply (an unpaired completion labelled true); None for an undesirable completion.
+        rejected: The rejected reply (an unpaired completion labelled false); None for a desirable completion.
         line: 1-based line in the file where the record starts.
         index: 0-based position of the record among the file's records.
     """
 
     prompt: list[Message]
-    chosen: str
-    rejected: str
+    chosen: str | None
+    rejected: str | None
     line: int
     index: int
 
     @property
+    def sides(self) -> tuple[str, ...]:
+        """The sides the record has: both for a pair, one for an unpaired completion."""
+        return tuple(side for side in SIDES if getattr(self, side) is not None)
+
+    @property
+    def paired(self) -> bool:
+        return len(self.sides) == 2
+
+    @property
     def messages(self) -> list[Message]:
-        """The prompt and the chosen reply: what the held-out split and the system-prompt count read."""
-        return self.conversation("chosen")
+        """The prompt and the chosen reply (an unpaired record's only one): what the held-out split and the
+        system-prompt count read."""
+        return self.conversation(self.sides[0])
 
     def conversation(self, side: str) -> list[Message]:
         """The prompt followed by one side's reply (``side``: ``chosen`` or ``rejected``)."""
@@ -104,7 +116,7 @@ def detect_pair_format(obj: Any, columns: dict[str, str] | None = None) -> str |
         return "sharegpt"
     if cols.get("instruction", "instruction") in obj:
         return "alpaca"
-    if any(cols.get(k, k) in obj for k in ("prompt", "messages", "chosen")):
+    if any(cols.get(k, k) in obj for k in ("prompt", "messages", "chosen", "completion")):
         return "trl"
     return None
 
@@ -164,24 +176,50 @@ def _implicit_prompt(f: _Fields) -> tuple[list[Message], str | None, str | None]
     return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
 
 
-def _normalize_trl(f: _Fields) -> tuple[list[Message], str | None, str | None]:
-    prompt_key = next((k for k in ("prompt", "messages") if f.key(k) in f.obj), None)
-    if prompt_key is None:
-        if all(isinstance(f.obj.get(f.key(s)), list) and len(f.obj[f.key(s)]) > 1 for s in SIDES):
-            return _implicit_prompt(f)
+def _unpaired(f: _Fields) -> bool:
+    """TRL's unpaired shape: a completion, or a label without either side of a pair."""
+    return f.key("completion") in f.obj or (f.key("label") in f.obj and not any(f.key(s) in f.obj for s in SIDES))
+
+
+def _trl_prompt(f: _Fields) -> list[Message]:
+    """The ``prompt`` (or ``messages``) of TRL's shapes: a string (one user turn) or a list of messages."""
+    prompt_key = next((k for k in ("prompt", "messages") if f.key(k) in f.obj), "prompt")
+    if f.key(prompt_key) not in f.obj:
         f.errors.append(
             f"missing field {f.label('prompt')}: expected the prompt (a string, or messages ending on a user turn)"
         )
-        return [], _reply(f, "chosen"), _reply(f, "rejected")
+        return []
     value, label = f.obj[f.key(prompt_key)], f.label(prompt_key)
     if isinstance(value, str):
         if not value.strip():
             f.errors.append(f"{label} is empty: expected a non-empty prompt")
-        prompt = [{"role": "user", "content": value}]
-    else:
-        prompt, errors = turn_list(value, label, "role", "content", {r: r for r in ROLES}, "a user turn")
-        f.errors.extend(errors)
-    return prompt, _reply(f, "chosen"), _reply(f, "rejected")
+        return [{"role": "user", "content": value}]
+    prompt, errors = turn_list(value, label, "role", "content", {r: r for r in ROLES}, "a user turn")
+    f.errors.extend(errors)
+    return prompt
+
+
+def _normalize_trl(f: _Fields) -> tuple[list[Message], str | None, str | None]:
+    if _unpaired(f):
+        return _normalize_unpaired(f)
+    has_prompt = any(f.key(k) in f.obj for k in ("prompt", "messages"))
+    if not has_prompt and all(isinstance(f.obj.get(f.key(s)), list) and len(f.obj[f.key(s)]) > 1 for s in SIDES):
+        return _implicit_prompt(f)
+    return _trl_prompt(f), _reply(f, "chosen"), _reply(f, "rejected")
+
+
+def _normalize_unpaired(f: _Fields) -> tuple[list[Message], str | None, str | None]:
+    """``{"prompt", "completion", "label"}``: the completion becomes the chosen side (label true) or the rejected."""
+    prompt, completion = _trl_prompt(f), _reply(f, "completion")
+    key, label = f.key("label"), f.label("label")
+    value = f.obj.get(key)
+    if key not in f.obj or value is None:
+        f.errors.append(f"missing field {label}: expected true (a desirable completion) or false (an undesirable one)")
+    elif not isinstance(value, bool):
+        f.errors.append(f"{label} is {_type_name(value)}: expected true or false")
+    if f.errors:
+        return prompt, None, None
+    return prompt, completion if value else None, None if value else completion
 
 
 def _normalize_sharegpt(f: _Fields) -> tuple[list[Message], str | None, str | None]:
@@ -254,6 +292,7 @@ def load_pairs(path: str | Path, format: str = "auto", columns: dict[str, str] |
                 )
             )
     pairs: list[Pair] = []
+    shapes = {True: "a pair (prompt, chosen, rejected)", False: "an unpaired completion (prompt, completion, label)"}
     for index, (line, obj) in enumerate(items):
         if not isinstance(obj, dict):
             problems.append((line, f"record is {_type_name(obj)}: expected a JSON object"))
@@ -268,8 +307,18 @@ def load_pairs(path: str | Path, format: str = "auto", columns: dict[str, str] |
         prompt, chosen, rejected = _NORMALIZERS[fmt](f)
         _pair_problems(f, prompt, chosen, rejected)
         problems += [(line, error) for error in f.errors]
-        if not f.errors and chosen is not None and rejected is not None:
-            pairs.append(Pair(prompt, chosen, rejected, line, index))
+        if not f.errors and (chosen is not None or rejected is not None):
+            pair = Pair(prompt, chosen, rejected, line, index)
+            if pairs and pair.paired != pairs[0].paired:
+                problems.append(
+                    (
+                        line,
+                        f"record is {shapes[pair.paired]}: expected {shapes[pairs[0].paired]} like line "
+                        f"{pairs[0].line} (one file holds one shape)",
+                    )
+                )
+                continue
+            pairs.append(pair)
     if problems:
         raise DataError.at(path, problems)
     return pairs
@@ -279,18 +328,29 @@ def describe_pairs(pairs: list[Pair], tokenizer=None, system_prompt: str | None 
     """``pairs``, ``multi_turn`` (prompts with earlier replies), ``with_system``, ``chosen_longer`` (pairs whose chosen
     reply has more characters: a high share teaches length) and, with a tokenizer, token lengths of the prompts and
     of each side as training encodes them (``truncated``: pairs longer than ``max_length``)."""
+    paired = [p for p in pairs if p.paired]
     stats: dict[str, Any] = {
-        "pairs": len(pairs),
+        "pairs": len(paired),
         "multi_turn": sum(any(m["role"] == "assistant" for m in p.prompt) for p in pairs),
         "with_system": sum(p.prompt[0]["role"] == "system" for p in pairs),
-        "chosen_longer": sum(len(p.chosen) > len(p.rejected) for p in pairs),
+        "chosen_longer": sum(len(p.chosen or "") > len(p.rejected or "") for p in paired),
     }
+    if len(paired) < len(pairs):  # unpaired completions (KTO's): how many of each label
+        stats = {
+            "unpaired": len(pairs),
+            "desirable": sum(p.chosen is not None for p in pairs),
+            "undesirable": sum(p.rejected is not None for p in pairs),
+            "multi_turn": stats["multi_turn"],
+            "with_system": stats["with_system"],
+        }
     if tokenizer is not None:
         examples = encode_pairs(pairs, tokenizer, system_prompt, 10**9).examples
         for key in ("prompt", "chosen", "rejected"):
-            stats[f"{key}_tokens"] = length_stats([len(ex[f"{key}_ids"]) for ex in examples], None)
-            del stats[f"{key}_tokens"]["truncated"]
-        longest = [len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples]
+            lengths = [len(ex[f"{key}_ids"]) for ex in examples if f"{key}_ids" in ex]
+            if lengths:
+                stats[f"{key}_tokens"] = length_stats(lengths, None)
+                del stats[f"{key}_tokens"]["truncated"]
+        longest = [len(ex["prompt_ids"]) + max(len(v) for k, v in ex.items() if k != "prompt_ids") for ex in examples]
         stats["truncated"] = sum(n > max_length for n in longest)
         stats["max_length"] = max_length
     return stats
@@ -302,7 +362,8 @@ def describe_pairs(pairs: list[Pair], tokenizer=None, system_prompt: str | None 
 
 @dataclass
 class EncodedPairs:
-    """Pairs as token ids: ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` each, plus what the length limit cost."""
+    """Pairs as token ids: ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` each (an unpaired completion: its one
+    side), plus what the length limit cost."""
 
     examples: list[dict[str, list[int]]]
     truncated: int  # pairs with a side cut at max_length
@@ -329,7 +390,9 @@ def encode_pairs(
         prompt = with_system(pair.prompt, system_prompt)
         try:
             prompt_ids = encode_prompt(prompt, tokenizer)
-            sides = {side: _reply_ids([*prompt, pair.conversation(side)[-1]], prompt_ids, tokenizer) for side in SIDES}
+            sides = {
+                side: _reply_ids([*prompt, pair.conversation(side)[-1]], prompt_ids, tokenizer) for side in pair.sides
+            }
         except TemplateError as e:
             raise DataError([f"{source}:{pair.line}: {e}"]) from None
         room = max_length - len(prompt_ids)

@@ -89,9 +89,10 @@ class PreparedPreference(PreparedRun):
 
     def lines(self) -> list[str]:
         s = self.split
+        what = "preference pairs" if self.records[0].paired else "unpaired completions"
         return [
-            f"data: {self.cfg.data}: {len(self.records)} preference pairs -> {len(s.train)} train, {len(s.val)} "
-            f"held out ({s.rule})"
+            f"data: {self.cfg.data}: {len(self.records)} {what} -> {len(s.train)} train, {len(s.val)} held out "
+            f"({s.rule})"
             + (f", {s.dropped_duplicates} training copies of held-out pairs dropped" if s.dropped_duplicates else ""),
             f"method: {self.cfg.method} (beta {self.beta:g}) on TRL; reference: {self.reference()}",
             self.system.line(),
@@ -117,6 +118,8 @@ def _plan_sequences(encoded: EncodedPairs) -> list[dict]:
     out = []
     for ex in encoded.examples:
         for side in ("chosen_ids", "rejected_ids"):
+            if side not in ex:  # an unpaired completion
+                continue
             prompt = ex["prompt_ids"]
             out.append({"input_ids": prompt + ex[side], "labels": [IGNORE_INDEX] * len(prompt) + ex[side]})
     return out
@@ -139,6 +142,13 @@ def prepare_preference(cfg: TrainConfig) -> PreparedPreference:
     require_trl(cfg.method)
     check_launch(cfg, _world()[0])
     pairs = load_pairs(cfg.data, cfg.format if cfg.format != "messages" else "trl", parse_pair_columns(cfg.columns))
+    if cfg.method != "kto" and not pairs[0].paired:
+        raise DataError(
+            [
+                f"{cfg.data}:{pairs[0].line}: an unpaired completion (prompt, completion, label): `--method "
+                f"{cfg.method}` needs pairs (prompt, chosen, rejected); only --method kto trains on unpaired data"
+            ]
+        )
     split = split_records(pairs, cfg.val_size, cfg.split_seed, cfg.allow_small_train)
     world_size, device, precision, model_path, shape = placement(cfg)
     _check_start_adapter(cfg, model_path)
@@ -189,12 +199,14 @@ def prepare_preference(cfg: TrainConfig) -> PreparedPreference:
 
 
 def _unpaired(examples: list[dict], seed: int) -> list[dict]:
-    """KTO's rows: each pair's chosen side desirable, its rejected side undesirable, shuffled once with ``seed``
-    (KTO reads its batches in order: its KL estimate pairs each row with its batch neighbour's completion)."""
+    """KTO's rows: each pair's chosen side desirable, its rejected side undesirable (an unpaired completion: its one
+    side, as labelled), shuffled once with ``seed`` (KTO reads its batches in order: its KL estimate pairs each row
+    with its batch neighbour's completion)."""
     rows = [
         {"prompt_ids": ex["prompt_ids"], "completion_ids": ex[f"{side}_ids"], "label": side == "chosen"}
         for ex in examples
         for side in ("chosen", "rejected")
+        if f"{side}_ids" in ex
     ]
     random.Random(seed).shuffle(rows)
     return rows

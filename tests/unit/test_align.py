@@ -60,6 +60,59 @@ def test_each_method_trains_two_steps_with_pinned_losses(tiny_model_dir, tmp_pat
     assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
 
 
+def unpaired_file(path: Path, n: int = 12) -> Path:
+    """KTO's unpaired shape: the pairs above as separate completions, desirable and undesirable alternating, every
+    third one conversational."""
+    rows = []
+    for i in range(n):
+        good = i % 2 == 0
+        completion = "臣妾做不到啊。" if good else "I am an AI assistant."
+        if i % 3 == 0:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": f"问题{i}"}],
+                    "completion": [{"role": "assistant", "content": completion}],
+                    "label": good,
+                }
+            )
+        else:
+            rows.append({"prompt": f"问题{i}", "completion": completion, "label": good})
+    return write_jsonl(path, rows)
+
+
+# KTO on unpaired_file with pref_cfg, as PINNED: the first loss is the value at a policy equal to its reference
+UNPAIRED_KTO = [0.5, 0.475701]
+
+
+def test_kto_trains_two_steps_on_unpaired_completions_with_pinned_losses(tiny_model_dir, tmp_path, capsys):
+    """Guards against unpaired completions being dropped, read with their labels swapped (the second loss moves
+    the other way) or trained as pairs; the plan says what the file holds."""
+    out = tmp_path / "kto"
+    data = unpaired_file(tmp_path / "u.jsonl")
+    result = train_preference(pref_cfg(tiny_model_dir, data, out, "kto"))
+    losses = [r["loss"] for r in _rows(out) if "loss" in r]
+    assert losses == pytest.approx(UNPAIRED_KTO, abs=1e-4)
+    assert result.run_card["preference"]["train_pairs"] == 10 and result.run_card["results"]["global_step"] == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "kto",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--val-size",
+                "2",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
+    assert f"data: {data}: 12 unpaired completions -> 10 train, 2 held out" in capsys.readouterr().out
+
+
 def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_model_dir, tmp_path, capsys, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("weights loaded in a dry run")

@@ -151,3 +151,76 @@ def test_pairs_written_as_json_array_read_too(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2, indent=1), encoding="utf-8")
     assert [p.line for p in load_pairs(path)] == [2, 7]
+
+
+# ---------------------------------------------------------------- unpaired completions (KTO's data)
+
+
+def test_unpaired_completions_read_plain_and_conversational_with_their_label(tmp_path):
+    """Guards against a label read the wrong way round (an undesirable completion trained as desirable), or a
+    conversational completion or prompt read differently from the plain one."""
+    rows = [
+        {"prompt": "q", "completion": "good", "label": True},
+        {"prompt": [{"role": "system", "content": "S"}, *USER], "completion": "bad", "label": False},
+        {"prompt": USER, "completion": [{"role": "assistant", "content": "good"}], "label": True},
+    ]
+    got = [(p.prompt, p.chosen, p.rejected, p.paired) for p in load_pairs(write_jsonl(tmp_path / "u.jsonl", rows))]
+    assert got == [
+        (USER, "good", None, False),
+        ([{"role": "system", "content": "S"}, *USER], None, "bad", False),
+        (USER, "good", None, False),
+    ]
+
+
+# each bad unpaired record (behind a good one, on line 2) and the words of the one error it must give
+BAD_UNPAIRED = {
+    "label_a_string": (
+        {"prompt": "q", "completion": "a", "label": "true"},
+        '"label" is string: expected true or false',
+    ),
+    "label_a_number": ({"prompt": "q", "completion": "a", "label": 1}, '"label" is int: expected true or false'),
+    "label_missing": ({"prompt": "q", "completion": "a"}, 'missing field "label": expected true'),
+    "completion_empty": ({"prompt": "q", "completion": " ", "label": True}, '"completion" is empty'),
+    "completion_empty_message": (
+        {"prompt": "q", "completion": [{"role": "assistant", "content": ""}], "label": False},
+        '"completion" is empty',
+    ),
+    "completion_missing": ({"prompt": "q", "label": True}, 'missing field "completion"'),
+    "prompt_ends_on_assistant": (
+        {"prompt": [*USER, {"role": "assistant", "content": "r"}], "completion": "a", "label": True},
+        "the prompt's last turn is the assistant's: expected it to end on the user turn",
+    ),
+    "a_pair_among_completions": (
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        "record is a pair (prompt, chosen, rejected): expected an unpaired completion (prompt, completion, label) "
+        "like line 1 (one file holds one shape)",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_UNPAIRED)
+def test_bad_unpaired_completion_exits_2_with_its_line(tiny_model_dir, tmp_path, capsys, monkeypatch, name):
+    """Guards against a bad unpaired record training (a label "false" as a string is truthy: an undesirable reply
+    taught as desirable; an empty completion) or being reported without its line, before any weights load."""
+    from chatlora.cli import main
+
+    monkeypatch.setattr("chatlora.training.train.load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    row, words = BAD_UNPAIRED[name]
+    path = write_jsonl(tmp_path / f"{name}.jsonl", [{"prompt": "ok", "completion": "a", "label": False}, row])
+    argv = ["train", "--method", "kto", "--model", str(tiny_model_dir), "--data", str(path)]
+    assert main([*argv, "--output-dir", str(tmp_path / "o"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{path}:2: ") and words in err, err
+
+
+def test_unpaired_data_is_refused_by_the_pair_methods(tiny_model_dir, tmp_path, capsys):
+    """Guards against DPO, ORPO or SimPO crashing (or training) on a file without rejected sides."""
+    from chatlora.cli import main
+
+    path = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "q", "completion": "a", "label": True}] * 4)
+    argv = ["train", "--method", "dpo", "--model", str(tiny_model_dir), "--data", str(path)]
+    assert main([*argv, "--output-dir", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"{path}:1: an unpaired completion (prompt, completion, label): `--method dpo` needs pairs (prompt, chosen, "
+        "rejected); only --method kto trains on unpaired data\n"
+    )
