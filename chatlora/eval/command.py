@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..config import PersonaConfig, load_config, persona_from
 from ..data import Record, load_records, parse_columns
 from ..errors import ConfigError, DataError, ModelError
-from ..inference.infer import BASE, ChatModel, SamplingConfig
+from ..inference.infer import BASE, ChatModel, SamplingConfig, active_adapter
 from ..packing import collate
 from ..run import Run, held_out_records, held_out_run, open_run
 from ..runcard import METRICS, added_system_prompt, file_sha256, plot_loss_curve, read_adapter, read_run_card
@@ -172,22 +172,14 @@ def paired_bootstrap(
 # ---------------------------------------------------------------- loss
 
 
-@contextlib.contextmanager
 def _adapter(model, adapter: str | None):
     """``adapter`` on while the block runs: :data:`BASE` disables the adapters, a name makes that one active, None
     leaves the model as it is."""
     if adapter == BASE and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield
-    elif adapter not in (None, BASE) and adapter != getattr(model, "active_adapter", adapter):
-        before = model.active_adapter
-        model.set_adapter(adapter)
-        try:
-            yield
-        finally:
-            model.set_adapter(before)
-    else:
-        yield
+        return model.disable_adapter()
+    if adapter not in (None, BASE) and adapter != getattr(model, "active_adapter", adapter):
+        return active_adapter(model, adapter)
+    return contextlib.nullcontext()
 
 
 @torch.inference_mode()

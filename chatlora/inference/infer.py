@@ -47,6 +47,7 @@ __all__ = [
     "RowCache",
     "SamplingConfig",
     "Stream",
+    "active_adapter",
     "generate_file",
     "generate_rows",
     "read_prompts",
@@ -165,7 +166,8 @@ def _dora(model) -> set[str]:
 
 
 @contextlib.contextmanager
-def _active(model, adapter: str):
+def active_adapter(model, adapter: str):
+    """``adapter`` active while the block runs, the one before after it."""
     before = model.active_adapter
     model.set_adapter(adapter)
     try:
@@ -326,7 +328,7 @@ def generate_rows(model, rows: list[Row], pad_token_id: int) -> list[Reply]:
     if mixed:
         _generate(model, mixed, pad_token_id, {"adapter_names": [r.adapter or BASE for r in mixed]})
     for adapter in dict.fromkeys(r.adapter for r in live if r.adapter in dora):
-        with _active(model, adapter):
+        with active_adapter(model, adapter):
             _generate(model, [r for r in live if r.adapter == adapter], pad_token_id, {})
     return [r.reply for r in rows]  # type: ignore[misc]
 

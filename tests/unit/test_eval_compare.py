@@ -9,34 +9,21 @@ from pathlib import Path
 
 import pytest
 from conftest import make_model_dir, write_jsonl
-from test_eval import ROWS, SMALL_PERSONA, SYSTEM
+from test_eval import ROWS, SMALL_PERSONA
+from test_train import tiny_cfg
 
 pytest.importorskip("trl")
 
 from chatlora.cli import main  # noqa: E402
-from chatlora.config import TrainConfig  # noqa: E402
 from chatlora.eval import chrf, paired_bootstrap  # noqa: E402
 
 EVAL = ["--max-new-tokens", "8", "--batch-size", "3", "--examples", "2"]
 
 
-def _cfg(model_dir, data, out, **kw) -> TrainConfig:
-    base = dict(
-        model=str(model_dir),
-        data=str(data),
-        output_dir=str(out),
-        max_steps=2,
-        batch_size=4,
-        logging_steps=1,
-        eval_steps=0,
-        save_steps=100,
-        warmup_ratio=0.0,
-        lora_dropout=0.0,
-        system_prompt=SYSTEM,
-        dtype="fp32",
-        persona=SMALL_PERSONA,
-    )
-    return TrainConfig(**{**base, **kw})
+def _cfg(model_dir, data, out, **kw):
+    """test_train's tiny run: 2 steps without warm-up, the small persona block."""
+    short = dict(max_steps=2, eval_steps=0, save_steps=100, warmup_ratio=0.0, persona=SMALL_PERSONA)
+    return tiny_cfg(model_dir, data, out, **{**short, **kw})
 
 
 @pytest.fixture(scope="module")
