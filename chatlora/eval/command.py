@@ -245,10 +245,12 @@ def _file_records(path: str | Path, format: str, columns: str | None, max_sample
 
 def select_records(
     cfg: EvalConfig, card: dict[str, Any], against: Run | None = None
-) -> tuple[list[Record], dict[str, Any]]:
+) -> tuple[list[Record], dict[str, Any], dict[str, Any]]:
     """Phase 1: the records to evaluate and where they came from: ``cfg.data``, else the held-out conversations of
     the run (:func:`~chatlora.run.held_out_run`: its own split, else that of the run it started from), else those of
-    the ``against`` run."""
+    the ``against`` run; and the run card they are rendered by (the system prompt training added, the length
+    limit): the card of the run that held them out, ``card`` for ``--data``."""
+    split_card = card
     if cfg.data is not None:
         records, source = _file_records(cfg.data, cfg.format, cfg.columns, cfg.max_samples)
     elif not card:
@@ -266,7 +268,7 @@ def select_records(
         source["run"] = str(run_dir)
     if not records:
         raise DataError(["no records to evaluate"])
-    return records, source
+    return records, source, split_card
 
 
 # ---------------------------------------------------------------- evaluate
@@ -372,7 +374,7 @@ def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:
     # seconds, not a whole eval
     persona = persona_settings(cfg, card) if cfg.persona else None
     against = open_against(cfg, card)
-    records, source = select_records(cfg, card, against)
+    records, source, split_card = select_records(cfg, card, against)
     if chat is None:
         chat = ChatModel.load(cfg.adapter, device=cfg.device, dtype=cfg.dtype)
     if not chat.has_adapter:
@@ -387,7 +389,7 @@ def evaluate(cfg: EvalConfig, chat: ChatModel | None = None) -> EvalResult:
         "; then the persona section, whose plan follows the replies" if persona is not None else "",
     )
     try:
-        result = measure(cfg, card, chat, records, source, views, names)
+        result = measure(cfg, split_card, chat, records, source, views, names)
         if persona is not None:
             measure_persona(cfg, card, chat, records, result, persona, views)
     finally:
@@ -407,7 +409,8 @@ def measure(
     names: dict[str, str] | None = None,
 ) -> EvalResult:
     """Phase 2: held-out loss and greedy replies of base and tuned model on ``records``, and their metrics.
-    ``views`` and ``names``: :func:`systems`' (None: ``chat`` with its adapter off and on)."""
+    ``card``: the run card the records are rendered by (:func:`select_records`). ``views`` and ``names``:
+    :func:`systems`' (None: ``chat`` with its adapter off and on)."""
     if views is None:
         views, names = systems(chat, cfg, None)
     names = labels(names)
@@ -435,7 +438,8 @@ def measure(
     sampling = SamplingConfig(
         max_new_tokens=cfg.max_new_tokens, temperature=0, repetition_penalty=cfg.repetition_penalty
     )
-    prompts = [r.messages[:-1] for r in records]
+    # both systems are asked as the records were trained: a system's own default prompt only where none was added
+    prompts = [with_system(r.messages[:-1], system_prompt) for r in records]
     references = [r.messages[-1]["content"] for r in records]
     generated = {name: _generate(views[name], prompts, sampling, cfg.batch_size, names[name]) for name in SYSTEMS}
     replies_s = time.time() - started - loss_s

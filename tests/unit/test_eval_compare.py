@@ -18,6 +18,7 @@ from chatlora.cli import main  # noqa: E402
 from chatlora.eval import chrf, paired_bootstrap  # noqa: E402
 
 EVAL = ["--max-new-tokens", "8", "--batch-size", "3", "--examples", "2"]
+SYSTEM = "你是甄嬛。"  # the SFT run adds it; the pairs carry none, so the DPO run adds none
 
 
 def _cfg(model_dir, data, out, **kw):
@@ -28,13 +29,15 @@ def _cfg(model_dir, data, out, **kw):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """An SFT run holding out 4 of the 12 conversations, and a DPO run started from it (--from-adapter) on pairs of
-    the SFT prompts, trained hard enough (high lr) that the two adapters answer differently."""
+    """An SFT run holding out 4 of the 12 conversations (with a system prompt it adds), and a DPO run started from it
+    (--from-adapter) on pairs of the SFT prompts, trained hard enough (high lr) that the two adapters answer
+    differently."""
     from chatlora.training.align import train_preference
     from chatlora.training.train import train
 
     tmp = tmp_path_factory.mktemp("compare")
-    sft = train(_cfg(tiny_model_dir, write_jsonl(tmp / "sft.jsonl", ROWS), tmp / "sft", val_size=4, lr=2e-2))
+    data = write_jsonl(tmp / "sft.jsonl", ROWS)
+    sft = train(_cfg(tiny_model_dir, data, tmp / "sft", val_size=4, lr=2e-2, system_prompt=SYSTEM))
     pairs = write_jsonl(
         tmp / "pairs.jsonl",
         [{"prompt": f"问题{i}", "chosen": "臣妾做不到啊。", "rejected": "I am an AI assistant."} for i in range(8)],
@@ -87,9 +90,10 @@ def _greedy(adapter: Path, prompts: list[list[dict]]) -> list[str]:
 
 def test_both_adapters_reply_as_they_do_alone_and_the_bootstrap_compares_them(runs, compared):
     """Guards against the baseline being the base model (adapter off) instead of --against's adapter, the two
-    systems swapped, one reply list reused for both, and the paired bootstrap fed the wrong lists."""
+    systems swapped, one reply list reused for both, the paired bootstrap fed the wrong lists, and the records asked
+    without the system prompt the SFT run trained them with (the DPO run added none: its pairs carry their own)."""
     rows = [json.loads(line) for line in (compared / "replies.jsonl").read_text().splitlines()]
-    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["prompt"]}] for r in rows]
     base, tuned = [r["base"] for r in rows], [r["tuned"] for r in rows]
     assert base == _greedy(runs["sft"], prompts)
     assert tuned == _greedy(runs["dpo"], prompts)
@@ -97,6 +101,7 @@ def test_both_adapters_reply_as_they_do_alone_and_the_bootstrap_compares_them(ru
     references = [r["reference"] for r in rows]
     assert BOOTSTRAPPED == [(base, tuned, references)]
     metrics = json.loads((compared / "metrics.json").read_text())
+    assert metrics["settings"]["system_prompt"] == SYSTEM  # the held-out loss is rendered with it too
     want = paired_bootstrap(base, tuned, references)["chrF"]
     got = metrics["significance"]["chrF"]
     assert (got["base"], got["tuned"], got["p_value"]) == pytest.approx((want.base, want.tuned, want.p_value))
