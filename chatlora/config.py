@@ -258,6 +258,11 @@ class TrainConfig:
         "preference strength (unset: the method's default): DPO's and KTO's weight of the margin against the "
         "reference (0.1), ORPO's odds-ratio weight (0.1), SimPO's reward scale (2.0)",
     )
+    sft_weight: float = _f(
+        0.0,
+        "DPO only: weight of an SFT loss on the chosen reply added to DPO's (RPO; TRL's sigmoid + sft losses), which "
+        "keeps the chosen reply and its end-of-turn token likely; 0: plain DPO",
+    )
     from_adapter: str | None = _f(
         None,
         "start from this chatlora run's adapter (e.g. the SFT run) and train it further (its rank and targets); "
@@ -463,6 +468,8 @@ class TrainConfig:
             (bool(self.lora_targets), "lora_targets", "must name at least one module"),
             (self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
             (self.beta is None or (_finite(self.beta) and self.beta > 0), "beta", "must be a finite number > 0"),
+            (_finite(self.sft_weight) and self.sft_weight >= 0, "sft_weight", "must be a finite number >= 0"),
+            (self.method == "dpo" or not self.sft_weight, "sft_weight", "is DPO's (--method dpo)"),
             (
                 self.method != "kto" or self.batch_size > 1,
                 "batch_size",

@@ -94,16 +94,20 @@ class PreparedPreference(PreparedRun):
             f"data: {self.cfg.data}: {len(self.records)} {what} -> {len(s.train)} train, {len(s.val)} held out "
             f"({s.rule})"
             + (f", {s.dropped_duplicates} training copies of held-out pairs dropped" if s.dropped_duplicates else ""),
-            f"method: {self.cfg.method} (beta {self.beta:g}) on TRL; reference: {self.reference()}",
+            f"method: {self.cfg.method} (beta {self.beta:g}{self._sft_note()}) on TRL; reference: {self.reference()}",
             self.system.line(),
             *self.plan.lines(),
         ]
+
+    def _sft_note(self) -> str:
+        return f", plus {self.cfg.sft_weight:g} x SFT loss on the chosen replies" if self.cfg.sft_weight else ""
 
     def card_sections(self) -> dict[str, Any]:
         return {
             "preference": {
                 "method": self.cfg.method,
                 "beta": self.beta,
+                "sft_weight": self.cfg.sft_weight,
                 "reference": self.reference(),
                 "from_adapter": str(Path(self.cfg.from_adapter).resolve()) if self.cfg.from_adapter else None,
                 "trl": importlib.import_module("trl").__version__,
@@ -275,6 +279,8 @@ def _method_args(run: PreparedPreference) -> dict[str, Any]:
         extra["max_completion_length"] = cfg.max_length
     if cfg.method in ("dpo", "kto"):
         extra["dataset_num_proc"] = None
+    if cfg.method == "dpo" and cfg.sft_weight:
+        extra.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, cfg.sft_weight])
     return extra
 
 

@@ -4,6 +4,7 @@ card, the dry run, resume and the start adapter."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,24 @@ def test_each_method_trains_two_steps_with_pinned_losses(tiny_model_dir, tmp_pat
     assert card["preference"]["method"] == method and card["preference"]["train_pairs"] == 10
     assert card["config"]["method"] == method and card["results"]["global_step"] == 2
     assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+
+
+def test_dpo_sft_weight_adds_the_chosen_replies_sft_loss(tiny_model_dir, tmp_path, capsys):
+    """Guards against --sft-weight being dropped (plain DPO: 60 steps of it on the quickstart's pairs left replies
+    that never ended their turn) or weighted wrongly: at the first step the policy equals its reference, so the loss
+    is ln 2 plus the weight times the chosen replies' SFT loss, the same batch in both runs."""
+    pairs = pairs_file(tmp_path / "p.jsonl")
+    first = {}
+    for w in (1.0, 2.5):
+        out = tmp_path / f"w{w}"
+        result = train_preference(pref_cfg(tiny_model_dir, pairs, out, "dpo", max_steps=1, sft_weight=w))
+        first[w] = [r["loss"] for r in _rows(out) if "loss" in r][0]
+        assert result.run_card["preference"]["sft_weight"] == w
+    sft = first[1.0] - math.log(2)
+    assert sft > 1.0  # a random tiny model's per-token loss, far from 0
+    assert first[2.5] - math.log(2) == pytest.approx(2.5 * sft, rel=1e-4)
+    assert main(["train", "--sft-weight", "1", "--data", str(pairs), "--dry-run"]) == 2  # SFT runs have none
+    assert "is DPO's" in capsys.readouterr().err
 
 
 def unpaired_file(path: Path, n: int = 12) -> Path:
