@@ -335,8 +335,8 @@ def open_against(cfg: EvalConfig, card: dict[str, Any]) -> Run | None:
     run = open_run(cfg.against, tokenizer=False)
     mine, theirs = card.get("base_model") or {}, run.card.get("base_model") or {}
     spec = read_adapter(Path(cfg.adapter))[1]
-    same_file = mine.get("resolved") is not None and mine.get("resolved") == theirs.get("resolved")
-    if not same_file and run.base_spec != spec:
+    # the same --model, or the same model folder it resolved to (a checkpoint without a run card names only that)
+    if not {spec, mine.get("resolved")} & {run.base_spec, theirs.get("resolved")} - {None}:
         raise ModelError(
             f"--against {cfg.against}: trained on {run.base_spec} ({theirs.get('resolved')}), but --adapter "
             f"{cfg.adapter} on {spec} ({mine.get('resolved')}): eval compares two adapters of one base model"

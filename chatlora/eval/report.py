@@ -59,7 +59,7 @@ def markdown_report(result: EvalResult, parts: list[Section]) -> str:
     lines = [
         "# chatlora eval",
         "",
-        f"Adapter `{s['adapter']}` ({_compared(result)}), evaluated on {_source_line(result)}.",
+        f"Adapter `{s['adapter']}`, {_compared(result)}, evaluated on {_source_line(result)}.",
         f"Decoding: {s['decoding']}, max_new_tokens={s['max_new_tokens']}; device {s['device']}.",
     ]
     for part in parts:
@@ -75,7 +75,7 @@ def html_report(result: EvalResult, parts: list[Section]) -> str:
         '<!doctype html><html><head><meta charset="utf-8"><title>chatlora eval</title>'
         f"<style>{_CSS}</style></head><body>"
         "<h1>chatlora eval</h1>"
-        f"<p>Adapter <code>{e(s['adapter'])}</code> ({e(_compared(result))}), evaluated on "
+        f"<p>Adapter <code>{e(s['adapter'])}</code>, {e(_compared(result))}, evaluated on "
         f"{e(_source_line(result))}.<br>"
         f"Decoding: {e(s['decoding'])}, max_new_tokens={s['max_new_tokens']}; device {e(s['device'])}.</p>"
         f"{body}</body></html>\n"
@@ -244,8 +244,8 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 def _compared(result: EvalResult) -> str:
     against = result.settings.get("against", "base")
     if against == "base":
-        return "tuned, compared with base: the base model, the adapter off"
-    return f"{result.names['tuned']}, compared with {result.names['base']}: the adapter of `{against}`"
+        return "compared with its base model (the adapter off)"
+    return f"compared with `{against}` (another run's adapter on the same base model)"
 
 
 def _source_line(result: EvalResult) -> str:

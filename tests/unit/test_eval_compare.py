@@ -135,7 +135,7 @@ def test_the_report_names_both_runs_and_judges_the_loss_against_an_adapter_as_in
     assert "| base |" not in md and "| tuned |" not in md
     assert f"**INFO** held-out loss {dpo} vs {sft}: " in md
     assert f"{dpo} stop rate >= 90%" in md and f"chrF {dpo} > {sft}" in md
-    assert f"compared with {sft}" in md
+    assert f"Adapter `{runs['dpo'].resolve()}`, compared with `{runs['sft'].resolve()}` (another run's" in md
     persona = metrics["persona"]
     assert persona["systems"] == {"base": sft, "tuned": dpo}
     probes = md.split("### Identity probes")[1].split("###")[0]
