@@ -463,8 +463,8 @@ def measure(
         "device": str(chat.device),
         "dtype": str(next(chat.model.parameters()).dtype).removeprefix("torch."),
         "runtime_s": round(time.time() - started, 1),
-        "loss_s": round(loss_s, 1),  # the pace the persona plan's estimate takes (persona.PersonaPlan.estimate)
-        "replies_s": round(replies_s, 1),
+        "loss_s": round(loss_s, 3),  # the pace the persona plan's estimate takes (persona.PersonaPlan.estimate)
+        "replies_s": round(replies_s, 3),
     }
     rows = _rows(records, references, generated)
     targets = _targets(loss, replies, significance, names, against_adapter=views["base"].adapter != BASE)

@@ -634,7 +634,7 @@ class PersonaPlan:
             "drift_replies": self.drift_replies,
             "retention_conversations": self.retention_conversations,
             "checkpoints": self.checkpoints,
-            "estimate_s": round(self.estimate_s, 1) if self.estimate_s is not None else None,
+            "estimate_s": round(self.estimate_s, 3) if self.estimate_s is not None else None,
             "estimate_basis": self.basis,
         }
 
