@@ -372,6 +372,16 @@ class TrainConfig:
     )
     save_steps: int = _f(200, "checkpoint (adapter + optimizer + scheduler + RNG) every N steps")
     save_total_limit: int = _f(2, "keep the last K checkpoints")
+    samples: bool = _f(
+        False,
+        "at each checkpoint, a greedy reply (48 new tokens, adapter on, the training chat template) to "
+        "sample_prompt, appended to samples.jsonl in output_dir (the studio turns it on)",
+    )
+    sample_prompt: str | None = _f(
+        None,
+        "the user turn the checkpoint samples answer (unset: the first held-out record's, else the first "
+        "training record's)",
+    )
     resume: str | None = _f(None, "resume from a checkpoint dir, or 'latest' in output_dir")
     overwrite: bool = _f(False, "replace the run already in output_dir (its checkpoints, adapter, metrics, card)")
 

@@ -36,6 +36,7 @@ __all__ = [
     "dtype_for",
     "embedded_gguf",
     "linear_module_names",
+    "matmul_rate",
     "load_model",
     "load_tokenizer",
     "pick_device",
@@ -241,32 +242,39 @@ def _probe_key() -> str:
     return f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
+def _matmul_seconds(
+    dtype: torch.dtype, device: torch.device, tokens: int, hidden: int, inner: int, reps: int
+) -> float:
+    """The best of ``reps`` timings (after a warm-up) of one projection's forward and input-gradient matmuls:
+    ``(tokens x hidden) @ (inner x hidden).T`` and ``(tokens x inner) @ (inner x hidden)``."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, g = (
+        torch.randn(*s, generator=gen).to(device, dtype) for s in ((tokens, hidden), (inner, hidden), (tokens, inner))
+    )
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(reps + 1):  # the first is a warm-up
+        sync()
+        start = time.perf_counter()
+        x @ w.T
+        g @ w
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
 def _measure_bf16_speedup(tokens: int = 768, hidden: int = 576, inner: int = 1536, reps: int = 5) -> float:
     """fp32 time / bf16 time of one projection's forward and input-gradient matmuls at a small model's shape
     (SmolLM2-135M's MLP, a quickstart micro-batch): what a LoRA step on the CPU spends most of its time in."""
-    gen = torch.Generator().manual_seed(0)
-    x, w, g = (torch.randn(*s, generator=gen) for s in ((tokens, hidden), (inner, hidden), (tokens, inner)))
-
-    def best(dtype: torch.dtype) -> float:
-        xs, ws, gs = x.to(dtype), w.to(dtype), g.to(dtype)
-        times = []
-        for _ in range(reps + 1):  # the first is a warm-up
-            start = time.perf_counter()
-            xs @ ws.T
-            gs @ ws
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
-
-    return best(torch.float32) / best(torch.bfloat16)
+    cpu = torch.device("cpu")
+    fp32 = _matmul_seconds(torch.float32, cpu, tokens, hidden, inner, reps)
+    return fp32 / _matmul_seconds(torch.bfloat16, cpu, tokens, hidden, inner, reps)
 
 
-def cpu_bf16_speedup() -> float | None:
-    """How many times as fast this CPU runs a LoRA step's matmuls in bf16 as in fp32, or None where it has no bf16
-    units (emulated bf16: always slower). Measured once per CPU model, torch version and thread count (well under a
-    second) and kept in ``cache_root()/cpu-bf16-probe.json``, so every command on a machine decides alike."""
-    if not cpu_has_native_bf16():
-        return None
-    path, key = cache_root() / _PROBE_FILE, _probe_key()
+def _cached_probe(file: str, key: str, measure) -> float:
+    """``measure()``'s value for ``key``, measured once and kept in ``cache_root()/file`` (a JSON object), so every
+    command on a machine decides alike; an unwritable cache only costs the probe again next time."""
+    path = cache_root() / file
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(known, dict):
@@ -275,14 +283,47 @@ def cpu_bf16_speedup() -> float | None:
         known = {}
     if isinstance(known.get(key), (int, float)):
         return float(known[key])
-    speedup = round(_measure_bf16_speedup(), 3)
-    known[key] = speedup
-    with contextlib.suppress(OSError):  # an unwritable cache only costs the probe again next time
+    value = measure()
+    known[key] = value
+    with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
         os.replace(tmp, path)
-    return speedup
+    return value
+
+
+def cpu_bf16_speedup() -> float | None:
+    """How many times as fast this CPU runs a LoRA step's matmuls in bf16 as in fp32, or None where it has no bf16
+    units (emulated bf16: always slower). Measured once per CPU model, torch version and thread count (well under a
+    second) and kept in ``cache_root()/cpu-bf16-probe.json``, so every command on a machine decides alike."""
+    if not cpu_has_native_bf16():
+        return None
+    return _cached_probe(_PROBE_FILE, _probe_key(), lambda: round(_measure_bf16_speedup(), 3))
+
+
+# The matmul rate probe's shapes (tokens, hidden, inner): on the CPU a quickstart micro-batch at SmolLM2-135M's MLP
+# (~0.3 s in fp32 on 2 AVX2 cores), on a GPU a 7B model's MLP at 8k tokens (large enough to fill the card)
+_RATE_FILE = "matmul-rate-probe.json"
+_RATE_SHAPES = {"cpu": (768, 576, 1536), "cuda": (8192, 4096, 11008)}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of this device's matmuls in ``dtype`` (a projection's forward and input-gradient matmuls, the bulk of
+    a LoRA step), measured once per device model, torch version, thread count and dtype (under a second) and kept in
+    ``cache_root()/matmul-rate-probe.json``. What the plan's time estimate scales with."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    name = torch.cuda.get_device_name(device) if kind == "cuda" else _cpu_name()
+    tokens, hidden, inner = _RATE_SHAPES[kind]
+    key = (
+        f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads | {str(dtype).replace('torch.', '')}"
+    )
+
+    def measure() -> float:
+        seconds = _matmul_seconds(dtype, device, tokens, hidden, inner, reps=5 if kind == "cpu" else 10)
+        return float(f"{2 * 2 * tokens * hidden * inner / seconds:.4g}")
+
+    return _cached_probe(_RATE_FILE, key, measure)
 
 
 def cpu_bf16_note() -> str:

@@ -20,6 +20,7 @@ from .files import read_json_object
 __all__ = [
     "LOSS_PLOT",
     "METRICS",
+    "SAMPLES",
     "RUN_CARD",
     "added_system_prompt",
     "file_sha256",
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 RUN_CARD = "chatlora.json"
 METRICS = "metrics.jsonl"
+SAMPLES = "samples.jsonl"  # a reply to a fixed prompt at each checkpoint (train --samples)
 LOSS_PLOT = "loss.png"
 
 

@@ -236,7 +236,8 @@ def adapter_zip(run: Run) -> Path:
 
 async def _events(run: Run, manager: RunsManager, request: Request) -> AsyncIterator[str]:
     """``metrics.jsonl`` line by line as server-sent events (id: the line number), from the start, then following
-    the file; ``state`` events when the run's state changes; ``end`` when the run is over and all is sent."""
+    the file; ``state`` events when the run's state changes or a checkpoint sample comes in; ``end`` when the run
+    is over and all is sent."""
     offset, line_no, last = 0, 0, None
     while True:
         status = await run_in_threadpool(manager.status, run)
@@ -257,8 +258,8 @@ async def _events(run: Run, manager: RunsManager, request: Request) -> AsyncIter
                 line_no += 1
                 if line.strip():
                     yield f"id: {line_no}\ndata: {line}\n\n"
-        if status["state"] != last:
-            last = status["state"]
+        if (status["state"], len(status["samples"])) != last:  # a new state, or a new checkpoint sample
+            last = (status["state"], len(status["samples"]))
             yield f"event: state\ndata: {json.dumps(status)}\n\n"
         if status["state"] in FINAL and offset >= size:
             yield "event: end\ndata: {}\n\n"

@@ -38,6 +38,7 @@ from ..config import TrainConfig, load_config
 from ..errors import ChatloraError, ConfigError, DataError
 from ..export import QUANTS
 from ..run import complete_checkpoints
+from ..runcard import SAMPLES
 from ..settings import EvalConfig
 
 __all__ = ["FINAL", "STATES", "Job", "Run", "RunStateError", "RunsManager", "Upload", "device_key"]
@@ -62,8 +63,8 @@ MANAGED = {
 }
 PATH_OPTIONS = ("model", "deepspeed")  # options that may name a file or folder: only under the studio's folders
 # what the studio changes from train's defaults when the request leaves them out: a point on the live loss chart
-# per step (train's default, 10, leaves a 4-step run one point, at its end)
-STUDIO_DEFAULTS: dict[str, Any] = {"logging_steps": 1}
+# per step (train's default, 10, leaves a 4-step run one point, at its end), and a sample reply at each checkpoint
+STUDIO_DEFAULTS: dict[str, Any] = {"logging_steps": 1, "samples": True}
 # eval options a request may set (the others name paths, or the device, which is the run's)
 EVAL_OPTIONS = ("max_samples", "max_new_tokens", "batch_size", "repetition_penalty", "examples", "persona")
 EXPORT_OPTIONS = {"quant": str, "samples": int, "max_new_tokens": int}
@@ -178,7 +179,11 @@ class Run:
         return cls(d["id"], folder, d["created"], d["data_name"], d.get("card_name"), d["options"], d["device"], jobs)
 
     def progress(self) -> dict[str, Any]:
-        """Step, steps, losses, tokens/s and ETA from ``metrics.jsonl`` (what train wrote so far)."""
+        """Step, steps, losses, tokens/s, peak memory and ETA from ``metrics.jsonl`` (what train wrote so far),
+        against the plan's estimates; the checkpoint samples from ``samples.jsonl``.
+
+        The ETA comes from the measured steps once a loss line is in (``eta_from``: ``measured``), from the plan's
+        estimated seconds per step before (``plan``)."""
         out: dict[str, Any] = {
             "step": 0,
             "max_steps": None,
@@ -186,29 +191,44 @@ class Run:
             "eval_loss": None,
             "tokens_per_s": None,
             "eta_s": None,
+            "eta_from": None,
+            "peak_memory_gib": None,
+            "peak_reserved_gib": None,
+            "estimated_peak_gib": None,
+            "estimated_s_per_step": None,
         }
         begin = None
         for row in read_metrics(self.metrics):
             if row.get("event") == "begin":
                 begin = row
                 out["max_steps"] = row.get("max_steps", out["max_steps"])
+                for key in ("estimated_peak_gib", "estimated_s_per_step"):
+                    out[key] = row.get(key)
+                if out["estimated_s_per_step"] and out["max_steps"]:
+                    left = max(out["max_steps"] - row.get("step", 0), 0)
+                    out["eta_s"], out["eta_from"] = round(out["estimated_s_per_step"] * left, 1), "plan"
                 continue
             out["step"] = max(out["step"], row.get("step", 0))
             if "loss" in row:
                 out["loss"] = row["loss"]
                 out["tokens_per_s"] = row.get("tokens_per_second_recent")
+                for key in ("peak_memory_gib", "peak_reserved_gib"):
+                    out[key] = row.get(key, out[key])
                 if begin is not None and row["step"] > begin["step"] and out["max_steps"]:
                     per_step = (row["time"] - begin["time"]) / (row["step"] - begin["step"])
                     out["eta_s"] = round(per_step * max(out["max_steps"] - row["step"], 0), 1)
+                    out["eta_from"] = "measured"
             if "eval_loss" in row:
                 out["eval_loss"] = row["eval_loss"]
         if out["max_steps"] is None and self.options.get("max_steps", -1) > 0:
             out["max_steps"] = self.options["max_steps"]
+        out["samples"] = read_metrics(self.adapter / SAMPLES)
         return out
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON lines of a metrics file being written (a half-written last line is left out)."""
+    """The complete JSON lines of a metrics (or samples) file being written (a half-written last line is left
+    out)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):

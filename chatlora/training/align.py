@@ -41,6 +41,7 @@ from .train import (
     model_and_output,
     placement,
     run_logger,
+    sample_callbacks,
     split_records,
     system_prompts,
     training_args,
@@ -302,7 +303,8 @@ def _build_trainer(cfg: TrainConfig, run: PreparedPreference, checkpoint: str | 
         args.train_sampling_strategy = "sequential"  # the rows are shuffled once, with --data-seed (_unpaired)
     if cfg.method in ("orpo", "simpo"):
         args.include_num_input_tokens_seen = "no"  # counted by PreferenceTrainer.compute_loss
-    logger = run_logger(args, metrics_path, checkpoint)
+    logger = run_logger(args, metrics_path, checkpoint, run.plan)
+    samples = sample_callbacks(cfg, run, metrics_path.parent, args.world_size)
     trainer_class = _trainer_class(cfg.method)
     trainer_class.keep_checkpoints = cfg.save_total_limit
     trainer = trainer_class(
@@ -311,7 +313,7 @@ def _build_trainer(cfg: TrainConfig, run: PreparedPreference, checkpoint: str | 
         train_dataset=datasets.Dataset.from_list(_rows(cfg.method, run.train_ex, cfg.order_seed)),
         eval_dataset=datasets.Dataset.from_list(_rows(cfg.method, run.val_ex, cfg.order_seed)) if run.val_ex else None,
         processing_class=run.tokenizer,
-        callbacks=[logger, *callbacks],
+        callbacks=[logger, *samples, *callbacks],
     )
     if cfg.method in WITH_REFERENCE and not cfg.from_adapter and "ref" in trainer.model.peft_config:
         # TRL copied the fresh adapter as the reference; a fresh adapter is the base, which disabling it gives

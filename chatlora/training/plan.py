@@ -38,11 +38,14 @@ __all__ = [
     "MemoryEstimate",
     "ModelShape",
     "RunPlan",
+    "TimeEstimate",
     "auto_val_count",
     "check_limits",
     "estimate_memory",
+    "estimate_time",
     "make_plan",
     "read_shape",
+    "step_flops",
 ]
 
 log = logging.getLogger(__name__)
@@ -262,6 +265,95 @@ def estimate_memory(
     )
 
 
+# --------------------------------------------------------------------------------------------- time
+# seconds per step = CALIBRATION x (the step's matmul FLOPs) / (the device's probed matmul rate, model.matmul_rate):
+# the factor takes in what the FLOP count leaves out (attention, element-wise work, the optimizer, Python) and how
+# far the real matmuls fall from the probe's. Fitted to measured steps (bench/NOTES.md, "Plan: time estimate"); the
+# uncertainty is the spread of those fits, widened where few rows back it.
+# CPU: the quickstart on the 2-core AVX2 EPYC, fp32, idle: 4.9-5.2 s/step for 390 GFLOP at a probed 57 GFLOP/s.
+# GPU: the Yi-6B recipe on one H200, bf16, compiled: 0.145 s/step for 53.6 TFLOP at 773 TFLOP/s (one row; the
+# compile's first minute is not counted).
+CALIBRATION = {"cpu": 0.74, "cuda": 2.1}
+UNCERTAINTY = {"cpu": 0.4, "cuda": 0.5}
+
+
+@dataclass
+class TimeEstimate:
+    """How long training will take, from the device's measured matmul rate and the planned steps."""
+
+    steps: int
+    seconds_per_step: float
+    flops_per_step: float  # the matmuls of one optimizer step (forward, input gradients, checkpointing's recompute)
+    rate: float  # FLOP/s, measured by the probe in the run's compute dtype
+    dtype: str
+    device: str  # "cpu" or "cuda"
+    uncertainty: float  # relative: +-
+
+    @property
+    def total_s(self) -> float:
+        return self.steps * self.seconds_per_step
+
+    def line(self) -> str:
+        where = "this CPU's" if self.device == "cpu" else "this GPU's"
+        return (
+            f"~{_duration(self.total_s)} for {self.steps} steps ({self.seconds_per_step:.3g} s/step, from "
+            f"{where} measured {self.dtype} matmul rate of {self.rate / 1e9:,.0f} GFLOP/s; "
+            f"±{self.uncertainty:.0%})"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def step_flops(
+    shape: ModelShape, batches: BatchPlan, lora_layers: int, *, label_only: bool, checkpointing: bool
+) -> float:
+    """The matmul FLOPs of one optimizer step: every decoder linear forward (2 per weight per token), the input
+    gradients back to the first adapted layer (2 more; frozen weights get no weight gradient, LoRA's are small), a
+    second forward of those layers under checkpointing, and the LM head at the labelled positions (label-only head)
+    or every position, forward and backward."""
+    tokens = batches.tokens_per_step
+    adapted = lora_layers / shape.layers if 0 < lora_layers < shape.layers else 1.0
+    backward = 2 * shape.quantizable * adapted
+    per_token = 2 * shape.quantizable + backward + (backward if checkpointing else 0.0)
+    head_rows = tokens * batches.max_labels / max(batches.max_tokens, 1) if label_only else tokens
+    return tokens * per_token + head_rows * 4 * shape.vocab * shape.hidden
+
+
+def estimate_time(
+    cfg: TrainConfig,
+    device: torch.device,
+    precision: Precision,
+    shape: ModelShape,
+    batches: BatchPlan,
+    *,
+    label_only: bool,
+    checkpointing: bool,
+) -> TimeEstimate:
+    """The run's training time from this device's matmul rate (probed once per machine: :func:`matmul_rate`)."""
+    from ..model import DTYPES, matmul_rate
+
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    dtype = precision.amp or "fp32"
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * batches.steps_per_epoch)
+    flops = step_flops(shape, batches, cfg.lora_layers, label_only=label_only, checkpointing=checkpointing)
+    rate = matmul_rate(device, DTYPES[dtype])
+    return TimeEstimate(
+        steps=steps,
+        seconds_per_step=CALIBRATION[kind] * flops / rate,
+        flops_per_step=flops,
+        rate=rate,
+        dtype=dtype,
+        device=kind,
+        uncertainty=UNCERTAINTY[kind],
+    )
+
+
 # --------------------------------------------------------------------------------------------- batches
 @dataclass
 class BatchPlan:
@@ -366,12 +458,15 @@ class RunPlan:
     estimate: MemoryEstimate | None
     available_gib: float | None
     fits: bool
+    time: TimeEstimate | None = None  # None where it is not calibrated (several processes, a 4-bit base)
     notes: list[str] = field(default_factory=list)
     alternatives: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["batches"]["steps_per_epoch"] = self.batches.steps_per_epoch
+        if self.time is not None:
+            d["time"]["total_s"] = round(self.time.total_s, 1)
         return d
 
     def lines(self) -> list[str]:
@@ -405,6 +500,8 @@ class RunPlan:
             where = f" of {self.available_gib:.1f} GiB available" if self.available_gib is not None else ""
             verdict = "fits" if self.fits else "DOES NOT FIT" if self.device.startswith("cuda") else "over free RAM"
             out.append(f"plan: estimated peak memory {self.estimate.line()}{where}: {verdict}")
+        if self.time is not None:
+            out.append(f"plan: estimated training time {self.time.line()}")
         out += [f"plan: {n}" for n in self.notes]
         if not self.fits and self.device.startswith("cuda"):
             out += [f"plan: would fit: {a}" for a in self.alternatives] or ["plan: nothing tried fits this device"]
@@ -571,6 +668,14 @@ def make_plan(
             "the estimate exceeds the free RAM: training goes on, swapping if the machine can, else the system may "
             "stop it; a smaller --batch-size or --max-length fits better"
         )
+    timed = None
+    if world_size > 1 or several or cfg.quantize:
+        notes.append("no time estimate: not calibrated for several processes or a 4-bit base yet")
+    elif fits or not cuda:  # a GPU run that does not fit does not start
+        checkpointing = memory_mode or cfg.gradient_checkpointing
+        timed = estimate_time(
+            cfg, device, precision, shape, batches, label_only=label_only, checkpointing=checkpointing
+        )
     return RunPlan(
         device=str(device),
         precision=precision.name,
@@ -585,6 +690,7 @@ def make_plan(
         estimate=est,
         available_gib=available,
         fits=fits,
+        time=timed,
         notes=notes,
         alternatives=alternatives,
     )

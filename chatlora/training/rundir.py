@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 RUN_FILES = (
     "chatlora.json",
     "metrics.jsonl",
+    "samples.jsonl",
     "loss.png",
     "adapter_config.json",
     "adapter_model.safetensors",

@@ -31,6 +31,7 @@ from ..runcard import (
     LOSS_PLOT,
     METRICS,
     RUN_CARD,
+    SAMPLES,
     file_sha256,
     json_safe,
     plot_loss_curve,
@@ -43,6 +44,7 @@ from ..template import IGNORE_INDEX, encode_record, end_of_turn
 from .kernels import apply_liger, label_only_loss, label_only_loss_wrapped
 from .plan import RunPlan, auto_val_count, check_limits, make_plan, read_shape
 from .rundir import begin_save, check_output_dir, clear_previous_run, find_resume, mark_complete, rotate
+from .samples import checkpoint_samples, sample_prompt
 
 __all__ = [
     "RUN_CARD",
@@ -192,7 +194,20 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _trainer_callback(metrics_path: Path):
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The training process's peak memory so far, in GiB: on a GPU what torch allocated and reserved at most
+    (``max_memory_allocated``, ``max_memory_reserved``), on the CPU the process's peak resident set (``ru_maxrss``)."""
+    if device.type == "cuda":
+        return {
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3),
+        }
+    import resource
+
+    return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3)}
+
+
+def _trainer_callback(metrics_path: Path, plan: RunPlan | None = None):
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
@@ -200,7 +215,9 @@ def _trainer_callback(metrics_path: Path):
         """One progress bar (loss, lr, recent tokens/s, ETA) and one metrics.jsonl line per log, on rank 0 only.
 
         A ``{"event": "begin"}`` line marks each (re)start, so the run card's whole-run time and tokens/s add up
-        the segments of a resumed run. fp16 steps the loss scaler skipped (inf/NaN gradients) are counted.
+        the segments of a resumed run; it carries the plan's estimates (peak memory, seconds per step) that a live
+        view compares the run with. Each loss line carries the process's peak memory so far (:func:`peak_memory`).
+        fp16 steps the loss scaler skipped (inf/NaN gradients) are counted.
         """
 
         bar = None
@@ -218,6 +235,8 @@ def _trainer_callback(metrics_path: Path):
                     "max_steps": state.max_steps,  # what a live view (the studio) shows progress against
                     "time": round(self.last[0], 3),
                     "tokens_seen": state.num_input_tokens_seen,
+                    "estimated_peak_gib": round(plan.estimate.total, 2) if plan and plan.estimate else None,
+                    "estimated_s_per_step": round(plan.time.seconds_per_step, 3) if plan and plan.time else None,
                 }
             )
 
@@ -249,6 +268,7 @@ def _trainer_callback(metrics_path: Path):
                 # the rate since the previous log line: what the run does now, not an average over its warm-up
                 row["tokens_per_second_recent"] = round((state.num_input_tokens_seen - tok0) / max(now - t0, 1e-9), 1)
                 row["skipped_steps"] = self.skipped_steps
+                row.update(peak_memory(args.device))
                 self.last = (now, state.num_input_tokens_seen)
             self._write(row)
             if self.bar is not None:
@@ -397,7 +417,8 @@ class TrainResult:
 
 
 def _trim_metrics(metrics_path: Path, checkpoint: str | None) -> None:
-    """On resume, drop log lines written after the checkpoint so the curve continues without duplicates."""
+    """On resume, drop log lines (metrics, samples) written after the checkpoint so the curve continues without
+    duplicates; a fresh run starts without them."""
     if not metrics_path.exists():
         return
     if checkpoint is None:
@@ -846,11 +867,24 @@ def model_and_output(cfg: TrainConfig, run: PreparedRun, checkpoint: str | None)
     return model, params, out / METRICS
 
 
-def run_logger(args, metrics_path: Path, checkpoint: str | None):
-    """The RunLogger callback, over a fresh (or, resuming, trimmed) metrics.jsonl."""
+def run_logger(args, metrics_path: Path, checkpoint: str | None, plan: RunPlan | None = None):
+    """The RunLogger callback, over a fresh (or, resuming, trimmed) metrics.jsonl and samples.jsonl."""
     if args.process_index == 0:
         _trim_metrics(metrics_path, checkpoint)
-    return _trainer_callback(metrics_path)
+        _trim_metrics(metrics_path.with_name(SAMPLES), checkpoint)
+    return _trainer_callback(metrics_path, plan)
+
+
+def sample_callbacks(cfg: TrainConfig, run: PreparedRun, out: Path, world_size: int) -> list[Any]:
+    """The checkpoint-samples callback when ``cfg.samples`` asks for it (one process only: rank 0 generating alone
+    would leave sharded or synchronised ranks waiting)."""
+    if not cfg.samples:
+        return []
+    if world_size > 1:
+        log.warning("--samples: skipped with several processes (one process generates alone)")
+        return []
+    prompt = sample_prompt(cfg.sample_prompt, run.split.val, run.split.train)
+    return [checkpoint_samples(out / SAMPLES, run.tokenizer, prompt, run.system.single, run.precision.amp)]
 
 
 def _build_trainer(cfg: TrainConfig, run: PreparedRun, checkpoint: str | None, callbacks) -> _BuiltTrainer:
@@ -859,8 +893,11 @@ def _build_trainer(cfg: TrainConfig, run: PreparedRun, checkpoint: str | None, c
 
     model, params, metrics_path = model_and_output(cfg, run, checkpoint)
     args = training_args(cfg, run.precision, run.device, bool(run.val_ex), run.plan)
-    logger = run_logger(args, metrics_path, checkpoint)
-    trainer = make_trainer(cfg, model, run.tokenizer, args, run.train_ex, run.val_ex, run.plan, [logger, *callbacks])
+    logger = run_logger(args, metrics_path, checkpoint, run.plan)
+    samples = sample_callbacks(cfg, run, metrics_path.parent, args.world_size)
+    trainer = make_trainer(
+        cfg, model, run.tokenizer, args, run.train_ex, run.val_ex, run.plan, [logger, *samples, *callbacks]
+    )
     trainer.remove_callback(PrinterCallback)  # our RunLogger reports instead
     return _BuiltTrainer(trainer, args, logger, metrics_path, params)
 

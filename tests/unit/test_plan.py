@@ -76,6 +76,7 @@ def gpu(monkeypatch):
 
     monkeypatch.setattr(plan_mod, "_available_gib", lambda device, cap: min(Free.free, cap or Free.free))
     monkeypatch.setattr(plan_mod.importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    monkeypatch.setattr("chatlora.model.matmul_rate", lambda device, dtype: 773e12)  # the time estimate's probe
     return Free
 
 
@@ -118,6 +119,7 @@ def test_dry_run_prints_the_split_and_plan_and_loads_no_weights(tiny_model_dir, 
     text = capsys.readouterr().out
     assert "30 records -> 27 train, 3 held out (auto" in text
     assert "plan: cpu, fp32; packing, label-only LM head" in text and "estimated peak memory" in text
+    assert "plan: estimated training time ~" in text and "from this CPU's measured fp32 matmul rate" in text
     assert not out.exists()
 
 
@@ -585,3 +587,60 @@ def test_whole_run_figures_add_up_the_segments_of_a_resumed_run(tmp_path):
     got = whole_run(path, end_time=515.0)
     assert got["train_runtime_s"] == 35.0  # 20 s before the crash + 15 s after, not the 15 s alone
     assert got["train_loss_mean"] == pytest.approx(3.0) and got["tokens_per_second_recent"] == 60.0
+
+
+# --------------------------------------------------------------------------------------------- the time estimate
+def test_the_time_estimate_is_flops_over_the_probed_rate_times_the_calibration(tmp_path, monkeypatch):
+    """Guards against an estimate that does not follow the work (steps, tokens, adapted layers, checkpointing's
+    second forward) or the device's measured speed, and against a plan line that hides its basis."""
+    from chatlora.training.plan import CALIBRATION, BatchPlan, estimate_time, step_flops
+
+    shape = _shape(tmp_path, YI_6B)
+    per_layer = 2 * 4096 * 4096 + 2 * 4096 * 512 + 3 * 4096 * 11008
+    assert shape.quantizable == 32 * per_layer
+    batches = BatchPlan("tokens", 1, 100, 1000, 400, 400, 4.0, 800.0)  # 800 tokens a step, 40 % labelled
+    head = 800 * 0.4 * 4 * 64000 * 4096
+    flops = step_flops(shape, batches, 0, label_only=True, checkpointing=False)
+    assert flops == pytest.approx(800 * 4 * shape.quantizable + head)
+    half = step_flops(shape, batches, 16, label_only=True, checkpointing=False)  # backward stops half-way
+    assert half == pytest.approx(800 * 3 * shape.quantizable + head)
+    recompute = step_flops(shape, batches, 0, label_only=True, checkpointing=True)
+    assert recompute == pytest.approx(800 * 6 * shape.quantizable + head)
+    full_head = step_flops(shape, batches, 0, label_only=False, checkpointing=False)
+    assert full_head == pytest.approx(800 * 4 * shape.quantizable + 800 * 4 * 64000 * 4096)
+
+    rates = {}
+    monkeypatch.setattr("chatlora.model.matmul_rate", lambda device, dtype: rates.setdefault(dtype, 50e9))
+    cfg = TrainConfig(max_steps=180)
+    est = estimate_time(
+        cfg, torch.device("cpu"), Precision(torch.float32, None), shape, batches, label_only=True, checkpointing=False
+    )
+    assert rates == {torch.float32: 50e9}  # probed in the run's compute dtype
+    assert est.steps == 180 and est.seconds_per_step == pytest.approx(CALIBRATION["cpu"] * flops / 50e9)
+    assert est.total_s == pytest.approx(180 * est.seconds_per_step)
+    assert est.line() == (
+        f"~{round(est.total_s / 3600, 1)} h for 180 steps ({est.seconds_per_step:.3g} s/step, from this CPU's "
+        "measured fp32 matmul rate of 50 GFLOP/s; \u00b140%)"
+    )
+    by_epochs = estimate_time(
+        TrainConfig(epochs=2.5),
+        torch.device("cpu"),
+        Precision(torch.bfloat16, "bf16"),
+        shape,
+        batches,
+        label_only=True,
+        checkpointing=False,
+    )
+    assert by_epochs.steps == 250 and by_epochs.dtype == "bf16" and torch.bfloat16 in rates
+
+
+def test_the_plan_prints_an_estimated_time_and_skips_what_is_not_calibrated(tiny_model_dir, gpu):
+    """Guards against a plan without an estimated time, and against a guess where nothing calibrates one."""
+    shape = read_shape(str(tiny_model_dir), TrainConfig())
+    p = make_plan(TrainConfig(max_steps=40), CUDA, BF16, shape, _huanhuan_like(200))
+    assert p.time is not None and p.time.steps == 40 and p.time.device == "cuda"
+    line = next(x for x in p.lines() if "estimated training time" in x)
+    assert "for 40 steps" in line and "this GPU's measured bf16 matmul rate of 773,000 GFLOP/s" in line
+    assert p.to_dict()["time"]["total_s"] == pytest.approx(p.time.total_s, abs=0.1)
+    several = make_plan(TrainConfig(), CUDA, BF16, shape, _huanhuan_like(200), world_size=2)
+    assert several.time is None and any("no time estimate" in n for n in several.notes)

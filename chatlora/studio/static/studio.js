@@ -4,6 +4,7 @@ const $ = (id) => document.getElementById(id);
 const KNOBS = ["max_steps", "epochs", "lr", "lora_r", "batch_size", "val_size", "max_length", "save_steps", "eval_steps"];
 const FINAL = ["done", "failed", "cancelled", "interrupted"];
 let info = null, current = null, stream = null, chart = null, chats = {base: [], tuned: []}, models = null;
+let estimatedPeak = null;  // the plan's peak memory, from the run's begin line
 
 function auth(extra) {
   const h = {...(extra || {})};
@@ -104,6 +105,7 @@ async function train() {
 // ------------------------------------------------------------ 2. runs
 
 function fmt(x, digits) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
+function duration(s) { return s < 90 ? `${Math.round(s)} s` : `${Math.round(s / 60)} min`; }
 
 async function refreshRuns() {
   const {runs} = await api("/api/runs");
@@ -180,8 +182,35 @@ function onEvent(ev) {
     $("progress").value = row.step;
     if ("loss" in row) $("run-figures").textContent = `step ${row.step}, loss ${fmt(row.loss, 4)}, ` +
       `${fmt(row.tokens_per_second_recent, 0)} tokens/s`;
+    if ("peak_memory_gib" in row) {
+      estimatedPeak = row.estimated_peak_gib ?? estimatedPeak;
+      $("memory").textContent = memoryText(row.peak_memory_gib, row.peak_reserved_gib, estimatedPeak);
+    }
   }
-  if (row.event === "begin" && row.max_steps) $("progress").max = row.max_steps;
+  if (row.event === "begin") {
+    if (row.max_steps) $("progress").max = row.max_steps;
+    estimatedPeak = row.estimated_peak_gib;
+  }
+}
+
+function memoryText(peak, reserved, estimated) {
+  // GPU runs report torch's allocated and reserved peaks, CPU runs the process's peak resident set
+  if (peak === null || peak === undefined) return estimated ? `memory: plan estimated ${fmt(estimated, 1)} GiB` : "";
+  return `peak memory ${fmt(peak, 2)} GiB` + (reserved !== null && reserved !== undefined ?
+    ` allocated, ${fmt(reserved, 2)} GiB reserved` : " (process RSS)") +
+    (estimated ? `; plan estimated ${fmt(estimated, 1)} GiB` : "");
+}
+
+function renderSamples(samples) {
+  const newest = samples[samples.length - 1];
+  $("samples").hidden = !newest;
+  if (!newest) return;
+  $("sample-prompt").textContent = newest.prompt;
+  $("sample-newest").textContent = newest.reply;
+  $("sample-newest").dataset.step = newest.step;
+  $("sample-step").textContent = `step ${newest.step} (${fmt(newest.seconds, 1)} s to generate)`;
+  $("sample-list").replaceChildren(...samples.slice(0, -1).reverse().map((s) =>
+    el("li", {}, el("span", {class: "note"}, `step ${s.step}: `), s.reply)));
 }
 
 function renderRun(r) {
@@ -191,10 +220,13 @@ function renderRun(r) {
   $("run-state").textContent = r.state + (r.queue_position ? ` (waiting, #${r.queue_position} in the queue)` : "");
   if (r.max_steps) $("progress").max = r.max_steps;
   $("progress").value = r.step;
-  const eta = r.eta_s === null || r.state !== "running" ? "" : `, ETA ${Math.round(r.eta_s)} s`;
+  const eta = r.eta_s === null || r.state !== "running" ? "" :
+    `, ETA ${duration(r.eta_s)}` + (r.eta_from === "plan" ? " (plan's estimate)" : "");
   $("run-figures").textContent = `step ${r.step}/${r.max_steps || "?"}, loss ${fmt(r.loss, 4)}` +
     (r.eval_loss !== null ? `, held-out ${fmt(r.eval_loss, 4)}` : "") +
     `, ${fmt(r.tokens_per_s, 0)} tokens/s${eta} on ${r.device}`;
+  $("memory").textContent = memoryText(r.peak_memory_gib, r.peak_reserved_gib, r.estimated_peak_gib);
+  renderSamples(r.samples || []);
   $("cancel-btn").hidden = FINAL.includes(r.state);
   $("resume-btn").hidden = !r.resumable;
   $("run-log").hidden = !r.log_tail;
