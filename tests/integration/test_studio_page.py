@@ -103,6 +103,7 @@ def test_studio_page_walks_the_whole_loop(studio, page, tmp_path):
     page.fill("#knob-max_steps", "4")
     page.fill("#knob-val_size", "3")
     page.fill("#knob-batch_size", "2")
+    page.fill("#knob-save_steps", "2")  # a sample reply at steps 2 and 4
     page.click("#preview-btn")
     page.wait_for_selector(".record .ctl")
     assert "im_start" in page.inner_text(".record .ctl") and page.locator(".record .trn").count() > 0
@@ -113,6 +114,7 @@ def test_studio_page_walks_the_whole_loop(studio, page, tmp_path):
     page.click("#plan-btn")
     page.wait_for_selector("#plan:not([hidden])")
     assert "4 optimizer steps" in page.inner_text("#plan") and "9 conversations trained" in page.inner_text("#plan")
+    assert "estimated training time ~" in page.inner_text("#plan") and "matmul rate" in page.inner_text("#plan")
     shot(page, "#plan", "2-plan")
 
     # 3. train 4 steps: the chart gets a point before the run ends
@@ -124,6 +126,12 @@ def test_studio_page_walks_the_whole_loop(studio, page, tmp_path):
     assert page.evaluate("window.seenWhile") == "running"
     page.wait_for_selector("#run[data-state='done']")
     assert int(page.evaluate("document.getElementById('chart').dataset.points")) >= 4  # + the held-out loss
+    # the live view's memory against the plan's estimate, and the checkpoint samples: the newest, then the earlier
+    memory = page.inner_text("#memory")
+    assert "peak memory" in memory and "(process RSS)" in memory and "plan estimated" in memory
+    page.wait_for_selector("#samples:not([hidden])")
+    assert page.get_attribute("#sample-newest", "data-step") == "4" and page.locator("#sample-list li").count() == 1
+    assert page.inner_text("#sample-prompt").startswith("What do you think of")  # the first held-out user turn
     shot(page, "#watch", "3-train")
 
     # 5. chat with the run and its base, side by side

@@ -172,7 +172,7 @@ def test_preview_marks_control_tokens_and_plan_counts_steps(studio, tiny_model_d
 def test_two_runs_queue_on_one_device_then_eval_chat_export(studio, runs, tiny_model_dir):
     """Bug: two runs trained at once on one device, the events stream lost lines or never ended, or a finished
     run could not be judged, chatted with or exported from the API."""
-    first = post_run(studio.url + "/api/runs", options(tiny_model_dir), card=CARD)
+    first = post_run(studio.url + "/api/runs", options(tiny_model_dir, save_steps=1), card=CARD)
     second = post_run(studio.url + "/api/runs", options(tiny_model_dir, max_steps=100000, save_steps=100000))
     assert first.status_code == 201 and second.status_code == 201, (first.text, second.text)
     a, b = first.json()["id"], second.json()["id"]
@@ -196,6 +196,12 @@ def test_two_runs_queue_on_one_device_then_eval_chat_export(studio, runs, tiny_m
     done = httpx.get(f"{studio.url}/api/runs/{a}").json()
     assert done["state"] == "done" and done["step"] == 2 and done["max_steps"] == 2 and done["loss"] is not None
     assert done["tokens_per_s"] is not None and done["adapter"] is True
+    # the live view's memory against the plan's estimate, and a sample reply at each save (the studio turns them on)
+    assert done["peak_memory_gib"] > 0 and done["peak_reserved_gib"] is None and done["estimated_peak_gib"] > 0
+    assert done["estimated_s_per_step"] > 0 and done["eta_from"] == "measured"
+    assert [x["step"] for x in done["samples"]] == [1, 2]
+    assert all(x["prompt"].startswith("question ") and isinstance(x["reply"], str) for x in done["samples"])
+    assert sum(1 for e in events if e.get("event") == "state") >= 3  # running, each new sample, done
 
     # only now does the second run train; cancel it: its process group ends
     running = wait_state(studio.url, b, {"running"})
