@@ -639,6 +639,7 @@ def test_the_plan_prints_an_estimated_time_and_skips_what_is_not_calibrated(tiny
     shape = read_shape(str(tiny_model_dir), TrainConfig())
     p = make_plan(TrainConfig(max_steps=40), CUDA, BF16, shape, _huanhuan_like(200))
     assert p.time is not None and p.time.steps == 40 and p.time.device == "cuda"
+    assert p.time.seconds_per_step == pytest.approx(plan_mod.CALIBRATION["cuda"] * p.time.flops_per_step / 773e12)
     line = next(x for x in p.lines() if "estimated training time" in x)
     assert "for 40 steps" in line and "this GPU's measured bf16 matmul rate of 773,000 GFLOP/s" in line
     assert p.to_dict()["time"]["total_s"] == pytest.approx(p.time.total_s, abs=0.1)
