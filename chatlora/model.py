@@ -243,23 +243,27 @@ def _probe_key() -> str:
 
 
 def _matmul_seconds(
-    dtype: torch.dtype, device: torch.device, tokens: int, hidden: int, inner: int, reps: int
+    dtype: torch.dtype, device: torch.device, tokens: int, hidden: int, inner: int, reps: int, cpu_time: bool = False
 ) -> float:
     """The best of ``reps`` timings (after a warm-up) of one projection's forward and input-gradient matmuls:
-    ``(tokens x hidden) @ (inner x hidden).T`` and ``(tokens x inner) @ (inner x hidden)``."""
+    ``(tokens x hidden) @ (inner x hidden).T`` and ``(tokens x inner) @ (inner x hidden)``.
+
+    ``cpu_time``: the calling thread's CPU seconds instead of the wall clock (with torch on one thread, the matmuls
+    run in it): what they take on a core of their own, though other processes share the cores now."""
     gen = torch.Generator().manual_seed(0)
     x, w, g = (
         torch.randn(*s, generator=gen).to(device, dtype) for s in ((tokens, hidden), (inner, hidden), (tokens, inner))
     )
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.thread_time if cpu_time else time.perf_counter
     times = []
     for _ in range(reps + 1):  # the first is a warm-up
         sync()
-        start = time.perf_counter()
+        start = clock()
         x @ w.T
         g @ w
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times[1:])
 
 
@@ -303,7 +307,7 @@ def cpu_bf16_speedup() -> float | None:
 
 
 # The matmul rate probe's shapes (tokens, hidden, inner): on the CPU a quickstart micro-batch at SmolLM2-135M's MLP
-# (~0.3 s in fp32 on 2 AVX2 cores), on a GPU a 7B model's MLP at 8k tokens (large enough to fill the card)
+# (~0.2 s of one AVX2 core in fp32), on a GPU a 7B model's MLP at 8k tokens (large enough to fill the card)
 _RATE_FILE = "matmul-rate-probe.json"
 _RATE_SHAPES = {"cpu": (768, 576, 1536), "cuda": (8192, 4096, 11008)}
 
@@ -311,17 +315,28 @@ _RATE_SHAPES = {"cpu": (768, 576, 1536), "cuda": (8192, 4096, 11008)}
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of this device's matmuls in ``dtype`` (a projection's forward and input-gradient matmuls, the bulk of
     a LoRA step), measured once per device model, torch version, thread count and dtype (under a second) and kept in
-    ``cache_root()/matmul-rate-probe.json``. What the plan's time estimate scales with."""
+    ``cache_root()/matmul-rate-probe.json``. What the plan's time estimate scales with.
+
+    On the CPU one core is timed by its CPU time and the rate multiplied by torch's thread count: a wall-clock probe
+    taken while other processes share the cores measured 40-57 GFLOP/s on 2 cores from one minute to the next (and 4
+    under nice), one core's CPU time 84-89, and the rate is cached for the machine. How well the threads scale is
+    the calibration's to take in (``chatlora.training.plan.CALIBRATION``)."""
     kind = "cuda" if device.type == "cuda" else "cpu"
     name = torch.cuda.get_device_name(device) if kind == "cuda" else _cpu_name()
     tokens, hidden, inner = _RATE_SHAPES[kind]
-    key = (
-        f"{name} | torch {torch.__version__} | {torch.get_num_threads()} threads | {str(dtype).replace('torch.', '')}"
-    )
+    threads = torch.get_num_threads()
+    key = f"{name} | torch {torch.__version__} | {threads} threads | {str(dtype).replace('torch.', '')}"
+    flops = 2 * 2 * tokens * hidden * inner
 
     def measure() -> float:
-        seconds = _matmul_seconds(dtype, device, tokens, hidden, inner, reps=5 if kind == "cpu" else 10)
-        return float(f"{2 * 2 * tokens * hidden * inner / seconds:.4g}")
+        if kind == "cuda":
+            return float(f"{flops / _matmul_seconds(dtype, device, tokens, hidden, inner, 10):.4g}")
+        torch.set_num_threads(1)
+        try:
+            seconds = _matmul_seconds(dtype, device, tokens, hidden, inner, 5, cpu_time=True)
+        finally:
+            torch.set_num_threads(threads)
+        return float(f"{threads * flops / seconds:.4g}")
 
     return _cached_probe(_RATE_FILE, key, measure)
 

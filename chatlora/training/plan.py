@@ -270,10 +270,11 @@ def estimate_memory(
 # the factor takes in what the FLOP count leaves out (attention, element-wise work, the optimizer, Python) and how
 # far the real matmuls fall from the probe's. Fitted to measured steps (bench/NOTES.md, "Plan: time estimate"); the
 # uncertainty is the spread of those fits, widened where few rows back it.
-# CPU: the quickstart on the 2-core AVX2 EPYC, fp32, idle: 4.9-5.2 s/step for 390 GFLOP at a probed 57 GFLOP/s.
+# CPU: the quickstart on the 2-core AVX2 EPYC, fp32, idle: 4.9-5.2 s/step for 390 GFLOP at a probed 170 GFLOP/s
+# (2 x one core's 85: the threads scale far from perfectly on small matmuls).
 # GPU: the Yi-6B recipe on one H200, bf16, compiled: 0.145-0.165 s/step (two bench calls) for 54 TFLOP at the
 # bench's 773 TFLOP/s bf16 matmul rate (the compile's first minute is not counted).
-CALIBRATION = {"cpu": 0.74, "cuda": 2.2}
+CALIBRATION = {"cpu": 2.2, "cuda": 2.2}
 UNCERTAINTY = {"cpu": 0.4, "cuda": 0.5}
 
 

@@ -645,3 +645,27 @@ def test_the_plan_prints_an_estimated_time_and_skips_what_is_not_calibrated(tiny
     assert p.to_dict()["time"]["total_s"] == pytest.approx(p.time.total_s, abs=0.1)
     several = make_plan(TrainConfig(), CUDA, BF16, shape, _huanhuan_like(200), world_size=2)
     assert several.time is None and any("no time estimate" in n for n in several.notes)
+
+
+def test_the_cpu_matmul_rate_is_one_cores_cpu_time_times_the_threads_cached_per_machine(monkeypatch, tmp_path):
+    """Guards against a rate timed by the wall clock (a busy minute on a shared machine would be cached for good),
+    against probing at every command, and against leaving torch on the probe's one thread."""
+    from chatlora import model
+
+    monkeypatch.setenv("CHATLORA_CACHE", str(tmp_path))
+    calls = []
+
+    def seconds(dtype, device, tokens, hidden, inner, reps, cpu_time=False):
+        calls.append((torch.get_num_threads(), cpu_time))
+        return 4 * tokens * hidden * inner / 80e9  # one core at 80 GFLOP/s
+
+    monkeypatch.setattr(model, "_matmul_seconds", seconds)
+    threads = torch.get_num_threads()
+    rate = model.matmul_rate(torch.device("cpu"), torch.float32)
+    assert rate == pytest.approx(threads * 80e9) and calls == [(1, True)]
+    assert torch.get_num_threads() == threads
+    assert model.matmul_rate(torch.device("cpu"), torch.float32) == rate and len(calls) == 1  # from the cache
+    model.matmul_rate(torch.device("cpu"), torch.bfloat16)
+    assert len(calls) == 2  # each dtype its own
+    monkeypatch.undo()
+    assert 0 < model._matmul_seconds(torch.float32, torch.device("cpu"), 64, 64, 128, 2, cpu_time=True) < 5
