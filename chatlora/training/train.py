@@ -236,7 +236,7 @@ def _trainer_callback(metrics_path: Path, plan: RunPlan | None = None):
                     "time": round(self.last[0], 3),
                     "tokens_seen": state.num_input_tokens_seen,
                     "estimated_peak_gib": round(plan.estimate.total, 2) if plan and plan.estimate else None,
-                    "estimated_s_per_step": round(plan.time.seconds_per_step, 3) if plan and plan.time else None,
+                    "estimated_s_per_step": float(f"{plan.time.seconds_per_step:.3g}") if plan and plan.time else None,
                 }
             )
 
