@@ -144,6 +144,7 @@ def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_model_dir, tmp_path, 
     assert f"data: {data}: 12 preference pairs -> 10 train, 2 held out" in out
     assert "method: dpo (beta 0.1) on TRL; reference: the base" in out
     assert "plan: estimated peak memory" in out and not (tmp_path / "o").exists()
+    assert "plan: no time estimate" in out and "estimated training time" not in out  # SFT's FLOPs, not DPO's
 
 
 def test_bad_pairs_and_a_missing_trl_exit_2_before_any_weights(tiny_model_dir, tmp_path, capsys, monkeypatch):
